@@ -1,4 +1,5 @@
 //! opsgate: a sidecar health/ops proxy.
 //!
 //! # Layout
-//! The rooms of the daemon; a request's path reads in order from `proxy/`.
+//! - `config`: the TOML file, defaults, validation (pure).
+pub mod config;

@@ -1,0 +1,362 @@
+//! The configuration: the TOML file, its defaults, `${VAR}` expansion and validation.
+//! Pure (no sockets, no tasks): `load` gives a checked `Config` or every error with line:col.
+
+pub mod defaults;
+mod diag;
+mod expand;
+pub mod file;
+pub mod units;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::de::DeTable;
+
+pub use diag::{ConfigError, Diagnostic};
+pub use file::*;
+pub use units::{Dur, Size, format_duration, parse_duration};
+
+/// Values from flags and environment that win over the file (SPEC precedence: flag, env, file).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub upstream: Option<String>,
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// A checked configuration and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file with the shorthand expanded: `proxy.upstream` became `upstreams.app` + route `default`.
+    pub file: ConfigFile,
+    /// `None` when running on built-in defaults (no file, `--upstream` given).
+    pub path: Option<PathBuf>,
+    /// sha256 of the file's bytes, hex; empty without a file.
+    pub sha256: String,
+}
+
+/// Where to look for the config file when `--config` and `OPSGATE_CONFIG` are unset.
+pub const DEFAULT_PATHS: &[&str] = &["./opsgate.toml", "/etc/opsgate/opsgate.toml"];
+
+/// Picks the config path: the explicit one, else the first default that exists.
+pub fn resolve_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    DEFAULT_PATHS.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// Reads and checks the file at `path` (or built-in defaults when `None`), reading `${VAR}`s
+/// through `env`.
+pub fn load(
+    path: Option<&Path>,
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let Some(path) = path else {
+        let mut file = ConfigFile::default();
+        apply_overrides(&mut file, overrides);
+        return finish(file, None, String::new(), "<defaults>", "", None);
+    };
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path)
+        .map_err(|e| ConfigError::single(&name, format!("cannot read config file: {e}")))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| ConfigError::single(&name, "config file is not UTF-8"))?;
+    let sha = sha256_hex(text.as_bytes());
+    let mut config = parse_str(&text, &name, overrides, env)?;
+    config.path = Some(path.to_path_buf());
+    config.sha256 = sha;
+    Ok(config)
+}
+
+/// Parses config text; `name` is used in messages.
+pub fn parse_str(
+    text: &str,
+    name: &str,
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let source = diag::Source { text };
+    let at = |offset: usize| Some(source.line_col(offset));
+    let mut spanned = DeTable::parse(text).map_err(|e| ConfigError {
+        file: name.to_string(),
+        diagnostics: vec![Diagnostic {
+            at: e.span().and_then(|s| at(s.start)),
+            message: e.message().trim().to_string(),
+        }],
+    })?;
+
+    let mut env_errors = Vec::new();
+    expand::expand_table(spanned.get_mut(), env, &mut env_errors);
+    if !env_errors.is_empty() {
+        return Err(ConfigError {
+            file: name.to_string(),
+            diagnostics: env_errors
+                .into_iter()
+                .map(|(span, message)| Diagnostic {
+                    at: at(span.start),
+                    message,
+                })
+                .collect(),
+        });
+    }
+
+    let for_spans = spanned.clone();
+    let mut file = ConfigFile::deserialize(toml::de::Deserializer::from(spanned)).map_err(|e| {
+        ConfigError {
+            file: name.to_string(),
+            diagnostics: vec![Diagnostic {
+                at: e.span().and_then(|s| at(s.start)),
+                message: diag::with_hint(e.message().trim()),
+            }],
+        }
+    })?;
+    apply_overrides(&mut file, overrides);
+    finish(file, None, String::new(), name, text, Some(&for_spans))
+}
+
+fn apply_overrides(file: &mut ConfigFile, o: &Overrides) {
+    if let Some(listen) = o.listen {
+        file.proxy.listen = listen;
+    }
+    if let Some(admin) = o.admin_listen {
+        file.admin.listen = admin;
+    }
+    if let Some(url) = &o.upstream {
+        // A flag names "the app": it replaces the file's app upstream URL, keeping its other settings.
+        match file.upstreams.get_mut(SHORTHAND_UPSTREAM) {
+            Some(app) if file.proxy.upstream.is_none() => app.url = url.clone(),
+            _ => file.proxy.upstream = Some(url.clone()),
+        }
+    }
+}
+
+/// The upstream and route names the `proxy.upstream` shorthand defines.
+pub const SHORTHAND_UPSTREAM: &str = "app";
+pub const SHORTHAND_ROUTE: &str = "default";
+
+fn finish(
+    mut file: ConfigFile,
+    path: Option<PathBuf>,
+    sha256: String,
+    name: &str,
+    text: &str,
+    spans: Option<&toml::Spanned<DeTable<'_>>>,
+) -> Result<Config, ConfigError> {
+    let mut checker = validate::Checker::new(spans, text);
+    if let Some(url) = file.proxy.upstream.clone() {
+        if file.upstreams.contains_key(SHORTHAND_UPSTREAM) {
+            checker.error(
+                &[diag::Seg::Key("proxy"), diag::Seg::Key("upstream")],
+                "proxy.upstream defines upstream \"app\", but [upstreams.app] exists too: keep one",
+            );
+        } else {
+            file.upstreams.insert(
+                SHORTHAND_UPSTREAM.into(),
+                UpstreamSection {
+                    url,
+                    ..Default::default()
+                },
+            );
+            if file.routes.is_empty() {
+                file.routes.push(RouteSection {
+                    name: SHORTHAND_ROUTE.into(),
+                    prefix: "/".into(),
+                    upstream: SHORTHAND_UPSTREAM.into(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    checker.check(&file);
+    if checker.diagnostics.is_empty() {
+        Ok(Config { file, path, sha256 })
+    } else {
+        Err(ConfigError {
+            file: name.to_string(),
+            diagnostics: checker.diagnostics,
+        })
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest.as_ref() {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+impl Config {
+    /// The effective config as JSON with every secret replaced by `"<redacted>"`.
+    pub fn redacted_json(&self) -> serde_json::Value {
+        let mut f = self.file.clone();
+        let redact = |s: &mut String| {
+            if !s.is_empty() {
+                *s = REDACTED.into();
+            }
+        };
+        redact(&mut f.admin.token);
+        redact(&mut f.maintenance.bypass_token);
+        for c in &mut f.health.checks {
+            if let Some(u) = &mut c.url {
+                *u = redact_url(u);
+            }
+        }
+        if let Some(u) = &mut f.control.redis_url {
+            *u = redact_url(u);
+        }
+        for u in f.upstreams.values_mut() {
+            u.url = redact_url(&u.url);
+        }
+        serde_json::to_value(&f).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+pub const REDACTED: &str = "<redacted>";
+
+/// Replaces the password of `scheme://user:password@host` (and `password=` query/DSN parts).
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let auth_start = scheme_end + 3;
+        let rest = &out[auth_start..];
+        let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..auth_end].rfind('@') {
+            if let Some(colon) = rest[..at].find(':') {
+                out.replace_range(auth_start + colon + 1..auth_start + at, REDACTED);
+            }
+        }
+    }
+    for key in ["password=", "pass="] {
+        let mut from = 0;
+        while let Some(i) = out[from..].find(key) {
+            let start = from + i + key.len();
+            let end = out[start..]
+                .find(['&', ' ', ';'])
+                .map_or(out.len(), |e| start + e);
+            out.replace_range(start..end, REDACTED);
+            from = start + REDACTED.len();
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        parse_str(text, "t.toml", &Overrides::default(), &no_env)
+    }
+
+    #[test]
+    fn minimal_config_defines_app_and_default_route() {
+        let c = parse("[proxy]\nlisten = \"0.0.0.0:8080\"\nupstream = \"http://127.0.0.1:3000\"\n")
+            .unwrap();
+        assert_eq!(c.file.upstreams["app"].url, "http://127.0.0.1:3000");
+        assert_eq!(c.file.routes.len(), 1);
+        assert_eq!(c.file.routes[0].name, "default");
+        assert_eq!(c.file.routes[0].prefix, "/");
+    }
+
+    #[test]
+    fn type_error_has_line_and_col() {
+        let e = parse("[proxy]\nlisten = \"0.0.0.0:8080\"\naccess_log = \"yes\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("t.toml:3:14: "), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_has_hint_and_place() {
+        let e = parse("[proxy]\nlistn = \"0.0.0.0:8080\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("t.toml:2:1: unknown field `listn`"),
+            "{msg}"
+        );
+        assert!(msg.contains("did you mean `listen`?"), "{msg}");
+    }
+
+    #[test]
+    fn unset_variable_is_named_with_its_line() {
+        let e = parse("[proxy]\nupstream = \"http://127.0.0.1:3000\"\n[[health.checks]]\nname = \"db\"\ntype = \"postgres\"\nurl = \"${SQL_URL}\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("t.toml:6:7: "), "{msg}");
+        assert!(msg.contains("SQL_URL"), "{msg}");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported_with_places() {
+        let e = parse(
+            "[upstreams.a]\nurl = \"ftp://x\"\n[[routes]]\nname = \"Bad Name\"\nprefix = \"api\"\nupstream = \"nope\"\n",
+        )
+        .unwrap_err();
+        let lines: Vec<String> = e.to_string().lines().map(String::from).collect();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(
+            lines[0].starts_with("t.toml:2:7: upstream url"),
+            "{lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("t.toml:4:8: route name")),
+            "{lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("t.toml:6:12: route `Bad Name` names unknown upstream")),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn exposed_admin_without_token_is_an_error() {
+        let e = parse("[admin]\nlisten = \"0.0.0.0:9901\"\n").unwrap_err();
+        assert!(e.to_string().contains("set admin.token"), "{e}");
+        assert!(parse("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken = \"s3cret\"\n").is_ok());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let o = Overrides {
+            listen: Some("127.0.0.1:1234".parse().unwrap()),
+            upstream: Some("http://127.0.0.1:4000".into()),
+            admin_listen: None,
+        };
+        let c = parse_str(
+            "[proxy]\nlisten = \"0.0.0.0:8080\"\nupstream = \"http://127.0.0.1:3000\"\n",
+            "t",
+            &o,
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(c.file.proxy.listen.port(), 1234);
+        assert_eq!(c.file.upstreams["app"].url, "http://127.0.0.1:4000");
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:<redacted>@h:5432/db"
+        );
+        assert_eq!(redact_url("redis://:pw@h"), "redis://:<redacted>@h");
+        assert_eq!(redact_url("http://h/x"), "http://h/x");
+        assert_eq!(
+            redact_url("host=h password=pw user=u"),
+            "host=h password=<redacted> user=u"
+        );
+    }
+}

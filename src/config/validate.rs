@@ -1,0 +1,705 @@
+//! Semantic checks on a deserialized file: references, ranges, formats, cross-field rules.
+//! Collects every problem at once, each pointed at its TOML path's line:col.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use toml::Spanned;
+use toml::de::DeTable;
+
+use super::diag::{Diagnostic, Seg, Source, span_of};
+use super::file::*;
+
+/// Route names the metrics layer uses for itself.
+const RESERVED_ROUTE_NAMES: &[&str] = &["unmatched", "system"];
+const RETRY_REASONS: &[&str] = &["connect-failure", "timeout"];
+
+pub struct Checker<'a> {
+    spans: Option<&'a Spanned<DeTable<'a>>>,
+    source: Source<'a>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl<'a> Checker<'a> {
+    pub fn new(spans: Option<&'a Spanned<DeTable<'a>>>, text: &'a str) -> Self {
+        Self {
+            spans,
+            source: Source { text },
+            diagnostics: Vec::new(),
+        }
+    }
+
+    pub fn error(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
+        let at = self
+            .spans
+            .map(|root| self.source.line_col(span_of(root, path).start));
+        self.diagnostics.push(Diagnostic {
+            at,
+            message: message.into(),
+        });
+    }
+
+    pub fn check(&mut self, f: &ConfigFile) {
+        use Seg::Key as K;
+        let p = &f.proxy;
+        for (i, net) in p.trusted_proxies.iter().enumerate() {
+            let _ = (i, net); // parsed by serde already; kept for symmetry with allow_ips
+        }
+        if p.max_header_bytes.0 < 1024 {
+            self.error(
+                &[K("proxy"), K("max_header_bytes")],
+                "max_header_bytes must be at least 1KiB",
+            );
+        }
+        if p.header_read_timeout.is_zero() {
+            self.error(
+                &[K("proxy"), K("header_read_timeout")],
+                "header_read_timeout must be > 0",
+            );
+        }
+        if let Some(tls) = &p.tls {
+            for (key, path) in [("cert", &tls.cert), ("key", &tls.key)] {
+                if !path.exists() {
+                    self.error(
+                        &[K("proxy"), K("tls"), K(key)],
+                        format!("tls {key} file `{}` does not exist", path.display()),
+                    );
+                }
+            }
+        }
+
+        if !f.admin.listen.ip().is_loopback() && f.admin.token.is_empty() {
+            self.error(
+                &[K("admin"), K("listen")],
+                format!(
+                    "admin listener {} is not loopback: set admin.token (or OPSGATE_ADMIN_TOKEN) so the admin API is not open",
+                    f.admin.listen
+                ),
+            );
+        }
+
+        let check_names: HashSet<&str> = f.health.checks.iter().map(|c| c.name.as_str()).collect();
+        for (name, u) in &f.upstreams {
+            self.upstream(name, u, &check_names);
+        }
+
+        let mut seen = HashSet::new();
+        for (i, r) in f.routes.iter().enumerate() {
+            self.route(&[K("routes"), Seg::Idx(i)], r, f, &mut seen, &check_names);
+        }
+        if let Some(eg) = &f.egress {
+            if let Some(addr) = eg.listen {
+                if !addr.ip().is_loopback() {
+                    self.error(
+                        &[K("egress"), K("listen")],
+                        format!("egress.listen must be a loopback address (got {addr}): the egress port would otherwise be an open proxy"),
+                    );
+                }
+                if addr == p.listen || addr == f.admin.listen {
+                    self.error(
+                        &[K("egress"), K("listen")],
+                        format!("egress.listen {addr} is already used by another listener"),
+                    );
+                }
+            } else if !eg.routes.is_empty() {
+                self.error(
+                    &[K("egress")],
+                    "egress routes need egress.listen (e.g. \"127.0.0.1:9080\")",
+                );
+            }
+            let mut seen = HashSet::new();
+            for (i, r) in eg.routes.iter().enumerate() {
+                self.route(
+                    &[K("egress"), K("routes"), Seg::Idx(i)],
+                    r,
+                    f,
+                    &mut seen,
+                    &check_names,
+                );
+            }
+        }
+        if same_port(p.listen, f.admin.listen) {
+            self.error(
+                &[K("admin"), K("listen")],
+                format!(
+                    "admin.listen {} is the proxy's listen address",
+                    f.admin.listen
+                ),
+            );
+        }
+
+        self.maintenance(&f.maintenance);
+        self.health(&f.health);
+        self.metrics(&f.metrics, &f.health);
+
+        let c = &f.control;
+        match (&c.redis_url, &c.key) {
+            (Some(url), Some(key)) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    self.error(
+                        &[K("control"), K("redis_url")],
+                        "control.redis_url must start with redis:// or rediss://",
+                    );
+                }
+                if key.is_empty() {
+                    self.error(&[K("control"), K("key")], "control.key must not be empty");
+                }
+            }
+            (None, None) => {}
+            (Some(_), None) => self.error(
+                &[K("control")],
+                "control.redis_url is set but control.key is missing",
+            ),
+            (None, Some(_)) => self.error(
+                &[K("control")],
+                "control.key is set but control.redis_url is missing",
+            ),
+        }
+        if c.poll_interval.is_zero() {
+            self.error(
+                &[K("control"), K("poll_interval")],
+                "poll_interval must be > 0",
+            );
+        }
+        if f.circuit.force_open_env.is_empty() {
+            self.error(
+                &[K("circuit"), K("force_open_env")],
+                "force_open_env must name an environment variable",
+            );
+        }
+    }
+
+    fn upstream(&mut self, name: &str, u: &UpstreamSection, checks: &HashSet<&str>) {
+        use Seg::Key as K;
+        let base = [K("upstreams"), K(name)];
+        let at = |k: &'static str| [base[0], base[1], K(k)];
+        if !is_label_safe(name) {
+            self.error(
+                &base,
+                format!("upstream name `{name}` must match [a-z0-9_-]+"),
+            );
+        }
+        if let Err(e) = check_upstream_url(&u.url) {
+            self.error(&at("url"), e);
+        }
+        if u.connect_timeout.is_zero() {
+            self.error(&at("connect_timeout"), "connect_timeout must be > 0");
+        }
+        if u.timeout.is_zero() {
+            self.error(&at("timeout"), "timeout must be > 0");
+        }
+        let https = u.url.starts_with("https://");
+        for (key, path) in [
+            ("ca_file", &u.ca_file),
+            ("client_cert", &u.client_cert),
+            ("client_key", &u.client_key),
+        ] {
+            if let Some(path) = path {
+                if !https {
+                    self.error(&at(key), format!("{key} only applies to https upstreams"));
+                } else if !path.exists() {
+                    self.error(
+                        &at(key),
+                        format!("{key} `{}` does not exist", path.display()),
+                    );
+                }
+            }
+        }
+        if u.client_cert.is_some() != u.client_key.is_some() {
+            self.error(&base, "client_cert and client_key go together");
+        }
+        if let Some(b) = &u.breaker {
+            self.breaker(&[K("upstreams"), K(name), K("breaker")], b, checks);
+        }
+        if let Some(r) = &u.retry {
+            self.retry(&[K("upstreams"), K(name), K("retry")], r);
+        }
+    }
+
+    fn breaker(&mut self, base: &[Seg<'_>], b: &BreakerSection, checks: &HashSet<&str>) {
+        let at = |k: &'static str| {
+            let mut v = base.to_vec();
+            v.push(Seg::Key(k));
+            v
+        };
+        for (key, v) in [
+            ("failure_threshold", b.failure_threshold),
+            ("half_open_max_calls", b.half_open_max_calls),
+            ("success_threshold", b.success_threshold),
+            ("minimum_calls", b.minimum_calls),
+        ] {
+            if v == 0 {
+                self.error(&at(key), format!("{key} must be > 0"));
+            }
+        }
+        if b.success_threshold > b.half_open_max_calls.max(1) * 1000 {
+            self.error(
+                &at("success_threshold"),
+                "success_threshold is unreasonably large",
+            );
+        }
+        for (key, d) in [
+            ("recovery_timeout", b.recovery_timeout),
+            ("window", b.window),
+            ("max_half_open_wait", b.max_half_open_wait),
+        ] {
+            if d.is_zero() {
+                self.error(&at(key), format!("{key} must be > 0"));
+            }
+        }
+        if let Some(rate) = b.failure_rate {
+            if !(rate > 0.0 && rate <= 1.0) {
+                self.error(
+                    &at("failure_rate"),
+                    "failure_rate must be in (0, 1], e.g. 0.5",
+                );
+            }
+        }
+        if b.slow_call_duration.is_some() && b.failure_rate.is_none() {
+            self.error(
+                &at("slow_call_duration"),
+                "slow_call_duration only applies with failure_rate",
+            );
+        }
+        if let Some(max) = b.max_recovery_timeout {
+            if max.0 < b.recovery_timeout.0 {
+                self.error(
+                    &at("max_recovery_timeout"),
+                    "max_recovery_timeout must be >= recovery_timeout",
+                );
+            }
+        }
+        if let Some(check) = &b.recover_on_check {
+            if !checks.contains(check.as_str()) {
+                self.error(
+                    &at("recover_on_check"),
+                    format!("recover_on_check names no health check `{check}`"),
+                );
+            }
+        }
+        for (i, s) in b.failure_status.iter().enumerate() {
+            if parse_status_pattern(s).is_none() {
+                let mut path = at("failure_status");
+                path.push(Seg::Idx(i));
+                self.error(
+                    &path,
+                    "failure_status entries are \"5xx\", \"4xx\" or a status code such as 429",
+                );
+            }
+        }
+    }
+
+    fn retry(&mut self, base: &[Seg<'_>], r: &RetrySection) {
+        let at = |k: &'static str| {
+            let mut v = base.to_vec();
+            v.push(Seg::Key(k));
+            v
+        };
+        if r.attempts == 0 {
+            self.error(
+                &at("attempts"),
+                "attempts counts the first try too: it must be >= 1",
+            );
+        }
+        if r.base_delay.0 > r.max_delay.0 {
+            self.error(&at("base_delay"), "base_delay must be <= max_delay");
+        }
+        if !(r.budget >= 0.0 && r.budget.is_finite()) {
+            self.error(&at("budget"), "budget must be a ratio >= 0, e.g. 0.2");
+        }
+        for (i, on) in r.on.iter().enumerate() {
+            let ok = RETRY_REASONS.contains(&on.as_str())
+                || on.parse::<u16>().is_ok_and(|c| (400..=599).contains(&c));
+            if !ok {
+                let mut path = at("on");
+                path.push(Seg::Idx(i));
+                self.error(&path, format!("unknown retry reason `{on}`: use connect-failure, timeout or a 4xx/5xx status code"));
+            }
+        }
+        for (i, m) in r.methods.iter().enumerate() {
+            if http::Method::from_bytes(m.as_bytes()).is_err() || m.to_ascii_uppercase() != *m {
+                let mut path = at("methods");
+                path.push(Seg::Idx(i));
+                self.error(
+                    &path,
+                    format!("`{m}` is not an HTTP method (write it in capitals)"),
+                );
+            }
+        }
+    }
+
+    fn route(
+        &mut self,
+        base: &[Seg<'_>],
+        r: &RouteSection,
+        f: &ConfigFile,
+        seen: &mut HashSet<String>,
+        checks: &HashSet<&str>,
+    ) {
+        let at = |k: &'static str| {
+            let mut v = base.to_vec();
+            v.push(Seg::Key(k));
+            v
+        };
+        if !is_label_safe(&r.name) {
+            self.error(
+                &at("name"),
+                format!(
+                    "route name `{}` must match [a-z0-9_-]+ (it is a metrics label)",
+                    r.name
+                ),
+            );
+        } else if RESERVED_ROUTE_NAMES.contains(&r.name.as_str()) {
+            self.error(&at("name"), format!("route name `{}` is reserved", r.name));
+        } else if !seen.insert(r.name.clone()) {
+            self.error(&at("name"), format!("duplicate route name `{}`", r.name));
+        }
+        if !r.prefix.starts_with('/') {
+            self.error(
+                &at("prefix"),
+                format!("prefix `{}` must start with /", r.prefix),
+            );
+        }
+        if let Some(host) = &r.host {
+            if host.is_empty() || host.contains('/') {
+                self.error(
+                    &at("host"),
+                    format!("host `{host}` must be a bare host name"),
+                );
+            }
+        }
+        if !f.upstreams.contains_key(&r.upstream) {
+            let known: Vec<&str> = f.upstreams.keys().map(String::as_str).collect();
+            self.error(
+                &at("upstream"),
+                format!(
+                    "route `{}` names unknown upstream `{}` (known: {})",
+                    r.name,
+                    r.upstream,
+                    known.join(", ")
+                ),
+            );
+        }
+        if let Some(class) = &r.class {
+            if !is_label_safe(class) {
+                self.error(
+                    &at("class"),
+                    format!("class `{class}` must match [a-z0-9_-]+"),
+                );
+            }
+        }
+        if r.timeout.is_some_and(|t| t.is_zero()) {
+            self.error(&at("timeout"), "timeout must be > 0");
+        }
+        if let Some(rl) = &r.rate_limit {
+            if !(rl.per_second > 0.0 && rl.per_second.is_finite()) {
+                self.error(&at("rate_limit"), "rate_limit.per_second must be > 0");
+            }
+            if rl.burst == Some(0) {
+                self.error(&at("rate_limit"), "rate_limit.burst must be >= 1");
+            }
+        }
+        if let Some(b) = &r.breaker {
+            self.breaker(&at("breaker"), b, checks);
+        }
+        if let Some(fb) = &r.fallback {
+            if !(100..=599).contains(&fb.status) {
+                self.error(
+                    &at("fallback"),
+                    "fallback.status must be an HTTP status code",
+                );
+            }
+            if http::HeaderValue::from_str(&fb.content_type).is_err() {
+                self.error(
+                    &at("fallback"),
+                    "fallback.content_type is not a valid header value",
+                );
+            }
+        }
+    }
+
+    fn maintenance(&mut self, m: &MaintenanceSection) {
+        use Seg::Key as K;
+        let at = |k: &'static str| [K("maintenance"), K(k)];
+        if !(100..=599).contains(&m.status) {
+            self.error(&at("status"), "status must be an HTTP status code");
+        }
+        if http::HeaderValue::from_str(&m.content_type).is_err() {
+            self.error(
+                &at("content_type"),
+                "content_type is not a valid header value",
+            );
+        }
+        for (i, p) in m.exempt_prefixes.iter().enumerate() {
+            if !p.starts_with('/') {
+                self.error(
+                    &[K("maintenance"), K("exempt_prefixes"), Seg::Idx(i)],
+                    format!("`{p}` must start with /"),
+                );
+            }
+        }
+        if let Some(page) = &m.page {
+            if !page.exists() {
+                self.error(
+                    &at("page"),
+                    format!("maintenance page `{}` does not exist", page.display()),
+                );
+            }
+        }
+        for (i, w) in m.windows.iter().enumerate() {
+            let path = [K("maintenance"), K("windows"), Seg::Idx(i)];
+            match (parse_time(&w.start), parse_time(&w.end)) {
+                (Ok(s), Ok(e)) if s >= e => {
+                    self.error(&path, "window start must be before its end")
+                }
+                (Ok(_), Ok(_)) => {}
+                (Err(e), _) | (_, Err(e)) => self.error(&path, e),
+            }
+        }
+    }
+
+    fn health(&mut self, h: &HealthSection) {
+        use Seg::Key as K;
+        if !h.prefix.starts_with('/') || h.prefix.len() < 2 || h.prefix.ends_with('/') {
+            self.error(
+                &[K("health"), K("prefix")],
+                "health.prefix must look like /_health",
+            );
+        }
+        if h.interval.is_zero() || h.timeout.is_zero() {
+            self.error(
+                &[K("health")],
+                "health.interval and health.timeout must be > 0",
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, c) in h.checks.iter().enumerate() {
+            let base = [K("health"), K("checks"), Seg::Idx(i)];
+            let at = |k: &'static str| [base[0], base[1], base[2], K(k)];
+            if c.name.is_empty()
+                || !c
+                    .name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+            {
+                self.error(
+                    &at("name"),
+                    format!("check name `{}` must be [A-Za-z0-9._-]+", c.name),
+                );
+            } else if !seen.insert(c.name.as_str()) {
+                self.error(&at("name"), format!("duplicate check name `{}`", c.name));
+            }
+            let need_url = |schemes: &[&str]| -> Option<String> {
+                match &c.url {
+                    None => Some(format!("a {:?} check needs `url`", c.kind).to_lowercase()),
+                    Some(u) if !schemes.iter().any(|s| u.starts_with(s)) => {
+                        Some(format!("url must start with {}", schemes.join(" or ")))
+                    }
+                    Some(_) => None,
+                }
+            };
+            let problem = match c.kind {
+                CheckType::Postgres => need_url(&["postgres://", "postgresql://"]),
+                CheckType::Redis => need_url(&["redis://", "rediss://"]),
+                CheckType::Http => need_url(&["http://", "https://"]),
+                CheckType::Tcp => match &c.address {
+                    None => Some("a tcp check needs `address` (host:port)".into()),
+                    Some(a)
+                        if a.rsplit_once(':')
+                            .is_none_or(|(_, p)| p.parse::<u16>().is_err()) =>
+                    {
+                        Some(format!("address `{a}` must be host:port"))
+                    }
+                    Some(_) => None,
+                },
+            };
+            if let Some(msg) = problem {
+                let key = if c.kind == CheckType::Tcp {
+                    "address"
+                } else {
+                    "url"
+                };
+                self.error(&at(key), msg);
+            }
+            if c.kind == CheckType::Tcp && c.url.is_some() {
+                self.error(&at("url"), "a tcp check takes `address`, not `url`");
+            }
+            if c.kind != CheckType::Tcp && c.address.is_some() {
+                self.error(&at("address"), "`address` is for tcp checks; use `url`");
+            }
+            if c.query.is_some() && c.kind != CheckType::Postgres {
+                self.error(&at("query"), "`query` is for postgres checks");
+            }
+            if (c.expect_status.is_some() || c.body_contains.is_some()) && c.kind != CheckType::Http
+            {
+                self.error(&base, "expect_status and body_contains are for http checks");
+            }
+            if let Some(es) = &c.expect_status {
+                if parse_status_ranges(es).is_none() {
+                    self.error(
+                        &at("expect_status"),
+                        format!("expect_status `{es}` must look like \"200-399\" or \"200,204\""),
+                    );
+                }
+            }
+            if c.healthy_threshold == 0 || c.unhealthy_threshold == 0 {
+                self.error(
+                    &base,
+                    "healthy_threshold and unhealthy_threshold must be >= 1",
+                );
+            }
+            if c.interval.is_some_and(|d| d.is_zero()) || c.timeout.is_some_and(|d| d.is_zero()) {
+                self.error(&base, "interval and timeout must be > 0");
+            }
+        }
+    }
+
+    fn metrics(&mut self, m: &MetricsSection, h: &HealthSection) {
+        use Seg::Key as K;
+        if !m.path.starts_with('/') {
+            self.error(&[K("metrics"), K("path")], "metrics.path must start with /");
+        } else if segment_prefix(&m.path, &h.prefix) {
+            self.error(
+                &[K("metrics"), K("path")],
+                "metrics.path must not be under the health prefix",
+            );
+        }
+        if m.buckets.is_empty()
+            || m.buckets.windows(2).any(|w| w[0] >= w[1])
+            || m.buckets.iter().any(|b| !b.is_finite() || *b <= 0.0)
+        {
+            self.error(
+                &[K("metrics"), K("buckets")],
+                "buckets must be positive and strictly increasing",
+            );
+        }
+        for (i, c) in m.classes.iter().enumerate() {
+            if !c.prefix.starts_with('/') || !is_label_safe(&c.class) {
+                self.error(
+                    &[K("metrics"), K("classes"), Seg::Idx(i)],
+                    "a class needs a prefix starting with / and a name matching [a-z0-9_-]+",
+                );
+            }
+        }
+    }
+}
+
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Metric label values and route names: lowercase, digits, `_` and `-`.
+pub fn is_label_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Does `prefix` match `path` on a segment boundary? (`/api` matches `/api`, `/api/`, `/api/x`; never `/apix`.)
+pub fn segment_prefix(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),
+        None => false,
+    }
+}
+
+fn check_upstream_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("invalid upstream url `{url}`: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(format!(
+                "upstream url `{url}` must start with http:// or https://"
+            ));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("upstream url `{url}` has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("upstream url `{url}` must not have a query string"));
+    }
+    Ok(())
+}
+
+/// `"5xx"` -> 500..=599, `"503"`/`503` -> 503..=503.
+pub fn parse_status_pattern(p: &StatusPattern) -> Option<(u16, u16)> {
+    match p {
+        StatusPattern::Code(c) if (100..=599).contains(c) => Some((*c, *c)),
+        StatusPattern::Code(_) => None,
+        StatusPattern::Text(t) => match t.as_bytes() {
+            [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                let base = u16::from(d - b'0') * 100;
+                Some((base, base + 99))
+            }
+            _ => t
+                .parse::<u16>()
+                .ok()
+                .filter(|c| (100..=599).contains(c))
+                .map(|c| (c, c)),
+        },
+    }
+}
+
+/// `"200-399"`, `"200,204"`, `"2xx"` -> inclusive ranges.
+pub fn parse_status_ranges(s: &str) -> Option<Vec<(u16, u16)>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let range = if let Some((a, b)) = part.split_once('-') {
+            let (a, b) = (a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?);
+            (a <= b && (100..=599).contains(&a) && b <= 599).then_some((a, b))?
+        } else {
+            parse_status_pattern(&StatusPattern::Text(part.to_string()))?
+        };
+        out.push(range);
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+pub fn parse_time(t: &Timestamp) -> Result<std::time::SystemTime, String> {
+    let text = t.as_text();
+    humantime::parse_rfc3339_weak(&text)
+        .or_else(|_| humantime::parse_rfc3339(&text))
+        .map_err(|_| format!("`{text}` is not an RFC 3339 time such as 2026-12-01T02:00:00Z"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_prefix_matches_on_boundaries() {
+        assert!(segment_prefix("/api", "/api"));
+        assert!(segment_prefix("/api/", "/api"));
+        assert!(segment_prefix("/api/x", "/api"));
+        assert!(segment_prefix("/api/x", "/api/"));
+        assert!(!segment_prefix("/apix", "/api"));
+        assert!(segment_prefix("/anything", "/"));
+        assert!(segment_prefix("/", "/"));
+    }
+
+    #[test]
+    fn status_patterns() {
+        assert_eq!(
+            parse_status_pattern(&StatusPattern::Text("5xx".into())),
+            Some((500, 599))
+        );
+        assert_eq!(
+            parse_status_pattern(&StatusPattern::Code(429)),
+            Some((429, 429))
+        );
+        assert_eq!(
+            parse_status_pattern(&StatusPattern::Text("6xx".into())),
+            None
+        );
+        assert_eq!(parse_status_ranges("200-399"), Some(vec![(200, 399)]));
+        assert_eq!(
+            parse_status_ranges("200,204"),
+            Some(vec![(200, 200), (204, 204)])
+        );
+        assert_eq!(parse_status_ranges("abc"), None);
+    }
+}

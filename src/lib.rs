@@ -1,5 +1,22 @@
 //! opsgate: a sidecar health/ops proxy.
 //!
 //! # Layout
+//! - `app`: wires the rooms, startup order, reload, shutdown sequence.
+//! - `cli`: the command line.
 //! - `config`: the TOML file, defaults, validation (pure).
+//! - `proxy`: the hot path, stage by stage (see its module docs).
+//! - `endpoints`: `/_health/*` and `/metrics`, answered by opsgate itself.
+//! - `admin`: the admin listener and ops API.
+//! - `shutdown`: signals and the drain state.
+//! - `telemetry`: metrics registry and logging.
+//! - `demo`, `probe`: the `demo` and `probe` commands.
+pub mod admin;
+pub mod app;
+pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod endpoints;
+pub mod probe;
+pub mod proxy;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,1 +1,139 @@
-fn main() {}
+//! opsgate's entry point: parse the command line, set up logging and TLS, load the
+//! config (exit 2 before binding anything when it is bad), run, map errors to exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use opsgate::app::{self, ConfigSource};
+use opsgate::cli::{Cli, Command};
+use opsgate::config::{self, Overrides};
+
+fn main() -> ExitCode {
+    // One crypto provider for every rustls user (proxy, probes, Redis, PostgreSQL).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    opsgate::telemetry::logging::init(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("opsgate: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(cmd: Command) -> ExitCode {
+    match cmd {
+        Command::Run {
+            config,
+            listen,
+            upstream,
+            admin,
+        } => {
+            let path = config::resolve_path(config.config.as_deref());
+            if path.is_none() && upstream.is_none() {
+                eprintln!(
+                    "opsgate: no config file (looked for {}) and no --upstream: nothing to proxy to\n\
+                     try: opsgate run --upstream http://127.0.0.1:3000",
+                    config::DEFAULT_PATHS.join(", ")
+                );
+                return ExitCode::from(2);
+            }
+            let source = ConfigSource {
+                path,
+                overrides: Overrides {
+                    listen,
+                    upstream,
+                    admin_listen: admin,
+                },
+            };
+            let cfg = match source.load() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            exit_for(app::run(source, cfg).await)
+        }
+        Command::CheckConfig { config } => {
+            let path = config::resolve_path(config.config.as_deref());
+            let Some(path) = path else {
+                eprintln!(
+                    "opsgate: no config file found (looked for {})",
+                    config::DEFAULT_PATHS.join(", ")
+                );
+                return ExitCode::from(2);
+            };
+            match config::load(Some(&path), &Overrides::default(), &app::env_lookup) {
+                Ok(_) => {
+                    println!("{}: ok", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Probe { url, timeout } => match opsgate::probe::probe(&url, timeout).await {
+            Ok(status) if (200..400).contains(&status) => ExitCode::SUCCESS,
+            Ok(status) => {
+                eprintln!("probe {url}: status {status}");
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("probe {url}: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Demo { listen } => {
+            let app_listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("opsgate demo: cannot start the demo app: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let app_addr = app_listener
+                .local_addr()
+                .expect("bound listener has an address");
+            tokio::spawn(opsgate::demo::serve_app(app_listener));
+            let text = opsgate::demo::demo_config(listen, app_addr);
+            let cfg =
+                match config::parse_str(&text, "<demo>", &Overrides::default(), &app::env_lookup) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                };
+            println!("{}", opsgate::demo::banner(listen));
+            let source = ConfigSource {
+                path: None,
+                overrides: Overrides::default(),
+            };
+            exit_for(app::run(source, cfg).await)
+        }
+        Command::Check { .. } | Command::Wait { .. } | Command::Ctl(_) => {
+            eprintln!("opsgate: this command is not available in this build");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn exit_for(r: Result<(), app::RunError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "opsgate failed");
+            eprintln!("opsgate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The command line (SPEC §1): clap derive with environment fallbacks.
+//! Flags win over env, env over the file; `main` turns these into actions.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::telemetry::logging::LogFormat;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "opsgate",
+    version,
+    about = "Sidecar health/ops proxy: maintenance mode, circuit breakers, retries, health checks and metrics for any app."
+)]
+pub struct Cli {
+    /// Log format (default: json when stdout is not a terminal).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// Config file (default: ./opsgate.toml, then /etc/opsgate/opsgate.toml).
+    #[arg(long, env = "OPSGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Proxy listen address (overrides proxy.listen).
+        #[arg(long, env = "OPSGATE_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Upstream URL: defines upstream "app" and, without routes, a catch-all route.
+        #[arg(long, env = "OPSGATE_UPSTREAM")]
+        upstream: Option<String>,
+        /// Admin listen address (overrides admin.listen).
+        #[arg(long, env = "OPSGATE_ADMIN_LISTEN")]
+        admin: Option<SocketAddr>,
+    },
+    /// Validate the config: exit 0 when valid, 2 with every error (file:line:col) when not.
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Run every health check once and print a table; exit 0 healthy/degraded, 1 unhealthy.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block until every critical check passes (for init containers); exit 1 on timeout.
+    Wait {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, default_value = "60s", value_parser = parse_dur)]
+        timeout: std::time::Duration,
+    },
+    /// GET a URL without following redirects: exit 0 on 2xx/3xx, 1 otherwise.
+    Probe {
+        url: String,
+        #[arg(long, default_value = "2s", value_parser = parse_dur)]
+        timeout: std::time::Duration,
+    },
+    /// Talk to a running opsgate's admin API.
+    Ctl(CtlArgs),
+    /// Run opsgate on :8080 in front of a built-in demo app.
+    Demo {
+        /// Proxy listen address for the demo.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// Admin API base URL.
+    #[arg(
+        long,
+        env = "OPSGATE_ADMIN_URL",
+        default_value = "http://127.0.0.1:9901"
+    )]
+    pub admin: String,
+    /// Bearer token for the admin API.
+    #[arg(long, env = "OPSGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print raw JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// Show health, breakers and maintenance.
+    Status,
+    /// Turn the maintenance override on or off, or clear it.
+    Maintenance {
+        #[command(subcommand)]
+        action: MaintenanceAction,
+    },
+    /// Control a circuit breaker by name.
+    Breaker {
+        #[command(subcommand)]
+        action: BreakerAction,
+    },
+    /// Reload the config now.
+    Reload,
+    /// Start draining: readiness 503, keep serving.
+    Drain,
+    /// Fleet-wide toggles through Redis.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MaintenanceAction {
+    On {
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Off,
+    Clear,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BreakerAction {
+    Reset { name: String },
+    Open { name: String },
+    Close { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FleetCommand {
+    /// SET and PUBLISH the fleet maintenance key.
+    Maintenance {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        #[arg(long)]
+        redis: String,
+        #[arg(long)]
+        key: String,
+    },
+}
+
+fn parse_dur(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(s)
+}

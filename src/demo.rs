@@ -1,0 +1,155 @@
+//! `opsgate demo`: a small built-in app with opsgate in front, so a new user sees the
+//! proxy, breaker, retries, maintenance and metrics work with nothing else installed.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// Serves the demo app on `listener` until the task is dropped.
+pub async fn serve_app(listener: TcpListener) {
+    let counter = Arc::new(AtomicU64::new(0));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let counter = counter.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let counter = counter.clone();
+                async move { Ok::<_, Infallible>(app(req, &counter).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+async fn app(req: Request<Incoming>, counter: &AtomicU64) -> Response<Full<Bytes>> {
+    let n = counter.fetch_add(1, Ordering::Relaxed);
+    let query = req.uri().query().unwrap_or("").to_string();
+    match (req.method().clone(), req.uri().path()) {
+        (Method::GET, "/") => json(
+            StatusCode::OK,
+            r#"{"app":"opsgate demo","endpoints":["GET /api/items","POST /api/items","GET /api/slow?ms=1500","GET /api/flaky"]}"#,
+        ),
+        (Method::GET, "/api/items") => json(
+            StatusCode::OK,
+            r#"[{"id":1,"name":"anvil"},{"id":2,"name":"rocket skates"}]"#,
+        ),
+        (Method::POST, "/api/items") => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            json(
+                StatusCode::CREATED,
+                format!(r#"{{"created":true,"bytes":{}}}"#, body.len()),
+            )
+        }
+        (Method::GET, "/api/slow") => {
+            let ms = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("ms="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1500u64)
+                .min(30_000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            json(StatusCode::OK, format!(r#"{{"slept_ms":{ms}}}"#))
+        }
+        (Method::GET, "/api/flaky") => {
+            if n % 2 == 0 {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    r#"{"error":"flaky says no"}"#,
+                )
+            } else {
+                json(StatusCode::OK, r#"{"flaky":"ok this time"}"#)
+            }
+        }
+        (Method::GET, "/health") => json(StatusCode::OK, r#"{"status":"ok"}"#),
+        _ => json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#),
+    }
+}
+
+/// The demo's opsgate config, in the same TOML a user writes (so it is validated the same way).
+pub fn demo_config(listen: SocketAddr, app: SocketAddr) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "{listen}"
+
+[upstreams.app]
+url = "http://{app}"
+timeout = "1s"
+
+[upstreams.app.breaker]
+failure_threshold = 3
+recovery_timeout = "10s"
+
+[upstreams.app.retry]
+attempts = 2
+base_delay = "50ms"
+
+[[routes]]
+name = "api"
+prefix = "/api"
+upstream = "app"
+
+[[routes]]
+name = "web"
+prefix = "/"
+upstream = "app"
+
+[[health.checks]]
+name = "demo-app"
+type = "http"
+url = "http://{app}/health"
+interval = "2s"
+timeout = "500ms"
+"#
+    )
+}
+
+pub fn banner(listen: SocketAddr) -> String {
+    let port = listen.port();
+    format!(
+        r#"
+opsgate demo: proxy on http://127.0.0.1:{port} in front of a built-in app; admin on http://127.0.0.1:9901
+
+  curl -i http://127.0.0.1:{port}/api/items                 # proxied (see X-Request-Id)
+  curl -i -X POST -d '{{"name":"x"}}' http://127.0.0.1:{port}/api/items
+  curl -i http://127.0.0.1:{port}/api/slow?ms=3000          # 504 after the 1s upstream timeout
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\n' http://127.0.0.1:{port}/api/flaky; done
+  curl -s http://127.0.0.1:{port}/_health/ready
+  curl -s http://127.0.0.1:{port}/metrics | grep http_requests_total
+  opsgate ctl maintenance on --reason demo                   # then POST gets 503, GET still works
+  opsgate ctl status
+  opsgate ctl maintenance clear
+
+Ctrl-C stops it.
+"#
+    )
+}

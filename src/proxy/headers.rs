@@ -1,0 +1,229 @@
+//! Header rewriting between client and upstream: hop-by-hop removal, X-Forwarded-*,
+//! request id. Pure functions over `HeaderMap`s; the pipeline calls them in order.
+
+use std::io::Write;
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_OPSGATE_CIRCUIT: HeaderName = HeaderName::from_static("x-opsgate-circuit");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+fn fixed_hop_by_hop() -> [&'static HeaderName; 8] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ]
+}
+
+/// What kind of upgrade a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upgrade {
+    None,
+    /// WebSocket and other HTTP/1.1 upgrades: tunnelled.
+    Tunnel,
+}
+
+/// `Upgrade` on an HTTP/1.1 request with `Connection: upgrade`; `h2c` is never tunnelled.
+pub fn upgrade_kind(h: &HeaderMap, version: http::Version) -> Upgrade {
+    if version != http::Version::HTTP_11 {
+        return Upgrade::None;
+    }
+    let Some(up) = h.get(header::UPGRADE) else {
+        return Upgrade::None;
+    };
+    if up.as_bytes().eq_ignore_ascii_case(b"h2c") {
+        return Upgrade::None;
+    }
+    let conn_upgrade = h.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    });
+    if conn_upgrade {
+        Upgrade::Tunnel
+    } else {
+        Upgrade::None
+    }
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. An upgrade
+/// keeps `Connection: upgrade` and `Upgrade`, which the tunnel needs. `TE: trailers` stays
+/// (gRPC needs it).
+pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
+    if let Some(conn) = h.get(header::CONNECTION) {
+        if conn.as_bytes().contains(&b',') || !is_std_token(conn.as_bytes()) {
+            let named: Vec<HeaderName> = h
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+                .filter(|n| !(upgrade == Upgrade::Tunnel && n == header::UPGRADE))
+                .collect();
+            for n in named {
+                h.remove(n);
+            }
+        }
+    }
+    for name in fixed_hop_by_hop() {
+        if upgrade == Upgrade::Tunnel && (name == header::CONNECTION || name == header::UPGRADE) {
+            continue;
+        }
+        h.remove(name);
+    }
+    if upgrade == Upgrade::Tunnel {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if let Some(te) = h.get(header::TE) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            h.remove(header::TE);
+        }
+    }
+}
+
+/// `Connection: close` / `keep-alive` name no extra headers; skip the scan for them.
+fn is_std_token(v: &[u8]) -> bool {
+    v.eq_ignore_ascii_case(b"close") || v.eq_ignore_ascii_case(b"keep-alive")
+}
+
+/// Formats an IP into a header value without a heap `String`.
+pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
+    let mut buf = [0u8; 48];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{ip}");
+    let n = cursor.position() as usize;
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Sets X-Forwarded-For/-Proto/-Host. A trusted peer's X-Forwarded-Proto/-Host are kept;
+/// X-Forwarded-For is always kept and appended to (only `trusted` decides who believes it).
+pub fn set_forwarded(
+    h: &mut HeaderMap,
+    peer: IpAddr,
+    tls: bool,
+    host: Option<&HeaderValue>,
+    peer_trusted: bool,
+) {
+    let ip = ip_header_value(peer);
+    match h.get(&X_FORWARDED_FOR) {
+        Some(prev) if !prev.is_empty() => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                h.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        }
+        _ => {
+            h.insert(X_FORWARDED_FOR.clone(), ip);
+        }
+    }
+    if !(peer_trusted && h.contains_key(&X_FORWARDED_PROTO)) {
+        let proto = if tls { "https" } else { "http" };
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    }
+    if !(peer_trusted && h.contains_key(&X_FORWARDED_HOST)) {
+        if let Some(host) = host {
+            h.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
+    }
+}
+
+/// Returns the request's id, generating a 32-hex-digit one when the client sent none.
+pub fn ensure_request_id(h: &mut HeaderMap) -> HeaderValue {
+    if let Some(v) = h.get(&X_REQUEST_ID) {
+        if !v.is_empty() && v.len() <= 200 {
+            return v.clone();
+        }
+    }
+    let id = new_request_id();
+    h.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for b in buf.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "gzip"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("x-keep", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, Upgrade::None);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn upgrade_keeps_its_headers_and_h2c_is_not_tunnelled() {
+        let h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(upgrade_kind(&h, http::Version::HTTP_11), Upgrade::Tunnel);
+        let mut h2 = h.clone();
+        strip_hop_by_hop(&mut h2, Upgrade::Tunnel);
+        assert_eq!(h2.get("upgrade").unwrap(), "websocket");
+        let c = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
+        assert_eq!(upgrade_kind(&c, http::Version::HTTP_11), Upgrade::None);
+    }
+
+    #[test]
+    fn xff_appends() {
+        let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
+        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), false, None, false);
+        assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "1.2.3.4, 10.0.0.1");
+        assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "http");
+    }
+
+    #[test]
+    fn request_id_generated_or_kept() {
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        let mut h = map(&[("x-request-id", "abc")]);
+        assert_eq!(ensure_request_id(&mut h), "abc");
+    }
+}

@@ -1,0 +1,20 @@
+//! The hot path: a request's stages, in the order `pipeline` calls them.
+//!
+//! `listener` accepts -> `normalize` the path -> reserved paths -> `route` ->
+//! gates -> admission -> `upstream` (with `headers` rewritten) -> `respond` / `observe`.
+//! `runtime` is the compiled config snapshot every stage reads.
+
+pub mod body;
+pub mod headers;
+pub mod listener;
+pub mod normalize;
+pub mod observe;
+pub mod pipeline;
+pub mod respond;
+pub mod route;
+pub mod runtime;
+pub mod upstream;
+
+pub use body::Body;
+pub use pipeline::{Conn, Gates, LocalEndpoints, Proxy, Side};
+pub use runtime::Runtime;

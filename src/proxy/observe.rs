@@ -1,0 +1,138 @@
+//! Per-request observation: metrics and one access-log line, recorded when the response
+//! body is finished (or dropped), so a streamed 1 GiB download is timed to its last byte.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Uri};
+use http_body::{Frame, SizeHint};
+
+use super::body::{Body, BoxError};
+use crate::telemetry::RouteMetrics;
+use crate::telemetry::metrics::method_index;
+
+/// What the access log line needs; everything is a cheap clone of request data.
+pub struct Record {
+    pub start: Instant,
+    pub metrics: Arc<RouteMetrics>,
+    pub method: Method,
+    pub uri: Uri,
+    pub status: u16,
+    pub client: IpAddr,
+    pub request_id: Option<HeaderValue>,
+    pub upstream: Option<Arc<str>>,
+    /// Why opsgate answered itself, when it did.
+    pub error: Option<&'static str>,
+    pub access_log: bool,
+    pub bytes: u64,
+    /// The bulkhead slot, released with the record when the response is done.
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Record {
+    pub fn begin(
+        start: Instant,
+        metrics: Arc<RouteMetrics>,
+        method: Method,
+        uri: Uri,
+        client: IpAddr,
+        access_log: bool,
+    ) -> Self {
+        metrics.start();
+        Self {
+            start,
+            metrics,
+            method,
+            uri,
+            status: 0,
+            client,
+            request_id: None,
+            upstream: None,
+            error: None,
+            access_log,
+            bytes: 0,
+            permit: None,
+        }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        self.metrics.finish(
+            method_index(&self.method),
+            self.status,
+            elapsed.as_secs_f64(),
+        );
+        if self.access_log {
+            tracing::info!(
+                target: "access",
+                method = %self.method,
+                path = self.uri.path(),
+                status = self.status,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                bytes = self.bytes,
+                route = self.metrics.route(),
+                upstream = self.upstream.as_deref(),
+                client = %self.client,
+                request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                error = self.error,
+            );
+        }
+    }
+}
+
+/// The response body with its record riding along until the last frame.
+pub struct ObservedBody {
+    inner: Body,
+    record: Option<Box<Record>>,
+}
+
+impl ObservedBody {
+    pub fn new(inner: Body, record: Option<Box<Record>>) -> Self {
+        Self { inner, record }
+    }
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(r), Some(d)) = (this.record.as_mut(), frame.data_ref()) {
+                    r.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                this.record.take();
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(r) = this.record.as_mut() {
+                    r.error = Some("response_body_error");
+                }
+                this.record.take();
+            }
+            Poll::Pending => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,324 @@
+//! The request's path through the proxy, stage by stage, in one function.
+//! normalize -> reserved paths -> route -> gates -> admission -> upstream -> respond.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+
+use super::body::Body;
+use super::headers::{self, Upgrade, X_REQUEST_ID};
+use super::normalize::{Normalized, normalize};
+use super::observe::{ObservedBody, Record};
+use super::respond::ProxyError;
+use super::route::Route;
+use super::runtime::Runtime;
+use crate::config::validate::segment_prefix;
+
+/// Endpoints opsgate answers itself on the proxy port. Implemented by the app, which owns
+/// health and metrics; the proxy only decides when a path is theirs.
+pub trait LocalEndpoints: Send + Sync + 'static {
+    /// A request under the health prefix; `sub` is the rest of the normalized path (`/ready`).
+    fn health(&self, req: Request<Incoming>, sub: &str) -> Response<Body>;
+    fn metrics(&self, req: &http::request::Parts) -> Response<Body>;
+}
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Ingress,
+    /// The app's outbound calls: egress routes only, no health, metrics or maintenance.
+    Egress,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    pub side: Side,
+}
+
+/// Process-wide switches the gates read: each is one atomic load per request.
+#[derive(Default)]
+pub struct Gates {
+    /// Set while `wait_for_critical` holds traffic at startup.
+    pub starting: AtomicBool,
+}
+
+/// What the pipeline needs from the rest of the daemon, built once in `app`.
+pub struct Proxy {
+    /// One snapshot per request; a reload swaps it whole.
+    pub live: Arc<ArcSwap<Runtime>>,
+    pub local: Arc<dyn LocalEndpoints>,
+    pub gates: Arc<Gates>,
+}
+
+/// How long a client is asked to wait while critical checks hold traffic at startup.
+const STARTING_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+impl Proxy {
+    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<ObservedBody> {
+        let start = Instant::now();
+        let rt = self.live.load_full();
+        let client = conn.peer.ip();
+
+        // 1. normalize, once; every later decision reads `path`. The Uri clone is a refcount
+        // bump, and lets the (usually borrowed) normalized path outlive `req`'s parts.
+        let uri = req.uri().clone();
+        let path = match normalize(uri.path(), rt.reject_encoded_slashes) {
+            Normalized::Path(p) => p,
+            Normalized::EncodedSlash => {
+                let m = rt.unmatched_metrics[rt.class_of("/")].clone();
+                return finish(&rt, m, &req, client, start, Err(ProxyError::BadPath));
+            }
+        };
+        let path: &str = &path;
+
+        // 2. reserved paths: never proxied.
+        if conn.side == Side::Ingress {
+            if let Some(sub) = reserved_sub(path, &rt.health_prefix) {
+                let metrics = rt.system_metrics.clone();
+                let rec = Record::begin(
+                    start,
+                    metrics,
+                    req.method().clone(),
+                    req.uri().clone(),
+                    client,
+                    false,
+                );
+                let sub = sub.to_string();
+                let resp = self.local.health(req, &sub);
+                return with_record(resp, rec);
+            }
+            if rt.metrics_path.as_deref() == Some(path) {
+                let rec = Record::begin(
+                    start,
+                    rt.system_metrics.clone(),
+                    req.method().clone(),
+                    req.uri().clone(),
+                    client,
+                    false,
+                );
+                let (parts, _) = req.into_parts();
+                return with_record(self.local.metrics(&parts), rec);
+            }
+        }
+
+        // 3. route.
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
+        let table = match conn.side {
+            Side::Ingress => &rt.ingress,
+            Side::Egress => &rt.egress,
+        };
+        let Some(route) = table.find(host, path) else {
+            let m = rt.unmatched_metrics[rt.class_of(path)].clone();
+            return finish(&rt, m, &req, client, start, Err(ProxyError::NoRoute));
+        };
+        let metrics = route.metrics_for(rt.class_of(path)).clone();
+        let mut rec = Record::begin(
+            start,
+            metrics,
+            req.method().clone(),
+            req.uri().clone(),
+            client,
+            rt.access_log,
+        );
+        rec.upstream = Some(route.upstream.name().clone());
+
+        // 4. gates.
+        if conn.side == Side::Ingress && self.gates.starting.load(Ordering::Relaxed) {
+            return respond_err(
+                rec,
+                route,
+                ProxyError::Starting {
+                    retry_after: STARTING_RETRY_AFTER,
+                },
+                None,
+            );
+        }
+        if rt.force_open {
+            return respond_err(rec, route, ProxyError::CircuitForced, None);
+        }
+
+        // 5. admission: the bulkhead permit rides with the response until its last byte.
+        let permit = match &route.upstream.bulkhead {
+            None => None,
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => return respond_err(rec, route, ProxyError::Overloaded, None),
+            },
+        };
+
+        // 6. upstream.
+        let (mut parts, body) = req.into_parts();
+        let request_id = headers::ensure_request_id(&mut parts.headers);
+        rec.request_id = Some(request_id.clone());
+        let upgrade = headers::upgrade_kind(&parts.headers, parts.version);
+        let client_upgrade = if upgrade == Upgrade::Tunnel {
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+        let uri = match route
+            .upstream
+            .target
+            .uri_for(route.forward_path(path), parts.uri.query())
+        {
+            Ok(u) => u,
+            Err(e) => return respond_err(rec, route, e, Some(request_id)),
+        };
+        let host_header = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        let peer_trusted = rt.trusted_proxies.iter().any(|n| n.contains(&client));
+        headers::set_forwarded(
+            &mut parts.headers,
+            client,
+            conn.tls,
+            host_header.as_ref(),
+            peer_trusted,
+        );
+        let target = &route.upstream.target;
+        if !target.preserve_host || host_header.is_none() {
+            parts
+                .headers
+                .insert(header::HOST, target.host_header.clone());
+        } else if let Some(h) = host_header {
+            parts.headers.insert(header::HOST, h);
+        }
+        parts.uri = uri;
+        parts.version = if route.upstream.section.http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let upstream_req = Request::from_parts(parts, Body::Incoming(body));
+
+        let result = target.send(upstream_req, route.timeout).await;
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => return respond_err(rec, route, e, Some(request_id)),
+        };
+
+        // 7. respond.
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            }
+            rec.status = 101;
+            let (mut parts, _) = resp.into_parts();
+            parts.headers.insert(X_REQUEST_ID.clone(), request_id);
+            return with_record_status(Response::from_parts(parts, Body::Empty), rec, permit);
+        }
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, Upgrade::None);
+        parts.headers.insert(X_REQUEST_ID.clone(), request_id);
+        rec.status = parts.status.as_u16();
+        with_record_status(
+            Response::from_parts(parts, Body::Incoming(body)),
+            rec,
+            permit,
+        )
+    }
+}
+
+/// `Some(rest)` when `path` is `prefix` or under it on a segment boundary.
+fn reserved_sub<'p>(path: &'p str, prefix: &str) -> Option<&'p str> {
+    segment_prefix(path, prefix).then(|| &path[prefix.len()..])
+}
+
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "tunnel closed with error");
+    }
+}
+
+fn finish(
+    rt: &Runtime,
+    metrics: Arc<crate::telemetry::RouteMetrics>,
+    req: &Request<Incoming>,
+    client: std::net::IpAddr,
+    start: Instant,
+    r: Result<(), ProxyError>,
+) -> Response<ObservedBody> {
+    let rec = Record::begin(
+        start,
+        metrics,
+        req.method().clone(),
+        req.uri().clone(),
+        client,
+        rt.access_log,
+    );
+    match r {
+        Ok(()) => with_record_status(Response::new(Body::Empty), rec, None),
+        Err(e) => {
+            let mut rec = rec;
+            rec.error = Some(e.label());
+            let resp = e.into_response();
+            rec.status = resp.status().as_u16();
+            with_record_status(resp, rec, None)
+        }
+    }
+}
+
+fn respond_err(
+    mut rec: Record,
+    route: &Route,
+    e: ProxyError,
+    request_id: Option<HeaderValue>,
+) -> Response<ObservedBody> {
+    rec.error = Some(e.label());
+    let mut resp = match (&route.fallback, e.takes_fallback()) {
+        (Some(fb), true) => {
+            let mut r = Response::new(Body::Full(Some(fb.body.clone())));
+            *r.status_mut() = fb.status;
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, fb.content_type.clone());
+            r
+        }
+        _ => e.into_response(),
+    };
+    if let Some(id) = request_id {
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    }
+    rec.status = resp.status().as_u16();
+    with_record_status(resp, rec, None)
+}
+
+fn with_record(resp: Response<Body>, mut rec: Record) -> Response<ObservedBody> {
+    rec.status = resp.status().as_u16();
+    with_record_status(resp, rec, None)
+}
+
+fn with_record_status(
+    resp: Response<Body>,
+    mut rec: Record,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Response<ObservedBody> {
+    rec.permit = permit;
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, ObservedBody::new(body, Some(Box::new(rec))))
+}

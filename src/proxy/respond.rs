@@ -1,0 +1,141 @@
+//! Every synthetic response opsgate answers with, mapped from one error type in one place.
+//! Bodies are static JSON, so an error answer allocates nothing but its headers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use super::body::Body;
+use super::headers::X_OPSGATE_CIRCUIT;
+
+/// Why opsgate answered instead of the upstream. Carries what the response needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyError {
+    NoRoute,
+    BadPath,
+    NotFound,
+    Starting { retry_after: Duration },
+    CircuitForced,
+    CircuitOpen { retry_after: Duration },
+    Overloaded,
+    RateLimited { retry_after: Duration },
+    UpstreamConnect,
+    UpstreamReset,
+    UpstreamTimeout,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute | ProxyError::NotFound => StatusCode::NOT_FOUND,
+            ProxyError::BadPath => StatusCode::BAD_REQUEST,
+            ProxyError::Starting { .. }
+            | ProxyError::CircuitForced
+            | ProxyError::CircuitOpen { .. }
+            | ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::UpstreamConnect | ProxyError::UpstreamReset => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Stable name for logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::BadPath => "bad_path",
+            ProxyError::NotFound => "not_found",
+            ProxyError::Starting { .. } => "starting",
+            ProxyError::CircuitForced => "circuit_forced_open",
+            ProxyError::CircuitOpen { .. } => "circuit_open",
+            ProxyError::Overloaded => "overloaded",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::UpstreamConnect => "upstream_connect",
+            ProxyError::UpstreamReset => "upstream_reset",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    fn body(&self) -> &'static [u8] {
+        match self {
+            ProxyError::NoRoute => br#"{"detail":"no route"}"#,
+            ProxyError::BadPath => br#"{"detail":"bad path"}"#,
+            ProxyError::NotFound => br#"{"detail":"not found"}"#,
+            ProxyError::Starting { .. } => br#"{"detail":"starting"}"#,
+            ProxyError::CircuitForced | ProxyError::CircuitOpen { .. } => {
+                br#"{"detail":"circuit open"}"#
+            }
+            ProxyError::Overloaded => br#"{"detail":"overloaded"}"#,
+            ProxyError::RateLimited { .. } => br#"{"detail":"rate limited"}"#,
+            ProxyError::UpstreamConnect | ProxyError::UpstreamReset => {
+                br#"{"detail":"upstream unavailable"}"#
+            }
+            ProxyError::UpstreamTimeout => br#"{"detail":"upstream timeout"}"#,
+        }
+    }
+
+    /// Whether a route's fallback answer replaces this one (SPEC §4: breaker open or bulkhead full).
+    pub fn takes_fallback(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::CircuitForced | ProxyError::CircuitOpen { .. } | ProxyError::Overloaded
+        )
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = json(self.status(), Bytes::from_static(self.body()));
+        let h = resp.headers_mut();
+        match self {
+            ProxyError::CircuitOpen { retry_after } => {
+                h.insert(header::RETRY_AFTER, retry_after_value(retry_after));
+                h.insert(X_OPSGATE_CIRCUIT.clone(), HeaderValue::from_static("open"));
+            }
+            ProxyError::Starting { retry_after } | ProxyError::RateLimited { retry_after } => {
+                h.insert(header::RETRY_AFTER, retry_after_value(retry_after));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(Body::Full(Some(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Whole seconds, rounded up, at least 1 (a `Retry-After: 0` invites a hot loop).
+pub fn retry_after_value(d: Duration) -> HeaderValue {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_value(Duration::from_millis(1500)), "2");
+        assert_eq!(retry_after_value(Duration::from_secs(3)), "3");
+        assert_eq!(retry_after_value(Duration::ZERO), "1");
+    }
+
+    #[test]
+    fn circuit_open_has_headers() {
+        let r = ProxyError::CircuitOpen {
+            retry_after: Duration::from_millis(200),
+        }
+        .into_response();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert_eq!(r.headers()["x-opsgate-circuit"], "open");
+    }
+}

@@ -1,0 +1,114 @@
+//! The route table: host-specific routes first, then the longest segment-boundary prefix.
+//! Compiled once per config; matching a request is a scan with no allocation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use super::runtime::Upstream;
+use crate::config::validate::segment_prefix;
+use crate::telemetry::RouteMetrics;
+
+/// A route's canned answer when its breaker is open or its bulkhead full.
+pub struct Fallback {
+    pub status: http::StatusCode,
+    pub content_type: HeaderValue,
+    pub body: Bytes,
+}
+
+pub struct Route {
+    pub name: Arc<str>,
+    pub prefix: String,
+    /// Lowercase, without port.
+    pub host: Option<String>,
+    pub upstream: Arc<Upstream>,
+    pub timeout: Duration,
+    pub strip_prefix: bool,
+    pub fallback: Option<Fallback>,
+    /// Metrics handles by class index (see `Runtime::class_of`); one entry when the route names its class.
+    pub metrics: Vec<Arc<RouteMetrics>>,
+}
+
+impl Route {
+    pub fn metrics_for(&self, class_idx: usize) -> &Arc<RouteMetrics> {
+        if self.metrics.len() == 1 {
+            &self.metrics[0]
+        } else {
+            &self.metrics[class_idx]
+        }
+    }
+
+    /// The path to forward: with `strip_prefix`, `/api/x` under `/api` becomes `/x`.
+    pub fn forward_path<'p>(&self, path: &'p str) -> &'p str {
+        if !self.strip_prefix || self.prefix == "/" {
+            return path;
+        }
+        let rest = &path[self.prefix.trim_end_matches('/').len()..];
+        if rest.is_empty() { "/" } else { rest }
+    }
+}
+
+#[derive(Default)]
+pub struct RouteTable {
+    /// Sorted: host routes first, then longer prefixes first.
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn new(mut routes: Vec<Route>) -> Self {
+        routes.sort_by(|a, b| {
+            b.host.is_some().cmp(&a.host.is_some()).then(
+                b.prefix
+                    .trim_end_matches('/')
+                    .len()
+                    .cmp(&a.prefix.trim_end_matches('/').len()),
+            )
+        });
+        Self { routes }
+    }
+
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        let host = host.map(strip_port);
+        self.routes.iter().find(|r| {
+            r.host
+                .as_deref()
+                .is_none_or(|h| host.is_some_and(|req| req.eq_ignore_ascii_case(h)))
+                && segment_prefix(path, &r.prefix)
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_ignored() {
+        assert_eq!(strip_port("api.example.com:8080"), "api.example.com");
+        assert_eq!(strip_port("api.example.com"), "api.example.com");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+    }
+}

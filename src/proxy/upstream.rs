@@ -1,0 +1,211 @@
+//! Pooled clients to upstreams (http and https over rustls), URI rewriting and the
+//! per-attempt timeout. One client (and pool) per configured upstream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::body::Body;
+use super::respond::ProxyError;
+use crate::config::UpstreamSection;
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// An upstream's target and client. Built at config load; shared by every route to it.
+pub struct Target {
+    pub name: Arc<str>,
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix of the upstream URL without its trailing `/` (`None` for `/`).
+    base_path: Option<String>,
+    /// `Host` to send when `preserve_host = false`.
+    pub host_header: HeaderValue,
+    pub preserve_host: bool,
+    pub timeout: Duration,
+    client: HttpClient,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("upstream `{0}`: invalid url: {1}")]
+    Url(String, String),
+    #[error("upstream `{0}`: {1}")]
+    Tls(String, String),
+}
+
+impl Target {
+    pub fn new(name: &str, s: &UpstreamSection) -> Result<Self, BuildError> {
+        let uri: Uri = s
+            .url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| BuildError::Url(name.into(), e.to_string()))?;
+        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| BuildError::Url(name.into(), "no host".into()))?;
+        let base_path = match uri.path().trim_end_matches('/') {
+            "" => None,
+            p => Some(p.to_string()),
+        };
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| BuildError::Url(name.into(), e.to_string()))?;
+        Ok(Self {
+            name: name.into(),
+            scheme,
+            authority,
+            base_path,
+            host_header,
+            preserve_host: s.preserve_host,
+            timeout: s.timeout.get(),
+            client: build_client(name, s)?,
+        })
+    }
+
+    /// The upstream URI for an already-normalized path and the client's query.
+    pub fn uri_for(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+        let pq = match (&self.base_path, query) {
+            (None, None) => {
+                PathAndQuery::from_maybe_shared(bytes::Bytes::copy_from_slice(path.as_bytes()))
+            }
+            (base, q) => {
+                let mut s = String::with_capacity(
+                    path.len()
+                        + base.as_ref().map_or(0, String::len)
+                        + q.map_or(0, |q| q.len() + 1),
+                );
+                if let Some(b) = base {
+                    s.push_str(b);
+                }
+                s.push_str(path);
+                if let Some(q) = q {
+                    s.push('?');
+                    s.push_str(q);
+                }
+                PathAndQuery::from_maybe_shared(bytes::Bytes::from(s))
+            }
+        }
+        .map_err(|_| ProxyError::BadPath)?;
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|_| ProxyError::BadPath)
+    }
+
+    /// One attempt: send and wait for response headers for at most `timeout`.
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Err(_) => Err(ProxyError::UpstreamTimeout),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.is_connect() => {
+                if is_timeout(&e) {
+                    Err(ProxyError::UpstreamConnect)
+                } else {
+                    tracing::debug!(upstream = %self.name, error = %ErrorChain(&e), "upstream connect failed");
+                    Err(ProxyError::UpstreamConnect)
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %self.name, error = %ErrorChain(&e), "upstream request failed");
+                Err(ProxyError::UpstreamReset)
+            }
+        }
+    }
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.to_string().contains("timed out") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Displays an error with its `source()` chain ("connect: Connection refused").
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+fn build_client(name: &str, s: &UpstreamSection) -> Result<HttpClient, BuildError> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(s.connect_timeout.get()));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let tls = tls_config(name, s)?;
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1();
+    let connector = if s.http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    };
+    let mut b = Client::builder(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http2_only(s.http2);
+    Ok(b.build(connector))
+}
+
+/// rustls client config: webpki roots plus the optional CA file and client certificate.
+pub fn tls_config(name: &str, s: &UpstreamSection) -> Result<rustls::ClientConfig, BuildError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |m: String| BuildError::Tls(name.into(), m);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = &s.ca_file {
+        for cert in CertificateDer::pem_file_iter(ca)
+            .map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?
+        {
+            let cert = cert.map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match (&s.client_cert, &s.client_key) {
+        (Some(cert), Some(key)) => {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| err(format!("client_cert {}: {e}", cert.display())))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| err(format!("client_key {}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| err(e.to_string()))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    // ALPN is left empty: hyper-rustls sets it from the enabled HTTP versions.
+    Ok(config)
+}

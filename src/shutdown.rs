@@ -1,0 +1,65 @@
+//! Signals and the drain sequence of SPEC §8: readiness off, keep accepting for
+//! `shutdown_delay`, stop accepting, close connections gracefully, wait `drain_timeout`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+
+/// What the daemon is asked to do by the outside world.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Terminate,
+    Reload,
+}
+
+/// Shared "we are going away" state: readiness reads it, the admin API can set it.
+#[derive(Default)]
+pub struct Drain {
+    /// Set once: readiness answers 503 from then on.
+    draining: AtomicBool,
+    /// Wakes the lifecycle when `POST /_ops/drain` starts a drain.
+    pub started: Notify,
+}
+
+impl Drain {
+    pub fn start(&self) -> bool {
+        let first = !self.draining.swap(true, Ordering::SeqCst);
+        if first {
+            self.started.notify_waiters();
+        }
+        first
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Streams SIGTERM/SIGINT as `Terminate` and SIGHUP as `Reload`.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    pub async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Terminate,
+            _ = self.int.recv() => Signal::Terminate,
+            _ = self.hup.recv() => Signal::Reload,
+        }
+    }
+}
+
+pub type SharedDrain = Arc<Drain>;

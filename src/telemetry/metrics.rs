@@ -1,0 +1,301 @@
+//! The Prometheus registry and the request metrics' handle tables.
+//! Families are registered once at startup; routes resolve their handles when the config is
+//! built, so a request only does atomic increments.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: &'static str,
+    pub route: Arc<str>,
+    pub class: Arc<str>,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    pub method: &'static str,
+    pub route: Arc<str>,
+    pub class: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteClassLabels {
+    pub route: Arc<str>,
+    pub class: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: &'static str,
+}
+
+#[derive(Clone, Debug)]
+pub struct Buckets(Arc<[f64]>);
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(self.0.iter().copied())
+    }
+}
+
+/// The request families of SPEC §7 (`http_*`), shared by every route handle table.
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<DurationLabels, Histogram, Buckets>,
+    pub in_progress: Family<RouteClassLabels, Gauge>,
+}
+
+/// The registry plus the families the proxy itself owns. Other rooms register theirs
+/// through `registry_mut` before the app freezes it.
+pub struct MetricsRegistry {
+    registry: Registry,
+    pub http: HttpMetrics,
+}
+
+impl MetricsRegistry {
+    pub fn new(buckets: &[f64]) -> Self {
+        let mut registry = Registry::default();
+        let http = HttpMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(Buckets(buckets.into())),
+            in_progress: Family::default(),
+        };
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route, class and status",
+            http.requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request received to response finished",
+            http.duration.clone(),
+        );
+        registry.register(
+            "http_requests_in_progress",
+            "Requests being served",
+            http.in_progress.clone(),
+        );
+        let build = Family::<VersionLabels, Gauge>::default();
+        build
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("opsgate_build_info", "opsgate build information", build);
+        Self { registry, http }
+    }
+
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// OpenMetrics 1.0 text, as prometheus-client writes it.
+    pub fn encode_openmetrics(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Prometheus text format 0.0.4 (what `promtool check metrics` and most scrapers expect).
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode_openmetrics())
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus 0.0.4: counters' HELP/TYPE name the `_total`
+/// series, `# UNIT` and `# EOF` lines go, and `_created` series are dropped.
+pub fn openmetrics_to_prometheus(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut counter_family: Option<&str> = None;
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap_or("");
+            counter_family = om
+                .contains(&format!("# TYPE {name} counter"))
+                .then_some(name);
+            if let Some(name) = counter_family {
+                out.push_str("# HELP ");
+                out.push_str(name);
+                out.push_str("_total");
+                out.push_str(&rest[name.len()..]);
+                out.push('\n');
+                continue;
+            }
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = counter_family {
+                if rest.starts_with(name) {
+                    out.push_str("# TYPE ");
+                    out.push_str(name);
+                    out.push_str("_total counter\n");
+                    continue;
+                }
+            }
+        } else if !line.starts_with('#') {
+            let series = line.split(['{', ' ']).next().unwrap_or("");
+            if series.ends_with("_created") {
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// HTTP methods that get their own label value; any other method is `other`, so clients
+/// cannot grow the label set.
+pub const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
+];
+
+pub fn method_index(m: &http::Method) -> usize {
+    match *m {
+        http::Method::GET => 0,
+        http::Method::HEAD => 1,
+        http::Method::POST => 2,
+        http::Method::PUT => 3,
+        http::Method::DELETE => 4,
+        http::Method::PATCH => 5,
+        http::Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+/// Status codes with a pre-allocated handle slot; others go through the family's map.
+const STATUS_SLOTS: [u16; 22] = [
+    200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 405, 408, 409, 413, 429, 431, 500, 502,
+    503, 504, 101,
+];
+
+fn status_slot(status: u16) -> Option<usize> {
+    STATUS_SLOTS.iter().position(|s| *s == status)
+}
+
+/// One (route, class) pair's handles, resolved lazily per method/status and then reused:
+/// the first request with a new combination takes the family's lock once, later ones only
+/// load a `OnceLock` and increment an atomic.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    family: HttpMetrics,
+    route: Arc<str>,
+    class: Arc<str>,
+    /// Set once per (method, status) slot; never a lock after the first use.
+    requests: Box<[[OnceLock<Counter>; STATUS_SLOTS.len()]; METHODS.len()]>,
+    /// Set once per method.
+    duration: [OnceLock<Histogram>; METHODS.len()],
+    in_progress: Gauge,
+    /// In-flight count mirrored locally for cheap reads (the status page).
+    pub active: Arc<AtomicI64>,
+}
+
+impl RouteMetrics {
+    pub fn new(family: &HttpMetrics, route: Arc<str>, class: Arc<str>) -> Self {
+        let in_progress = family
+            .in_progress
+            .get_or_create(&RouteClassLabels {
+                route: route.clone(),
+                class: class.clone(),
+            })
+            .clone();
+        Self {
+            family: family.clone(),
+            route,
+            class,
+            requests: Box::new(std::array::from_fn(|_| {
+                std::array::from_fn(|_| OnceLock::new())
+            })),
+            duration: std::array::from_fn(|_| OnceLock::new()),
+            in_progress,
+            active: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    pub fn class(&self) -> &str {
+        &self.class
+    }
+
+    pub fn start(&self) {
+        self.in_progress.inc();
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn finish(&self, method: usize, status: u16, seconds: f64) {
+        self.in_progress.dec();
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        let labels = || RequestLabels {
+            method: METHODS[method],
+            route: self.route.clone(),
+            class: self.class.clone(),
+            status,
+        };
+        match status_slot(status) {
+            Some(slot) => self.requests[method][slot]
+                .get_or_init(|| self.family.requests.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.family.requests.get_or_create(&labels()).inc(),
+        };
+        self.duration[method]
+            .get_or_init(|| {
+                self.family
+                    .duration
+                    .get_or_create(&DurationLabels {
+                        method: METHODS[method],
+                        route: self.route.clone(),
+                        class: self.class.clone(),
+                    })
+                    .clone()
+            })
+            .observe(seconds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_with_total() {
+        let m = MetricsRegistry::new(&[0.1, 1.0]);
+        let r = RouteMetrics::new(&m.http, "api".into(), "public".into());
+        r.start();
+        r.finish(0, 200, 0.05);
+        r.start();
+        r.finish(7, 599, 0.05);
+        let text = m.encode_prometheus();
+        assert!(
+            text.contains("# TYPE http_requests_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP http_requests_total "), "{text}");
+        assert!(
+            text.contains(
+                r#"http_requests_total{method="GET",route="api",class="public",status="200"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"status="599"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"http_requests_in_progress{route="api",class="public"} 0"#),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+        assert!(m.encode_openmetrics().ends_with("# EOF\n"));
+    }
+}

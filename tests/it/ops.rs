@@ -488,17 +488,26 @@ async fn window_turns_on_at_start_and_off_at_end_with_retry_after_to_its_end() {
 /// A redis-server of our own on a free port, killed on drop.
 struct ThrowawayRedis {
     port: u16,
+    extra: Vec<&'static str>,
     child: Option<Child>,
 }
 
 impl ThrowawayRedis {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&'static str]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut redis = Self { port, child: None };
+        let mut redis = Self {
+            port,
+            extra: extra.to_vec(),
+            child: None,
+        };
         redis.restart();
         redis
     }
@@ -511,6 +520,7 @@ impl ThrowawayRedis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -533,6 +543,11 @@ impl ThrowawayRedis {
     fn cli(&self, args: &[&str]) {
         let status = Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
+            .args(if self.extra.contains(&"--requirepass") {
+                &["--no-auth-warning", "-a", "hunter2"][..]
+            } else {
+                &[]
+            })
             .args(args)
             .stdout(Stdio::null())
             .status()
@@ -650,11 +665,10 @@ async fn poll_reads_a_key_set_without_publish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_keeps_the_last_state_and_reconnects() {
     install_crypto();
-    let mut redis = ThrowawayRedis::start();
+    let mut redis = ThrowawayRedis::start_with(&["--requirepass", "hunter2"]);
     let key = "fleet-outage";
     let maintenance = Maintenance::new(MaintenanceSettings::default());
     let url = format!("redis://:hunter2@127.0.0.1:{}", redis.port);
-    redis.cli(&["config", "set", "requirepass", "hunter2"]);
     let fleet =
         FleetControl::start(&url, key, Duration::from_millis(300), maintenance.clone()).unwrap();
     assert_eq!(
@@ -675,7 +689,7 @@ async fn redis_outage_keeps_the_last_state_and_reconnects() {
     assert!(maintenance.is_on());
     assert!(!fleet.status().connected);
 
-    // Back (without the password now set, so the key is gone too): reconnects and reads it.
+    // Back, empty (nothing is saved): reconnects and reads the key as absent.
     redis.restart();
     let started = Instant::now();
     wait_status(&fleet, Duration::from_secs(5), |s| s.connected).await;

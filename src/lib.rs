@@ -7,6 +7,7 @@
 //! - `proxy`: the hot path, stage by stage (see its module docs).
 //! - `endpoints`: `/_health/*` and `/metrics`, answered by opsgate itself.
 //! - `admin`: the admin listener and ops API.
+//! - `ops`: maintenance state and its sources (config, env, flag file, windows, fleet key, override).
 //! - `shutdown`: signals and the drain state.
 //! - `telemetry`: metrics registry and logging.
 //! - `demo`, `probe`: the `demo` and `probe` commands.
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod endpoints;
+pub mod ops;
 pub mod probe;
 pub mod proxy;
 pub mod shutdown;

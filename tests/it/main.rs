@@ -1,0 +1,3 @@
+//! One integration test binary; each room has its module.
+
+mod ops;

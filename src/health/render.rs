@@ -388,7 +388,7 @@ pub fn stream_interval(query: Option<&str>) -> Result<Duration, String> {
         return Ok(DEFAULT_STREAM_INTERVAL);
     };
     let parsed = match value.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs >= 0.0 && secs < 1e9 => Duration::from_secs_f64(secs),
+        Ok(secs) if (0.0..1e9).contains(&secs) => Duration::from_secs_f64(secs),
         Ok(_) => return Err(format!("interval `{value}` is out of range")),
         Err(_) => humantime::parse_duration(value)
             .map_err(|_| format!("interval `{value}` is not a duration (e.g. 2s, 500ms or 2.0)"))?,

@@ -1,0 +1,4 @@
+//! One integration binary for opsgate: real sockets, throwaway servers, no mocks.
+
+mod health;
+mod support;

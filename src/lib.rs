@@ -7,6 +7,7 @@
 //! - `proxy`: the hot path, stage by stage (see its module docs).
 //! - `endpoints`: `/_health/*` and `/metrics`, answered by opsgate itself.
 //! - `admin`: the admin listener and ops API.
+//! - `health`: background dependency checks, cached snapshot, probe bodies.
 //! - `ops`: maintenance state and its sources (config, env, flag file, windows, fleet key, override).
 //! - `shutdown`: signals and the drain state.
 //! - `telemetry`: metrics registry and logging.
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod endpoints;
+pub mod health;
 pub mod ops;
 pub mod probe;
 pub mod proxy;

@@ -1,3 +1,5 @@
-//! One integration test binary; each room has its module.
+//! One integration binary for opsgate: real sockets, throwaway servers, no mocks.
 
+mod health;
 mod ops;
+mod support;

@@ -1,0 +1,232 @@
+//! Credential scrubbing for URLs and error texts, so no password reaches a body, a log or a metric.
+//! Used by every probe when it builds a message, and by other rooms that show configured URLs.
+
+/// What replaces a secret in any text we show.
+pub const REDACTED: &str = "<redacted>";
+
+/// Query or key=value parameters whose values are secrets (libpq spellings included).
+const SECRET_KEYS: &[&str] = &["password", "pass", "sslpassword", "token", "secret"];
+
+/// Replaces the password of a URL's userinfo and secret query parameters with `<redacted>`.
+///
+/// `postgres://user:pw@host/db?password=x` -> `postgres://user:<redacted>@host/db?password=<redacted>`.
+/// A string that is not a URL still has `password=...` values redacted (libpq key=value form).
+pub fn redact_url(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let rest = match url.find("://") {
+        Some(i) => {
+            let (scheme, after) = url.split_at(i + 3);
+            out.push_str(scheme);
+            let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+            let (authority, tail) = after.split_at(end);
+            match authority.rfind('@') {
+                Some(at) => {
+                    let userinfo = &authority[..at];
+                    match userinfo.find(':') {
+                        Some(colon) => {
+                            out.push_str(&userinfo[..colon + 1]);
+                            out.push_str(REDACTED);
+                        }
+                        None => out.push_str(userinfo),
+                    }
+                    out.push_str(&authority[at..]);
+                }
+                None => out.push_str(authority),
+            }
+            tail
+        }
+        None => url,
+    };
+    out.push_str(&redact_params(rest));
+    out
+}
+
+/// Redacts the values of `key=value` pairs whose key names a secret, separated by `&`, `?` or spaces.
+fn redact_params(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.char_indices().peekable();
+    let mut token_start = 0;
+    while let Some((i, c)) = chars.next() {
+        if c == '=' {
+            let key = &text[token_start..i];
+            out.push('=');
+            if SECRET_KEYS.iter().any(|k| key.eq_ignore_ascii_case(k)) {
+                out.push_str(REDACTED);
+                // Skip the value up to the next separator.
+                while let Some(&(_, n)) = chars.peek() {
+                    if matches!(n, '&' | ' ' | '#' | ';') {
+                        break;
+                    }
+                    chars.next();
+                }
+            }
+            continue;
+        }
+        out.push(c);
+        if matches!(c, '&' | '?' | ' ' | ';' | '/') {
+            token_start = i + c.len_utf8();
+        }
+    }
+    out
+}
+
+/// The secrets found in a configured URL, raw and percent-decoded, longest first.
+///
+/// Driver errors may echo parts of what they were given; every probe scrubs these from its
+/// messages, whatever the driver chose to print.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Secrets(Vec<String>);
+
+impl Secrets {
+    /// Collects the userinfo password and secret parameters of `url`.
+    pub fn from_url(url: &str) -> Self {
+        let mut found = Vec::new();
+        if let Some(i) = url.find("://") {
+            let after = &url[i + 3..];
+            let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+            let authority = &after[..end];
+            if let Some(at) = authority.rfind('@')
+                && let Some((_, pw)) = authority[..at].split_once(':')
+            {
+                found.push(pw.to_owned());
+            }
+        }
+        for part in url.split(['?', '&', ' ', ';']) {
+            if let Some((key, value)) = part.split_once('=')
+                && SECRET_KEYS.iter().any(|k| key.eq_ignore_ascii_case(k))
+            {
+                found.push(value.split('#').next().unwrap_or("").to_owned());
+            }
+        }
+        let mut all: Vec<String> = Vec::new();
+        for s in found {
+            let decoded = percent_decode(&s);
+            for v in [s, decoded] {
+                if !v.is_empty() && !all.contains(&v) {
+                    all.push(v);
+                }
+            }
+        }
+        // Longest first so a secret containing another is replaced whole.
+        all.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        Secrets(all)
+    }
+
+    /// Removes every known secret from `text`, then redacts any URL-shaped credentials left.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for s in &self.0 {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), REDACTED);
+            }
+        }
+        scrub_urls(&out)
+    }
+}
+
+/// Redacts userinfo passwords of URLs embedded anywhere in free text.
+fn scrub_urls(text: &str) -> String {
+    if !text.contains("://") {
+        return redact_params(text);
+    }
+    text.split(' ')
+        .map(|word| {
+            if word.contains("://") {
+                redact_url(word)
+            } else {
+                redact_params(word)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Decodes `%XX` escapes; invalid escapes are kept as written.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push(h * 16 + l);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Formats an error with its whole `source()` chain ("error connecting to server: Connection
+/// refused"), skipping links whose text the previous one already contains.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_userinfo_password() {
+        assert_eq!(
+            redact_url("postgres://user:s3cret@db:5432/app"),
+            "postgres://user:<redacted>@db:5432/app"
+        );
+        assert_eq!(
+            redact_url("redis://:pw@cache:6379/0"),
+            "redis://:<redacted>@cache:6379/0"
+        );
+        assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
+        assert_eq!(redact_url("http://user@h/x"), "http://user@h/x");
+    }
+
+    #[test]
+    fn redacts_secret_params() {
+        assert_eq!(
+            redact_url("postgres://db/app?sslmode=require&password=x%20y&user=u"),
+            "postgres://db/app?sslmode=require&password=<redacted>&user=u"
+        );
+        assert_eq!(
+            redact_url("host=db password=abc user=u"),
+            "host=db password=<redacted> user=u"
+        );
+    }
+
+    #[test]
+    fn secrets_are_scrubbed_raw_and_decoded() {
+        let s = Secrets::from_url("postgres://u:p%40ss@h/db");
+        assert_eq!(
+            s.scrub("auth failed for p@ss and p%40ss"),
+            "auth failed for <redacted> and <redacted>"
+        );
+        assert_eq!(
+            s.scrub("see redis://x:other@h"),
+            "see redis://x:<redacted>@h"
+        );
+    }
+
+    #[test]
+    fn chain_skips_repeats() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(error_chain(&io), "refused");
+    }
+}

@@ -2,26 +2,33 @@
 //! Reads the health cache and the metrics registry; never touches a dependency.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::StreamBody;
 use hyper::body::Incoming;
 
+use crate::app::{Shared, build};
+use crate::health::render::{self, Format, Readiness, Rendered, View};
 use crate::proxy::Body;
+use crate::proxy::body::BoxError;
 use crate::proxy::respond::json;
-use crate::shutdown::Drain;
-use crate::telemetry::MetricsRegistry;
 
 pub struct Local {
-    pub metrics: Arc<MetricsRegistry>,
-    pub drain: Arc<Drain>,
+    shared: Arc<Shared>,
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 impl Local {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
     pub fn metrics_response(&self, parts: &http::request::Parts) -> Response<Body> {
         if !matches!(parts.method, Method::GET | Method::HEAD) {
             return method_not_allowed();
@@ -31,43 +38,96 @@ impl Local {
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("application/openmetrics-text"));
-        let (text, ctype) = if wants_om {
-            (self.metrics.encode_openmetrics(), OPENMETRICS)
-        } else {
-            (self.metrics.encode_prometheus(), PROMETHEUS)
-        };
-        let mut resp = Response::new(if parts.method == Method::HEAD {
-            Body::Empty
-        } else {
-            Body::full(text)
-        });
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+        let m = &self.shared.metrics;
+        let (text, ctype) = if wants_om { (m.encode_openmetrics(), OPENMETRICS) } else { (m.encode_prometheus(), PROMETHEUS) };
+        let mut resp = Response::new(if parts.method == Method::HEAD { Body::Empty } else { Body::full(text) });
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
         resp
     }
 
-    pub fn health_response(&self, req: Request<Incoming>, sub: &str) -> Response<Body> {
-        let head = req.method() == Method::HEAD;
+    pub fn readiness(&self) -> Readiness {
+        let m = &self.shared.maintenance;
+        Readiness {
+            draining: self.shared.drain.is_draining(),
+            maintenance_fail: m.is_on() && self.shared.live.load().maintenance.fail_readiness,
+        }
+    }
+
+    fn view(&self, accept: Option<&HeaderValue>, admin: bool) -> View {
+        View {
+            format: Format::from_accept(accept.and_then(|v| v.to_str().ok())),
+            details: build::details(&self.shared.live.load().config),
+            admin,
+        }
+    }
+
+    /// `sub` is the path after the health prefix, e.g. `/ready`.
+    pub fn health_response(&self, req: Request<Incoming>, sub: &str, admin: bool) -> Response<Body> {
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
             return method_not_allowed();
         }
-        let resp = match sub {
-            "/live" => json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
-            "/ready" if self.drain.is_draining() => json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Bytes::from_static(br#"{"status":"unhealthy","reason":"draining","checks":[]}"#),
-            ),
-            "/ready" | "/startup" => json(
-                StatusCode::OK,
-                Bytes::from_static(br#"{"status":"healthy","checks":[]}"#),
-            ),
-            _ => json(
-                StatusCode::NOT_FOUND,
-                Bytes::from_static(br#"{"detail":"not found"}"#),
-            ),
+        let head = req.method() == Method::HEAD;
+        let view = self.view(req.headers().get(header::ACCEPT), admin);
+        let snap = self.shared.health.snapshot();
+        let rendered = match sub {
+            "/live" => render::live(),
+            "/ready" => render::ready(&snap, self.readiness(), view),
+            "/startup" => render::startup(&snap, view),
+            "/stream" => return self.stream(req.uri().query(), view, head),
+            _ => match sub.strip_prefix("/checks/") {
+                Some(name) if !name.is_empty() && !name.contains('/') => render::check(&snap, name, view),
+                _ => render::not_found(),
+            },
         };
-        strip_body_for_head(resp, head)
+        strip_body_for_head(from_rendered(rendered), head)
     }
+
+    /// `/_health/stream`: the ready body at once, then on every change and every interval.
+    fn stream(&self, query: Option<&str>, view: View, head: bool) -> Response<Body> {
+        let interval = match render::stream_interval(query) {
+            Ok(i) => i,
+            Err(msg) => {
+                let body = serde_json::json!({ "detail": msg }).to_string();
+                return json(StatusCode::BAD_REQUEST, Bytes::from(body));
+            }
+        };
+        let mut resp = Response::new(if head { Body::Empty } else { Body::boxed(self.ready_events(interval, view)) });
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        resp
+    }
+
+    fn ready_events(&self, interval: Duration, view: View) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + use<>> {
+        let local = Local { shared: self.shared.clone() };
+        let changes = self.shared.health.subscribe();
+        let mut drain_changes = self.shared.maintenance.subscribe();
+        drain_changes.mark_unchanged();
+        let state = (local, changes, drain_changes, true, tokio::time::interval(interval));
+        let stream = futures_util::stream::unfold(state, move |(local, mut changes, mut maint, first, mut tick)| async move {
+            if first {
+                tick.reset();
+            } else {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    r = changes.changed() => { r.ok()?; }
+                    r = maint.changed() => { r.ok()?; }
+                }
+            }
+            let body = render::ready(&local.shared.health.snapshot(), local.readiness(), view).body;
+            let text = std::str::from_utf8(&body).unwrap_or("{}");
+            let frame = render::sse_frame(None, "health", text);
+            Some((Ok(Frame::data(frame)), (local, changes, maint, false, tick)))
+        });
+        StreamBody::new(stream)
+    }
+}
+
+pub fn from_rendered(r: Rendered) -> Response<Body> {
+    let mut resp = Response::new(Body::Full(Some(r.body)));
+    *resp.status_mut() = r.status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(r.content_type));
+    resp
 }
 
 pub fn strip_body_for_head(resp: Response<Body>, head: bool) -> Response<Body> {
@@ -79,18 +139,14 @@ pub fn strip_body_for_head(resp: Response<Body>, head: bool) -> Response<Body> {
 }
 
 pub fn method_not_allowed() -> Response<Body> {
-    let mut r = json(
-        StatusCode::METHOD_NOT_ALLOWED,
-        Bytes::from_static(br#"{"detail":"method not allowed"}"#),
-    );
-    r.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    let mut r = json(StatusCode::METHOD_NOT_ALLOWED, Bytes::from_static(br#"{"detail":"method not allowed"}"#));
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
     r
 }
 
 impl crate::proxy::LocalEndpoints for Local {
     fn health(&self, req: Request<Incoming>, sub: &str) -> Response<Body> {
-        self.health_response(req, sub)
+        self.health_response(req, sub, false)
     }
     fn metrics(&self, parts: &http::request::Parts) -> Response<Body> {
         self.metrics_response(parts)

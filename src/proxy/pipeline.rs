@@ -44,10 +44,11 @@ pub struct Conn {
 }
 
 /// Process-wide switches the gates read: each is one atomic load per request.
-#[derive(Default)]
 pub struct Gates {
     /// Set while `wait_for_critical` holds traffic at startup.
     pub starting: AtomicBool,
+    /// Whether maintenance is on: one atomic load; its settings come from the runtime.
+    pub maintenance: crate::ops::Maintenance,
 }
 
 /// What the pipeline needs from the rest of the daemon, built once in `app`.
@@ -144,6 +145,14 @@ impl Proxy {
                 },
                 None,
             );
+        }
+        if conn.side == Side::Ingress && self.gates.maintenance.is_on() {
+            let ip = crate::ops::client_ip(client, req.headers().get(&headers::X_FORWARDED_FOR), &rt.trusted_proxies);
+            if let Some(reject) = crate::ops::decide(&rt.maintenance, true, req.method(), path, ip, req.headers()) {
+                route.maintenance_rejected.inc();
+                rec.error = Some("maintenance");
+                return with_record(maintenance_response(reject), rec);
+            }
         }
         if rt.force_open {
             return respond_err(rec, route, ProxyError::CircuitForced, None);
@@ -282,6 +291,18 @@ fn finish(
             with_record_status(resp, rec, None)
         }
     }
+}
+
+fn maintenance_response(r: crate::ops::MaintenanceReject) -> Response<Body> {
+    let (ctype, body) = match r.body {
+        crate::ops::MaintenanceBody::Page(b) => (HeaderValue::from_static("text/html; charset=utf-8"), b),
+        crate::ops::MaintenanceBody::Body { content_type, body } => (content_type, body),
+    };
+    let mut resp = Response::new(Body::Full(Some(body)));
+    *resp.status_mut() = r.status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, ctype);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after_secs));
+    resp
 }
 
 fn respond_err(

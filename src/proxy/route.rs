@@ -29,6 +29,8 @@ pub struct Route {
     pub fallback: Option<Fallback>,
     /// Metrics handles by class index (see `Runtime::class_of`); one entry when the route names its class.
     pub metrics: Vec<Arc<RouteMetrics>>,
+    /// `maintenance_rejected_total{route}`, resolved at build.
+    pub maintenance_rejected: prometheus_client::metrics::counter::Counter,
 }
 
 impl Route {

@@ -13,7 +13,8 @@ use super::route::{Fallback, Route, RouteTable};
 use super::upstream::{BuildError, Target};
 use crate::config::{Config, EncodedSlashes, RouteSection, UpstreamSection};
 use crate::telemetry::RouteMetrics;
-use crate::telemetry::metrics::HttpMetrics;
+use crate::ops::MaintenanceSettings;
+use crate::telemetry::metrics::{HttpMetrics, OpsMetrics, RouteLabel};
 
 /// An upstream's client and its protections. Reused across reloads while its settings
 /// are unchanged, so pools stay warm and breaker state survives.
@@ -53,17 +54,23 @@ pub struct Runtime {
     pub unmatched_metrics: Vec<Arc<RouteMetrics>>,
     /// The `force_open_env` variable was on at startup.
     pub force_open: bool,
+    /// Read by the maintenance gate; whether it is *on* lives in `ops::Maintenance`.
+    pub maintenance: Arc<MaintenanceSettings>,
+}
+
+/// What the runtime needs besides the config: metric families and resolved settings.
+pub struct Deps<'a> {
+    pub http: &'a HttpMetrics,
+    pub ops: &'a OpsMetrics,
+    pub maintenance: Arc<MaintenanceSettings>,
+    pub env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl Runtime {
     /// Builds a snapshot; `prev` lends the upstreams whose settings are unchanged.
-    pub fn build(
-        config: Arc<Config>,
-        prev: Option<&Runtime>,
-        http: &HttpMetrics,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, BuildError> {
+    pub fn build(config: Arc<Config>, prev: Option<&Runtime>, deps: Deps<'_>) -> Result<Self, BuildError> {
         let f = &config.file;
+        let http = deps.http;
         let mut upstreams = HashMap::new();
         for (name, section) in &f.upstreams {
             let reused = prev
@@ -125,6 +132,11 @@ impl Runtime {
                             body: Bytes::from(fb.body.clone()),
                         }),
                         upstream,
+                        maintenance_rejected: deps
+                            .ops
+                            .maintenance_rejected
+                            .get_or_create(&RouteLabel { route: name.clone() })
+                            .clone(),
                         name,
                         metrics,
                     })
@@ -139,7 +151,7 @@ impl Runtime {
             .map(|e| compile(&e.routes))
             .unwrap_or_default();
 
-        let force_open = env(&f.circuit.force_open_env).is_some_and(|v| is_truthy(&v));
+        let force_open = (deps.env)(&f.circuit.force_open_env).is_some_and(|v| is_truthy(&v));
         Ok(Self {
             ingress,
             egress,
@@ -153,6 +165,7 @@ impl Runtime {
             unmatched_metrics: per_class(&Arc::from(UNMATCHED)),
             classes,
             force_open,
+            maintenance: deps.maintenance,
             config,
         })
     }

@@ -55,11 +55,31 @@ pub struct HttpMetrics {
     pub in_progress: Family<RouteClassLabels, Gauge>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// Operations families: maintenance and config reloads (SPEC §7).
+#[derive(Clone, Debug, Default)]
+pub struct OpsMetrics {
+    pub maintenance_mode: Gauge,
+    pub maintenance_rejected: Family<RouteLabel, Counter>,
+    pub config_reloads: Family<ResultLabel, Counter>,
+    pub last_reload_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
 /// The registry plus the families the proxy itself owns. Other rooms register theirs
 /// through `registry_mut` before the app freezes it.
 pub struct MetricsRegistry {
     registry: Registry,
     pub http: HttpMetrics,
+    pub ops: OpsMetrics,
 }
 
 impl MetricsRegistry {
@@ -92,7 +112,20 @@ impl MetricsRegistry {
             })
             .set(1);
         registry.register("opsgate_build_info", "opsgate build information", build);
-        Self { registry, http }
+        let ops = OpsMetrics::default();
+        registry.register("maintenance_mode", "1 while maintenance mode is on", ops.maintenance_mode.clone());
+        registry.register(
+            "maintenance_rejected",
+            "Requests answered by maintenance mode",
+            ops.maintenance_rejected.clone(),
+        );
+        registry.register("config_reloads", "Config reloads by result", ops.config_reloads.clone());
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load",
+            ops.last_reload_success.clone(),
+        );
+        Self { registry, http, ops }
     }
 
     pub fn registry_mut(&mut self) -> &mut Registry {

@@ -1,0 +1,211 @@
+//! The one reload path (SIGHUP, file watcher, admin API) with a typed outcome; a bad file
+//! keeps the running config. Also forwards rooms' changes to events and gauges.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use serde::Serialize;
+
+use super::{Shared, build, env_lookup, unix_now};
+use crate::config::Config;
+use crate::ops::FleetControl;
+use crate::proxy::Runtime;
+use crate::proxy::runtime::Deps;
+use crate::telemetry::events::now_rfc3339;
+use crate::telemetry::metrics::ResultLabel;
+
+/// `last_reload` of `/_ops/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadStatus {
+    pub result: &'static str,
+    pub at: String,
+    pub error: Option<String>,
+}
+
+impl ReloadStatus {
+    pub fn initial() -> Self {
+        Self { result: "success", at: now_rfc3339(), error: None }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum ReloadOutcome {
+    Applied { warnings: Vec<String> },
+    Failed(String),
+}
+
+impl Shared {
+    /// Re-reads the config and swaps everything atomically, or keeps the old config.
+    pub async fn reload(&self, trigger: &'static str) -> ReloadOutcome {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let outcome = match self.try_reload() {
+            Ok(warnings) => {
+                for w in &warnings {
+                    tracing::warn!(trigger, "{w}");
+                }
+                tracing::info!(trigger, "config reloaded");
+                self.metrics.ops.config_reloads.get_or_create(&ResultLabel { result: "success" }).inc();
+                self.metrics.ops.last_reload_success.set(unix_now());
+                ReloadOutcome::Applied { warnings }
+            }
+            Err(error) => {
+                tracing::error!(trigger, error = %error, "config reload failed; keeping the running config");
+                self.metrics.ops.config_reloads.get_or_create(&ResultLabel { result: "failure" }).inc();
+                ReloadOutcome::Failed(error)
+            }
+        };
+        let status = match &outcome {
+            ReloadOutcome::Applied { .. } => ReloadStatus { result: "success", at: now_rfc3339(), error: None },
+            ReloadOutcome::Failed(e) => ReloadStatus { result: "failure", at: now_rfc3339(), error: Some(e.clone()) },
+        };
+        self.events.emit("reload", serde_json::json!({"result": status.result, "error": status.error}));
+        self.last_reload.store(Arc::new(status));
+        outcome
+    }
+
+    fn try_reload(&self) -> Result<Vec<String>, String> {
+        let current = self.live.load_full();
+        let config = self.source.load().map_err(|e| e.to_string())?;
+        let maintenance = build::maintenance_settings(&config, &env_lookup)?;
+        let tls = match &config.file.proxy.tls {
+            Some(t) if self.tls.is_some() => Some(crate::proxy::listener::tls_acceptor(&t.cert, &t.key)?),
+            _ => None,
+        };
+        let config = Arc::new(config);
+        let runtime = Runtime::build(
+            config.clone(),
+            Some(&current),
+            Deps {
+                http: &self.metrics.http,
+                ops: &self.metrics.ops,
+                maintenance: Arc::new(maintenance.clone()),
+                env: &env_lookup,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let warnings = restart_warnings(&current.config, &config, &self.bound);
+
+        // Everything validated: apply. The runtime swap is the atomic step for requests.
+        self.live.store(Arc::new(runtime));
+        if let (Some(slot), Some(acceptor)) = (&self.tls, tls) {
+            slot.store(Some(Arc::new(acceptor)));
+        }
+        self.maintenance.update_settings(maintenance);
+        self.health.replace(build::check_specs(&config));
+        if current.config.file.control != config.file.control {
+            self.replace_fleet(&config)?;
+        }
+        Ok(warnings)
+    }
+
+    fn replace_fleet(&self, config: &Config) -> Result<(), String> {
+        let mut fleet = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
+        // Drop the old subscriber before starting a new one, so two never write the source.
+        *fleet = None;
+        let c = &config.file.control;
+        match (&c.redis_url, &c.key) {
+            (Some(url), Some(key)) => {
+                *fleet = Some(
+                    FleetControl::start(url, key, c.poll_interval.get(), self.maintenance.clone()).map_err(|e| e.to_string())?,
+                );
+            }
+            _ => self.maintenance.set_fleet(None),
+        }
+        Ok(())
+    }
+}
+
+fn restart_warnings(old: &Config, new: &Config, bound: &super::Bound) -> Vec<String> {
+    let mut w = Vec::new();
+    let (o, n) = (&old.file, &new.file);
+    if o.proxy.listen != n.proxy.listen {
+        w.push(format!("proxy.listen changed to {} but stays {} until restart", n.proxy.listen, bound.proxy));
+    }
+    if o.admin.listen != n.admin.listen {
+        w.push(format!("admin.listen changed to {} but stays {} until restart", n.admin.listen, bound.admin));
+    }
+    if o.egress.as_ref().and_then(|e| e.listen) != n.egress.as_ref().and_then(|e| e.listen) {
+        w.push("egress.listen changed; it applies after a restart".to_string());
+    }
+    if o.proxy.max_header_bytes != n.proxy.max_header_bytes || o.proxy.header_read_timeout != n.proxy.header_read_timeout {
+        w.push("max_header_bytes / header_read_timeout apply to new connections after a restart".to_string());
+    }
+    if o.metrics.buckets != n.metrics.buckets {
+        w.push("metrics.buckets changed; histograms keep their buckets until restart".to_string());
+    }
+    w
+}
+
+/// Watches the config file's directory (a Kubernetes ConfigMap swaps a symlink there,
+/// so the file's own inode is the wrong thing to watch) and reloads when the content
+/// changes. Dropping the returned watcher stops it.
+pub fn watch_config(shared: Arc<Shared>) -> Option<notify::RecommendedWatcher> {
+    let path = shared.source.path.clone()?;
+    let dir = path.parent().map(PathBuf::from).filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| PathBuf::from("."));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "cannot watch the config directory; SIGHUP and the admin API still reload"))
+    .ok()?;
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory");
+        return None;
+    }
+    tokio::spawn(async move {
+        // Editors and ConfigMap updates produce bursts of events: wait for a quiet moment.
+        const QUIET: Duration = Duration::from_millis(150);
+        while rx.recv().await.is_some() {
+            loop {
+                match tokio::time::timeout(QUIET, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            let Ok(bytes) = tokio::fs::read(&path).await else { continue };
+            let running = shared.live.load().config.sha256.clone();
+            if crate::config::sha256_hex(&bytes) != running {
+                shared.reload("watch").await;
+            }
+        }
+    });
+    Some(watcher)
+}
+
+/// Turns health flips and maintenance changes into events, gauges and log lines.
+pub fn spawn_event_forwarders(shared: &Arc<Shared>) {
+    let s = shared.clone();
+    let mut flips = shared.health.subscribe_flips();
+    tokio::spawn(async move {
+        loop {
+            match flips.recv().await {
+                Ok(c) => s.events.emit(
+                    "check",
+                    serde_json::json!({"name": c.name, "from": c.from.as_str(), "to": c.to.as_str(), "message": c.message}),
+                ),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            }
+        }
+    });
+    let s = shared.clone();
+    let mut changes = shared.maintenance.subscribe();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let c = changes.borrow_and_update().clone();
+            s.metrics.ops.maintenance_mode.set(i64::from(c.enabled));
+            tracing::info!(
+                enabled = c.enabled,
+                source = c.source.map(|s| s.as_str()),
+                held_by = ?c.held_by.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                "maintenance changed"
+            );
+            s.events.emit("maintenance", serde_json::json!({"enabled": c.enabled, "held_by": c.held_by}));
+        }
+    });
+}

@@ -2,3 +2,5 @@
 //!
 //! # Layout
 //! The rooms of the daemon; a request's path reads in order from `proxy/`.
+
+pub mod proxy;

@@ -461,3 +461,392 @@ fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy::default()
+    }
+
+    #[test]
+    fn backoff_stays_within_the_capped_exponential() {
+        let p = policy();
+        let caps: Vec<_> = (0..8).map(|n| p.backoff_cap(n)).collect();
+        assert_eq!(
+            caps,
+            [100, 200, 400, 800, 1600, 2000, 2000, 2000]
+                .map(ms)
+                .to_vec()
+        );
+        assert_eq!(p.backoff_cap(40), ms(2000), "no overflow on large retries");
+        for (n, cap) in caps.iter().enumerate() {
+            let samples: Vec<_> = (0..500).map(|_| p.backoff(n as u32)).collect();
+            assert!(samples.iter().all(|d| d <= cap), "retry {n} above {cap:?}");
+            // Full jitter: spread over the whole range, not clustered at the cap.
+            assert!(
+                samples.iter().any(|d| *d < *cap / 4),
+                "retry {n}: no low sample"
+            );
+            assert!(
+                samples.iter().any(|d| *d > *cap * 3 / 4),
+                "retry {n}: no high sample"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_base_delay_means_no_wait() {
+        let p = RetryPolicy {
+            base_delay: Duration::ZERO,
+            ..policy()
+        };
+        assert_eq!(p.backoff(3), Duration::ZERO);
+    }
+
+    #[test]
+    fn retry_on_parses_every_form_and_rejects_others() {
+        let on = RetryOn::parse(["connect-failure", "timeout", "reset", "503", "4xx"]).unwrap();
+        assert_eq!(
+            on.classify(&Attempt::ConnectFailure),
+            Some("connect-failure")
+        );
+        assert_eq!(on.classify(&Attempt::Timeout), Some("timeout"));
+        assert_eq!(on.classify(&Attempt::Reset), Some("reset"));
+        assert_eq!(
+            on.classify(&Attempt::Status(StatusCode::SERVICE_UNAVAILABLE)),
+            Some("503")
+        );
+        assert_eq!(
+            on.classify(&Attempt::Status(StatusCode::TOO_MANY_REQUESTS)),
+            Some("4xx")
+        );
+        assert_eq!(on.classify(&Attempt::Status(StatusCode::BAD_GATEWAY)), None);
+        assert_eq!(on.classify(&Attempt::Status(StatusCode::OK)), None);
+        for bad in [
+            "50x",
+            "600",
+            "099",
+            "5XX",
+            "Timeout",
+            "",
+            "5031",
+            "connect_failure",
+        ] {
+            assert_eq!(
+                RetryOn::parse([bad]),
+                Err(InvalidRetryOn(bad.to_owned())),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn an_exact_code_wins_over_its_class() {
+        let on = RetryOn::parse(["5xx", "503"]).unwrap();
+        assert_eq!(
+            on.classify(&Attempt::Status(StatusCode::SERVICE_UNAVAILABLE)),
+            Some("503")
+        );
+        assert_eq!(
+            on.classify(&Attempt::Status(StatusCode::INTERNAL_SERVER_ERROR)),
+            Some("5xx")
+        );
+    }
+
+    #[test]
+    fn the_default_retries_what_the_spec_lists() {
+        let on = &policy().on;
+        let retried: Vec<_> = (100..=599)
+            .filter_map(|c| on.classify(&Attempt::Status(StatusCode::from_u16(c).unwrap())))
+            .collect();
+        assert_eq!(retried, ["502", "503", "504"]);
+        assert!(on.classify(&Attempt::ConnectFailure).is_some());
+        assert!(on.classify(&Attempt::Timeout).is_some());
+        assert!(on.classify(&Attempt::Reset).is_none());
+    }
+
+    #[test]
+    fn status_labels_are_static_and_exact() {
+        for code in 100..=599u16 {
+            assert_eq!(status_label(code).parse::<u16>().unwrap(), code);
+        }
+        assert_eq!(status_label(99), "other");
+        assert_eq!(status_label(600), "other");
+        assert_eq!(status_label(0), "other");
+        assert!(std::ptr::eq(status_label(503), status_label(503)));
+    }
+
+    #[test]
+    fn methods_and_body_size_gate_retries() {
+        let p = policy();
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+        ] {
+            assert!(p.allows_method(&m), "{m}");
+        }
+        assert!(!p.allows_method(&Method::POST));
+        assert!(!p.allows_method(&Method::PATCH));
+        assert!(p.fits_body(64 * 1024));
+        assert!(!p.fits_body(64 * 1024 + 1));
+    }
+
+    fn budget(now: Instant) -> RetryBudget {
+        RetryBudget::new(0.2, 10, now)
+    }
+
+    #[test]
+    fn decide_retries_a_listed_failure_with_backoff() {
+        let t = Instant::now();
+        let p = policy();
+        let b = budget(t);
+        match p.decide(
+            1,
+            &Attempt::Status(StatusCode::BAD_GATEWAY),
+            None,
+            None,
+            &b,
+            t,
+        ) {
+            Decision::Retry { reason, delay } => {
+                assert_eq!(reason, "502");
+                assert!(delay <= ms(100));
+            }
+            other => panic!("{other:?}"),
+        }
+        match p.decide(2, &Attempt::Timeout, None, None, &b, t) {
+            Decision::Retry { reason, delay } => {
+                assert_eq!(reason, "timeout");
+                assert!(delay <= ms(200));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(b.usage(t), (0, 2));
+    }
+
+    #[test]
+    fn decide_stops_for_unlisted_results_and_exhausted_attempts() {
+        let t = Instant::now();
+        let p = policy();
+        let b = budget(t);
+        let not_found = Attempt::Status(StatusCode::NOT_FOUND);
+        assert_eq!(
+            p.decide(1, &not_found, None, None, &b, t),
+            Decision::Stop(Stop::NotRetryable)
+        );
+        assert_eq!(
+            p.decide(3, &Attempt::ConnectFailure, None, None, &b, t),
+            Decision::Stop(Stop::Exhausted)
+        );
+        assert!(matches!(
+            p.decide(2, &Attempt::ConnectFailure, None, None, &b, t),
+            Decision::Retry { .. }
+        ));
+        let once = RetryPolicy {
+            attempts: 1,
+            ..policy()
+        };
+        assert_eq!(
+            once.decide(1, &Attempt::ConnectFailure, None, None, &b, t),
+            Decision::Stop(Stop::Exhausted)
+        );
+        assert_eq!(b.usage(t).1, 1, "only the real retry was withdrawn");
+    }
+
+    #[test]
+    fn decide_waits_exactly_retry_after_when_it_fits() {
+        let t = Instant::now();
+        let p = policy();
+        let b = budget(t);
+        let busy = Attempt::Status(StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            p.decide(1, &busy, Some(ms(1500)), Some(ms(5000)), &b, t),
+            Decision::Retry {
+                reason: "503",
+                delay: ms(1500)
+            }
+        );
+        // Does not fit the deadline: the answer goes back at once.
+        assert_eq!(
+            p.decide(1, &busy, Some(ms(5000)), Some(ms(5000)), &b, t),
+            Decision::Stop(Stop::Deadline)
+        );
+        // No overall deadline: never wait longer than max_delay.
+        assert_eq!(
+            p.decide(1, &busy, Some(ms(2001)), None, &b, t),
+            Decision::Stop(Stop::Deadline)
+        );
+        assert!(matches!(
+            p.decide(1, &busy, Some(ms(2000)), None, &b, t),
+            Decision::Retry { .. }
+        ));
+        assert_eq!(b.usage(t).1, 2);
+    }
+
+    #[test]
+    fn decide_stops_when_backoff_does_not_fit() {
+        let t = Instant::now();
+        let p = RetryPolicy {
+            base_delay: ms(100),
+            max_delay: ms(100),
+            ..policy()
+        };
+        let b = budget(t);
+        assert_eq!(
+            p.decide(1, &Attempt::Timeout, None, Some(Duration::ZERO), &b, t),
+            Decision::Stop(Stop::Deadline)
+        );
+        assert!(matches!(
+            p.decide(1, &Attempt::Timeout, None, Some(ms(101)), &b, t),
+            Decision::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn decide_reports_an_empty_budget_with_its_reason() {
+        let t = Instant::now();
+        let p = policy();
+        let b = RetryBudget::new(0.0, 0, t);
+        b.record_request(t);
+        assert_eq!(
+            p.decide(1, &Attempt::ConnectFailure, None, None, &b, t),
+            Decision::Stop(Stop::BudgetExhausted {
+                reason: "connect-failure"
+            })
+        );
+    }
+
+    #[test]
+    fn a_failing_stream_retries_at_most_ratio_times_requests_plus_floor() {
+        let t = Instant::now();
+        let b = budget(t);
+        let mut granted = 0;
+        for _ in 0..1000 {
+            b.record_request(t);
+            for _ in 0..2 {
+                granted += u32::from(b.try_withdraw(t));
+            }
+        }
+        // 0.2 x 1000 requests + 10/s x 10 s.
+        assert_eq!(granted, 300);
+        assert_eq!(b.usage(t), (1000, 300));
+    }
+
+    #[test]
+    fn low_traffic_can_still_retry_up_to_the_floor() {
+        let t = Instant::now();
+        let b = RetryBudget::new(0.2, 1, t);
+        b.record_request(t);
+        let granted = (0..100).filter(|_| b.try_withdraw(t)).count();
+        assert_eq!(granted, 10, "floor(0.2 x 1 + 1/s x 10 s)");
+    }
+
+    #[test]
+    fn the_budget_window_slides() {
+        let t0 = Instant::now();
+        let b = RetryBudget::new(0.0, 1, t0);
+        let granted = (0..20).filter(|_| b.try_withdraw(t0)).count();
+        assert_eq!(granted, 10);
+        let t = t0 + Duration::from_millis(9_999);
+        assert!(!b.try_withdraw(t), "still inside the window");
+        let t = t0 + Duration::from_secs(10);
+        assert!(b.try_withdraw(t), "the first second has left the window");
+        // An idle period longer than the window forgets everything.
+        let t = t0 + Duration::from_secs(3600);
+        assert_eq!(b.usage(t), (0, 0));
+        assert_eq!((0..20).filter(|_| b.try_withdraw(t)).count(), 10);
+    }
+
+    #[test]
+    fn concurrent_withdrawals_never_exceed_the_budget_within_one_bucket() {
+        let t = Instant::now();
+        let b = std::sync::Arc::new(RetryBudget::new(0.5, 0, t));
+        for _ in 0..100 {
+            b.record_request(t);
+        }
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || (0..100).filter(|_| b.try_withdraw(t)).count())
+            })
+            .collect();
+        let granted: usize = threads.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(granted, 50);
+    }
+
+    /// Sun, 06 Nov 1994 08:49:37 GMT
+    fn rfc_example() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(784_111_777)
+    }
+
+    fn retry_after(text: &'static str) -> Option<Duration> {
+        parse_retry_after(&HeaderValue::from_static(text), rfc_example())
+    }
+
+    #[test]
+    fn retry_after_delta_seconds() {
+        assert_eq!(retry_after("120"), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after("0"), Some(Duration::ZERO));
+        assert_eq!(retry_after(" 5 "), Some(Duration::from_secs(5)));
+        assert_eq!(
+            retry_after("99999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        for bad in ["-1", "1.5", "", "5s", "+3", "0x10"] {
+            assert_eq!(retry_after(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_imf_fixdate() {
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:51:37 GMT"),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            retry_after("Sat, 05 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO),
+            "past"
+        );
+        assert_eq!(
+            retry_after("Mon, 07 Nov 1994 08:49:37 GMT"),
+            Some(Duration::from_secs(86_400))
+        );
+        let far = parse_retry_after(
+            &HeaderValue::from_static("Sun, 22 Nov 2026 17:00:00 GMT"),
+            UNIX_EPOCH,
+        );
+        assert_eq!(far, Some(Duration::from_secs(1_795_366_800)));
+        let leap = parse_retry_after(
+            &HeaderValue::from_static("Tue, 29 Feb 2000 23:59:59 GMT"),
+            UNIX_EPOCH,
+        );
+        assert_eq!(leap, Some(Duration::from_secs(951_868_799)));
+        for bad in [
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 31 Nov 1994 08:49:37 GMT",
+            "Thu, 29 Feb 2001 08:49:37 GMT",
+            "Sun, 06 Nov 1994 24:49:37 GMT",
+            "Xyz, 06 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 6 Nov 1994 08:49:37 GMT",
+        ] {
+            assert_eq!(retry_after(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1019,6 +1019,7 @@ mod tests {
         let r = b.try_acquire(t0 + ms(29_500)).unwrap_err();
         assert_eq!(r.retry_after, ms(500));
         assert_eq!(r.retry_after_secs(), 1);
+        assert_eq!(b.snapshot(t0 + ms(29_999)).state, State::Open);
         let s = b.snapshot(t0 + secs(20));
         assert_eq!(s.state, State::Open);
         assert!((s.remaining_timeout_s - 10.0).abs() < 1e-9);
@@ -1166,6 +1167,23 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_from_a_previous_closed_period_is_ignored() {
+        let (b, _, t0) = setup(BreakerPolicy {
+            success_threshold: 1,
+            ..policy()
+        });
+        let old = b.try_acquire(t0).unwrap();
+        open(&b, t0);
+        succeed(&b, t0 + secs(30));
+        assert_eq!(b.state(), State::Closed);
+        fail(&b, t0 + secs(30));
+        fail(&b, t0 + secs(30));
+        old.record(t0 + secs(30), Outcome::Failure);
+        assert_eq!(b.state(), State::Closed, "a stale failure must not open");
+        assert_eq!(b.snapshot(t0 + secs(30)).failed_calls, 6);
+    }
+
+    #[test]
     fn a_cancelled_trial_frees_its_slot_without_counting() {
         let (b, _, t0) = setup(BreakerPolicy {
             half_open_max_calls: 1,
@@ -1236,6 +1254,23 @@ mod tests {
         let slow = b.try_acquire(t0 + secs(30)).unwrap();
         slow.record(t0 + secs(41), Outcome::Success);
         assert_eq!(log.all().last().unwrap().reason, Reason::HalfOpenTimeout);
+    }
+
+    #[test]
+    fn half_open_wait_counts_only_while_a_trial_is_outstanding() {
+        let (b, _, t0) = setup(BreakerPolicy {
+            half_open_max_calls: 1,
+            success_threshold: 2,
+            ..policy()
+        });
+        open(&b, t0);
+        let t = t0 + secs(30);
+        succeed(&b, t); // one of two successes; nothing outstanding now
+        assert_eq!(b.snapshot(t + secs(3600)).state, State::HalfOpen);
+        let late = b.try_acquire(t + secs(3600)).unwrap();
+        assert_eq!(b.snapshot(t + secs(3609)).state, State::HalfOpen);
+        late.record(t + secs(3609), Outcome::Success);
+        assert_eq!(b.state(), State::Closed);
     }
 
     #[test]
@@ -1743,26 +1778,28 @@ mod tests {
             let (b, log, t0) = setup(policy);
             let mut now = t0;
             let mut held: Vec<Permit> = Vec::new();
+            // Independent record of the current OPEN period, from the observed transitions.
+            let mut seen = 0;
+            let mut open_until: Option<Instant> = None;
 
             for op in ops {
                 match op {
                     Op::Acquire => {
-                        let before = b.snapshot(now);
+                        // Closed and disabled have no timeouts: they cannot change on the way in.
+                        let state_before = b.state();
+                        let must_reject = state_before == State::ForcedOpen
+                            || open_until.is_some_and(|until| now < until);
                         match b.try_acquire(now) {
                             Ok(p) => {
                                 let shadow = p.would_have_rejected().is_some();
                                 prop_assert!(dry_run || !shadow, "live breaker gave a shadow permit");
-                                let must_reject = matches!(before.state, State::Open | State::ForcedOpen)
-                                    && (before.state == State::ForcedOpen || before.remaining_timeout_s > 0.0);
-                                if must_reject {
-                                    prop_assert!(shadow, "admitted while {:?} before the timeout", before.state);
-                                }
+                                prop_assert!(!must_reject || shadow, "admitted while open before the timeout");
                                 held.push(p);
                             }
                             Err(r) => {
                                 prop_assert!(!dry_run, "dry run rejected");
                                 prop_assert!(matches!(r.state, State::Open | State::HalfOpen | State::ForcedOpen));
-                                prop_assert!(!matches!(before.state, State::Closed | State::Disabled));
+                                prop_assert!(!matches!(state_before, State::Closed | State::Disabled));
                             }
                         }
                     }
@@ -1797,6 +1834,13 @@ mod tests {
                 // Every transition legal, reported once, in a chain ending at the current state.
                 let transitions = log.all();
                 let mut state = State::Closed;
+                for t in &transitions[seen..] {
+                    if t.from == State::Open && t.reason == Reason::RecoveryTimeout {
+                        prop_assert!(open_until.is_some_and(|until| now >= until), "half-open before the timeout");
+                    }
+                    open_until = (t.to == State::Open).then(|| now + t.open_for.unwrap_or_default());
+                }
+                seen = transitions.len();
                 for t in &transitions {
                     prop_assert!(t.is_legal(), "illegal transition {:?}", t);
                     prop_assert_eq!(t.from, state);

@@ -1,10 +1,16 @@
 //! Circuit breaker for upstream calls: a clock-injected state machine with no I/O.
 //! Runs after admission, before retry: every attempt of a request is one call.
 //!
-//! States and reasons follow SPEC §5 and §10. The caller classifies each call as
+//! States and transition reasons are the ones the admin API and events show. The caller classifies each call as
 //! an [`Outcome`] (`failure_status` lives in the config layer), supplies `now` to
 //! every method, and receives each transition exactly once through a
 //! [`BreakerObserver`] so it can log, count and publish it in one place.
+//!
+//! Per attempt: `try_acquire(now)`; on `Err` answer 503 `circuit open` with
+//! `Retry-After: retry_after_secs()` and do not retry; on `Ok` check
+//! `would_have_rejected()` (dry run: log and count, then go on), make the call,
+//! and `record(now, outcome)` once the response headers (or the error) arrive.
+//! Dropping the permit instead cancels the call.
 //!
 //! Cost: in CLOSED (and `disabled`) `try_acquire` + `record` is a handful of atomic
 //! operations and takes no lock; a rejection while OPEN takes no lock either. The
@@ -95,7 +101,7 @@ impl State {
     }
 
     /// The `state` label of `circuit_breaker_state`: `forced_open` shows as open,
-    /// `disabled` as closed (SPEC §7).
+    /// `disabled` as closed.
     pub fn metric_label(self) -> &'static str {
         match self {
             State::Closed | State::Disabled => "closed",
@@ -128,7 +134,7 @@ impl State {
     }
 }
 
-/// Why a transition happened (SPEC §10).
+/// Why a transition happened: the `reason` of the admin API, logs and events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
     ConsecutiveFailures,
@@ -169,7 +175,7 @@ pub struct Transition {
 }
 
 impl Transition {
-    /// Whether SPEC §5 allows this (from, to, reason) triple.
+    /// Whether the breaker semantics allow this (from, to, reason) triple.
     pub fn is_legal(&self) -> bool {
         use Reason as R;
         use State as S;
@@ -787,8 +793,7 @@ impl Permit {
     /// is `now` minus the `now` given to `try_acquire`.
     pub fn record(mut self, now: Instant, outcome: Outcome) {
         self.done = true;
-        let breaker = Arc::clone(&self.breaker);
-        breaker.finish(&self, now, Some(outcome));
+        self.breaker.finish(&self, now, Some(outcome));
     }
 }
 

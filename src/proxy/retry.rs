@@ -260,7 +260,7 @@ impl RetryPolicy {
     }
 }
 
-/// Length of the retry budget's sliding window (SPEC §10).
+/// Length of the retry budget's sliding window.
 pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 const BUDGET_BUCKETS: u64 = 10;
 const TAG_BITS: u32 = 24;

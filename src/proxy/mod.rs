@@ -1,16 +1,19 @@
 //! The hot path: a request's stages, in the order `pipeline` calls them.
 //!
 //! `listener` accepts -> `normalize` the path -> reserved paths -> `route` ->
-//! gates -> admission -> `upstream` (with `headers` rewritten) -> `respond` / `observe`.
+//! gates -> `admission` (rate limit, bulkhead) -> `breaker` + `retry` -> `upstream` (with `headers` rewritten) -> `respond` / `observe`.
 //! `runtime` is the compiled config snapshot every stage reads.
 
+pub mod admission;
 pub mod body;
+pub mod breaker;
 pub mod headers;
 pub mod listener;
 pub mod normalize;
 pub mod observe;
 pub mod pipeline;
 pub mod respond;
+pub mod retry;
 pub mod route;
 pub mod runtime;
 pub mod upstream;

@@ -39,9 +39,18 @@ impl Local {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("application/openmetrics-text"));
         let m = &self.shared.metrics;
-        let (text, ctype) = if wants_om { (m.encode_openmetrics(), OPENMETRICS) } else { (m.encode_prometheus(), PROMETHEUS) };
-        let mut resp = Response::new(if parts.method == Method::HEAD { Body::Empty } else { Body::full(text) });
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+        let (text, ctype) = if wants_om {
+            (m.encode_openmetrics(), OPENMETRICS)
+        } else {
+            (m.encode_prometheus(), PROMETHEUS)
+        };
+        let mut resp = Response::new(if parts.method == Method::HEAD {
+            Body::Empty
+        } else {
+            Body::full(text)
+        });
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
         resp
     }
 
@@ -62,7 +71,12 @@ impl Local {
     }
 
     /// `sub` is the path after the health prefix, e.g. `/ready`.
-    pub fn health_response(&self, req: Request<Incoming>, sub: &str, admin: bool) -> Response<Body> {
+    pub fn health_response(
+        &self,
+        req: Request<Incoming>,
+        sub: &str,
+        admin: bool,
+    ) -> Response<Body> {
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
             return method_not_allowed();
         }
@@ -75,7 +89,9 @@ impl Local {
             "/startup" => render::startup(&snap, view),
             "/stream" => return self.stream(req.uri().query(), view, head),
             _ => match sub.strip_prefix("/checks/") {
-                Some(name) if !name.is_empty() && !name.contains('/') => render::check(&snap, name, view),
+                Some(name) if !name.is_empty() && !name.contains('/') => {
+                    render::check(&snap, name, view)
+                }
                 _ => render::not_found(),
             },
         };
@@ -91,34 +107,57 @@ impl Local {
                 return json(StatusCode::BAD_REQUEST, Bytes::from(body));
             }
         };
-        let mut resp = Response::new(if head { Body::Empty } else { Body::boxed(self.ready_events(interval, view)) });
+        let mut resp = Response::new(if head {
+            Body::Empty
+        } else {
+            Body::boxed(self.ready_events(interval, view))
+        });
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         resp
     }
 
-    fn ready_events(&self, interval: Duration, view: View) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + use<>> {
-        let local = Local { shared: self.shared.clone() };
+    fn ready_events(
+        &self,
+        interval: Duration,
+        view: View,
+    ) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + use<>> {
+        let local = Local {
+            shared: self.shared.clone(),
+        };
         let changes = self.shared.health.subscribe();
         let mut drain_changes = self.shared.maintenance.subscribe();
         drain_changes.mark_unchanged();
-        let state = (local, changes, drain_changes, true, tokio::time::interval(interval));
-        let stream = futures_util::stream::unfold(state, move |(local, mut changes, mut maint, first, mut tick)| async move {
-            if first {
-                tick.reset();
-            } else {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    r = changes.changed() => { r.ok()?; }
-                    r = maint.changed() => { r.ok()?; }
+        let state = (
+            local,
+            changes,
+            drain_changes,
+            true,
+            tokio::time::interval(interval),
+        );
+        let stream = futures_util::stream::unfold(
+            state,
+            move |(local, mut changes, mut maint, first, mut tick)| async move {
+                if first {
+                    tick.reset();
+                } else {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        r = changes.changed() => { r.ok()?; }
+                        r = maint.changed() => { r.ok()?; }
+                    }
                 }
-            }
-            let body = render::ready(&local.shared.health.snapshot(), local.readiness(), view).body;
-            let text = std::str::from_utf8(&body).unwrap_or("{}");
-            let frame = render::sse_frame(None, "health", text);
-            Some((Ok(Frame::data(frame)), (local, changes, maint, false, tick)))
-        });
+                let body =
+                    render::ready(&local.shared.health.snapshot(), local.readiness(), view).body;
+                let text = std::str::from_utf8(&body).unwrap_or("{}");
+                let frame = render::sse_frame(None, "health", text);
+                Some((Ok(Frame::data(frame)), (local, changes, maint, false, tick)))
+            },
+        );
         StreamBody::new(stream)
     }
 }
@@ -126,7 +165,10 @@ impl Local {
 pub fn from_rendered(r: Rendered) -> Response<Body> {
     let mut resp = Response::new(Body::Full(Some(r.body)));
     *resp.status_mut() = r.status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(r.content_type));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(r.content_type),
+    );
     resp
 }
 
@@ -139,8 +181,12 @@ pub fn strip_body_for_head(resp: Response<Body>, head: bool) -> Response<Body> {
 }
 
 pub fn method_not_allowed() -> Response<Body> {
-    let mut r = json(StatusCode::METHOD_NOT_ALLOWED, Bytes::from_static(br#"{"detail":"method not allowed"}"#));
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    let mut r = json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Bytes::from_static(br#"{"detail":"method not allowed"}"#),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
     r
 }
 

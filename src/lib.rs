@@ -11,11 +11,12 @@
 //! - `ops`: maintenance state and its sources (config, env, flag file, windows, fleet key, override).
 //! - `shutdown`: signals and the drain state.
 //! - `telemetry`: metrics registry and logging.
-//! - `demo`, `probe`: the `demo` and `probe` commands.
+//! - `ctl`, `demo`, `probe`: the `ctl`, `demo` and `probe` commands.
 pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod endpoints;
 pub mod health;

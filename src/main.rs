@@ -120,11 +120,56 @@ async fn dispatch(cmd: Command) -> ExitCode {
             };
             exit_for(app::run(source, cfg).await)
         }
-        Command::Check { .. } | Command::Wait { .. } | Command::Ctl(_) => {
-            eprintln!("opsgate: this command is not available in this build");
-            ExitCode::from(2)
+        Command::Check { config, json } => {
+            let cfg = match load_for_checks(config.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let results = opsgate::health::check_once(&app::build::check_specs(&cfg)).await;
+            if json {
+                println!("{}", opsgate::health::render::cli_json(&results));
+            } else {
+                print!("{}", opsgate::health::render::cli_table(&results));
+            }
+            ExitCode::from(opsgate::health::render::cli_exit_code(&results) as u8)
         }
+        Command::Wait { config, timeout } => {
+            let cfg = match load_for_checks(config.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match opsgate::health::wait_for_critical(&app::build::check_specs(&cfg), timeout).await
+            {
+                Ok(()) => {
+                    println!("critical checks pass");
+                    ExitCode::SUCCESS
+                }
+                Err(failing) => {
+                    eprintln!(
+                        "opsgate wait: timed out after {}; still failing: {}",
+                        config::format_duration(timeout),
+                        failing.join(", ")
+                    );
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Ctl(args) => ExitCode::from(opsgate::ctl::run(args).await),
     }
+}
+
+fn load_for_checks(explicit: Option<&std::path::Path>) -> Result<config::Config, ExitCode> {
+    let Some(path) = config::resolve_path(explicit) else {
+        eprintln!(
+            "opsgate: no config file found (looked for {})",
+            config::DEFAULT_PATHS.join(", ")
+        );
+        return Err(ExitCode::from(2));
+    };
+    config::load(Some(&path), &Overrides::default(), &app::env_lookup).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
 }
 
 fn exit_for(r: Result<(), app::RunError>) -> ExitCode {

@@ -1,24 +1,36 @@
-//! The admin listener: `/metrics` and `/_health/*` for now; the ops API lives here.
-//! Loopback by default; never reachable through the proxy port.
+//! The admin listener: the ops API of SPEC §6 (status, maintenance, breakers, reload,
+//! drain, config, events) plus `/metrics` and `/_health/*`. Loopback by default.
+
+mod events;
+mod page;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::{Request, Response};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::endpoints::Local;
+use crate::app::{ReloadOutcome, Shared};
+use crate::endpoints::{Local, method_not_allowed};
+use crate::proxy::Body;
 use crate::proxy::listener::stopped;
-use crate::proxy::respond::ProxyError;
-use crate::proxy::{Body, Proxy};
+use crate::proxy::respond::json as json_response;
+
+/// Largest request body the admin API reads (maintenance reason, token).
+const MAX_BODY: usize = 64 * 1024;
+pub const SESSION_COOKIE: &str = "opsgate_session";
 
 pub async fn serve(
     listener: TcpListener,
-    _proxy: Arc<Proxy>,
+    shared: Arc<Shared>,
     local: Arc<Local>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -35,27 +47,304 @@ pub async fn serve(
                 }
             },
         };
-        let local = local.clone();
-        let builder = builder.clone();
+        let (shared, local, builder) = (shared.clone(), local.clone(), builder.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let local = local.clone();
-                async move { Ok::<_, Infallible>(route(&local, req)) }
+                let (shared, local) = (shared.clone(), local.clone());
+                async move { Ok::<_, Infallible>(handle(&shared, &local, req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-fn route(local: &Local, req: Request<Incoming>) -> Response<Body> {
-    let path = req.uri().path().to_string();
-    let rt_metrics = "/metrics";
-    if path == rt_metrics {
+fn ok_json(v: &Value) -> Response<Body> {
+    json_response(StatusCode::OK, Bytes::from(v.to_string()))
+}
+
+fn error(status: StatusCode, detail: &str) -> Response<Body> {
+    json_response(status, Bytes::from(json!({ "detail": detail }).to_string()))
+}
+
+async fn handle(shared: &Arc<Shared>, local: &Local, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let metrics_path = shared.live.load().config.file.metrics.path.clone();
+    if path == metrics_path || path == "/metrics" {
         let (parts, _) = req.into_parts();
         return local.metrics_response(&parts);
     }
-    if let Some(sub) = path.strip_prefix("/_health") {
-        return local.health_response(req, sub);
+    let health_prefix = shared.live.load().health_prefix.clone();
+    if crate::config::validate::segment_prefix(&path, &health_prefix) {
+        let sub = path[health_prefix.len()..].to_owned();
+        return local.health_response(req, &sub, true);
     }
-    ProxyError::NotFound.into_response()
+    match (&method, path.as_str()) {
+        (&Method::GET, "/_ops/" | "/_ops") => return page::shell(),
+        (&Method::POST, "/_ops/session") => return session(shared, req).await,
+        _ => {}
+    }
+    if !path.starts_with("/_ops/") {
+        return error(StatusCode::NOT_FOUND, "not found");
+    }
+    if !authorized(shared, req.headers()) {
+        return error(StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    match (method, path.as_str()) {
+        (Method::GET, "/_ops/status") => ok_json(&status_json(shared)),
+        (Method::GET, "/_ops/maintenance") => ok_json(&maintenance_json(shared)),
+        (Method::PUT, "/_ops/maintenance") => put_maintenance(shared, req).await,
+        (Method::GET, "/_ops/breakers") => ok_json(&json!({ "breakers": breakers_json(shared) })),
+        (Method::POST, "/_ops/reload") => match shared.reload("admin").await {
+            ReloadOutcome::Applied { warnings } => {
+                ok_json(&json!({"result": "success", "warnings": warnings}))
+            }
+            ReloadOutcome::Failed(e) => json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Bytes::from(json!({"result": "failure", "error": e}).to_string()),
+            ),
+        },
+        (Method::POST, "/_ops/drain") => {
+            if shared.drain.start() {
+                shared.events.emit("drain", json!({"phase": "started"}));
+                tracing::info!("drain started by the admin API: readiness is now 503");
+            }
+            ok_json(&json!({"draining": true}))
+        }
+        (Method::GET, "/_ops/config") => ok_json(&shared.live.load().config.redacted_json()),
+        (Method::GET, "/_ops/events") => events::stream(shared.clone(), req.headers()),
+        (Method::POST, p) if p.starts_with("/_ops/breakers/") => {
+            breaker_action(shared, &p["/_ops/breakers/".len()..])
+        }
+        (
+            _,
+            "/_ops/status" | "/_ops/maintenance" | "/_ops/breakers" | "/_ops/reload"
+            | "/_ops/drain" | "/_ops/config" | "/_ops/events",
+        ) => method_not_allowed(),
+        _ => error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// The session cookie carries a digest of the token, never the token itself.
+fn session_value(token: &str) -> String {
+    crate::config::sha256_hex(format!("opsgate-session:{token}").as_bytes())
+}
+
+fn authorized(shared: &Shared, headers: &http::HeaderMap) -> bool {
+    let token = shared.live.load().config.file.admin.token.clone();
+    if token.is_empty() {
+        return true;
+    }
+    let want = crate::config::sha256_hex(token.as_bytes());
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| crate::config::sha256_hex(t.trim().as_bytes()));
+    // Digests make both sides the same length, so the comparison time says nothing.
+    if bearer.is_some_and(|b| crate::ops::gate::constant_time_eq(b.as_bytes(), want.as_bytes())) {
+        return true;
+    }
+    let session = session_value(&token);
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| {
+            kv.trim()
+                .strip_prefix(SESSION_COOKIE)
+                .and_then(|r| r.strip_prefix('='))
+        })
+        .any(|v| crate::ops::gate::constant_time_eq(v.as_bytes(), session.as_bytes()))
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+    Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|_| error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))
+}
+
+async fn session(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let token = shared.live.load().config.file.admin.token.clone();
+    let mut resp = Response::new(Body::Empty);
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    if token.is_empty() {
+        return resp;
+    }
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let given = crate::config::sha256_hex(String::from_utf8_lossy(&body).trim().as_bytes());
+    let want = crate::config::sha256_hex(token.as_bytes());
+    if !crate::ops::gate::constant_time_eq(given.as_bytes(), want.as_bytes()) {
+        return error(StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let cookie = format!(
+        "{SESSION_COOKIE}={}; Path=/_ops; HttpOnly; SameSite=Strict",
+        session_value(&token)
+    );
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+pub fn maintenance_json(shared: &Shared) -> Value {
+    let mut v = serde_json::to_value(shared.maintenance.status()).unwrap_or(Value::Null);
+    if let Some(fleet) = shared
+        .fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        v["fleet"] = serde_json::to_value(fleet.status()).unwrap_or(Value::Null);
+    }
+    v
+}
+
+async fn put_maintenance(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Put {
+        enabled: Option<bool>,
+        #[serde(default)]
+        reason: Option<String>,
+    }
+    let put: Put = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"enabled\": true|false|null, \"reason\": text}}: {e}"),
+            );
+        }
+    };
+    tracing::info!(enabled = ?put.enabled, reason = put.reason.as_deref(), "maintenance override set by the admin API");
+    shared.maintenance.set_override(put.enabled, put.reason);
+    ok_json(&maintenance_json(shared))
+}
+
+pub fn breakers_json(shared: &Shared) -> Vec<Value> {
+    let rt = shared.live.load_full();
+    let now = tokio::time::Instant::now();
+    rt.breakers()
+        .into_iter()
+        .map(|b| {
+            let s = b.breaker.snapshot(now);
+            json!({
+                "name": &*b.name,
+                "state": s.state.as_str(),
+                "reason": s.reason.map(|r| r.as_str()),
+                "remaining_timeout_s": s.remaining_timeout_s,
+                "total_calls": s.total_calls,
+                "successful_calls": s.successful_calls,
+                "failed_calls": s.failed_calls,
+                "rejected_calls": s.rejected_calls,
+                "state_changes": s.state_changes,
+                "dry_run": s.dry_run,
+            })
+        })
+        .collect()
+}
+
+fn breaker_action(shared: &Shared, rest: &str) -> Response<Body> {
+    let Some((name, action)) = rest.rsplit_once('/') else {
+        return error(StatusCode::NOT_FOUND, "not found");
+    };
+    let name = percent_decode(name);
+    let rt = shared.live.load_full();
+    let Some(b) = rt.breaker(&name) else {
+        return error(StatusCode::NOT_FOUND, "no such breaker");
+    };
+    let now = tokio::time::Instant::now();
+    match action {
+        "reset" => b.breaker.reset(now),
+        "open" => b.breaker.force_open(now),
+        "close" => b.breaker.disable(now),
+        _ => return error(StatusCode::NOT_FOUND, "not found"),
+    }
+    tracing::info!(breaker = %name, action, "breaker changed by the admin API");
+    let list = breakers_json(shared);
+    let one = list
+        .into_iter()
+        .find(|v| v["name"] == name.as_str())
+        .unwrap_or(Value::Null);
+    ok_json(&one)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() + 1 && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn status_json(shared: &Shared) -> Value {
+    let rt = shared.live.load_full();
+    let snap = shared.health.snapshot();
+    let view = crate::health::render::View {
+        admin: true,
+        ..Default::default()
+    };
+    let readiness = crate::health::render::Readiness {
+        draining: shared.drain.is_draining(),
+        maintenance_fail: shared.maintenance.is_on() && rt.maintenance.fail_readiness,
+    };
+    let reload = shared.last_reload.load();
+    let (mut requests, mut errors, mut in_flight) = (0u64, 0u64, 0i64);
+    for m in rt
+        .ingress
+        .iter()
+        .chain(rt.egress.iter())
+        .flat_map(|r| r.metrics.iter())
+    {
+        let (t, e) = m.totals();
+        requests += t;
+        errors += e;
+        in_flight += m.active.load(std::sync::atomic::Ordering::Relaxed);
+    }
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": shared.started.elapsed().as_secs_f64(),
+        "config": {
+            "path": rt.config.path.as_ref().map(|p| p.display().to_string()),
+            "sha256": rt.config.sha256,
+            "last_reload": &**reload,
+        },
+        "maintenance": maintenance_json(shared),
+        "breakers": breakers_json(shared),
+        "health": crate::health::render::ready_json(&snap, readiness, view),
+        "draining": shared.drain.is_draining(),
+        "traffic": {"requests_total": requests, "errors_5xx_total": errors, "in_flight": in_flight},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding_of_breaker_names() {
+        assert_eq!(percent_decode("route%3Aapi"), "route:api");
+        assert_eq!(percent_decode("app"), "app");
+    }
 }

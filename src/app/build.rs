@@ -18,7 +18,10 @@ pub fn check_specs(c: &Config) -> Vec<CheckSpec> {
         .map(|s| {
             let url = s.url.clone().unwrap_or_default();
             let kind = match s.kind {
-                CheckType::Postgres => CheckKind::Postgres { url, query: s.query.clone() },
+                CheckType::Postgres => CheckKind::Postgres {
+                    url,
+                    query: s.query.clone(),
+                },
                 CheckType::Redis => CheckKind::Redis { url },
                 CheckType::Http => CheckKind::Http {
                     url,
@@ -29,7 +32,9 @@ pub fn check_specs(c: &Config) -> Vec<CheckSpec> {
                         .unwrap_or_default(),
                     body_contains: s.body_contains.clone(),
                 },
-                CheckType::Tcp => CheckKind::Tcp { address: s.address.clone().unwrap_or_default() },
+                CheckType::Tcp => CheckKind::Tcp {
+                    address: s.address.clone().unwrap_or_default(),
+                },
             };
             let mut spec = CheckSpec::new(s.name.clone(), kind);
             spec.interval = s.interval.unwrap_or(h.interval).get();
@@ -52,18 +57,28 @@ pub fn details(c: &Config) -> health::render::Details {
 }
 
 /// `[maintenance]` as the ops room takes it. `env` is read here, once per load.
-pub fn maintenance_settings(c: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<MaintenanceSettings, String> {
+pub fn maintenance_settings(
+    c: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<MaintenanceSettings, String> {
     let m = &c.file.maintenance;
     let page = match &m.page {
-        Some(p) => Some(Bytes::from(
-            std::fs::read(p).map_err(|e| format!("maintenance page {}: {e}", p.display()))?,
-        )),
+        Some(p) => {
+            Some(Bytes::from(std::fs::read(p).map_err(|e| {
+                format!("maintenance page {}: {e}", p.display())
+            })?))
+        }
         None => None,
     };
     let windows = m
         .windows
         .iter()
-        .filter_map(|w| Some((config::validate::parse_time(&w.start).ok()?, config::validate::parse_time(&w.end).ok()?)))
+        .filter_map(|w| {
+            Some((
+                config::validate::parse_time(&w.start).ok()?,
+                config::validate::parse_time(&w.end).ok()?,
+            ))
+        })
         .collect::<Vec<(SystemTime, SystemTime)>>();
     Ok(MaintenanceSettings {
         enabled: m.enabled,
@@ -78,7 +93,8 @@ pub fn maintenance_settings(c: &Config, env: &dyn Fn(&str) -> Option<String>) ->
         bypass_token: (!m.bypass_token.is_empty()).then(|| m.bypass_token.clone()),
         retry_after: m.retry_after.get(),
         status: StatusCode::from_u16(m.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-        content_type: HeaderValue::from_str(&m.content_type).unwrap_or(HeaderValue::from_static("application/json")),
+        content_type: HeaderValue::from_str(&m.content_type)
+            .unwrap_or(HeaderValue::from_static("application/json")),
         body: Bytes::from(m.body.clone()),
         page,
         fail_readiness: m.fail_readiness,

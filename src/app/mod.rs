@@ -69,7 +69,7 @@ pub struct Shared {
     pub maintenance: Maintenance,
     /// Replaced when `[control]` changes on reload; held only to swap or read status.
     pub fleet: Mutex<Option<FleetControl>>,
-    pub events: Events,
+    pub events: Arc<Events>,
     /// Last load/reload outcome, for `/_ops/status`.
     pub last_reload: ArcSwap<ReloadStatus>,
     /// Serializes reloads (watcher, SIGHUP and admin may fire together).
@@ -93,17 +93,21 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
     let f = &config.file;
     let mut registry = MetricsRegistry::new(&f.metrics.buckets);
 
-    let maintenance_settings = build::maintenance_settings(&config, &env_lookup).map_err(RunError::Startup)?;
+    let maintenance_settings =
+        build::maintenance_settings(&config, &env_lookup).map_err(RunError::Startup)?;
     let maintenance = Maintenance::new(maintenance_settings.clone());
     let health = Health::new();
     health.register(registry.registry_mut());
     let metrics = Arc::new(registry);
+    let events = Arc::new(Events::default());
     let runtime = Runtime::build(
         config.clone(),
         None,
         Deps {
             http: &metrics.http,
             ops: &metrics.ops,
+            resilience: &metrics.resilience,
+            on_breaker: reload::breaker_observer(events.clone()),
             maintenance: Arc::new(maintenance_settings),
             env: &env_lookup,
         },
@@ -120,7 +124,9 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
 
     // Bind everything before serving anything: a busy port fails the start as a whole.
     let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr).await.map_err(|source| RunError::Bind { what, addr, source })
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Bind { what, addr, source })
     };
     let proxy_listener = bind("proxy", f.proxy.listen).await?;
     let admin_listener = bind("admin", f.admin.listen).await?;
@@ -160,7 +166,7 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         health: health.clone(),
         maintenance: maintenance.clone(),
         fleet: Mutex::new(fleet),
-        events: Events::default(),
+        events,
         last_reload: ArcSwap::from_pointee(ReloadStatus::initial()),
         reload_lock: tokio::sync::Mutex::new(()),
         started: Instant::now(),
@@ -168,15 +174,24 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         tls: tls.clone(),
     });
     metrics.ops.last_reload_success.set(unix_now());
-    metrics.ops.maintenance_mode.set(i64::from(maintenance.is_on()));
+    metrics
+        .ops
+        .maintenance_mode
+        .set(i64::from(maintenance.is_on()));
     reload::spawn_event_forwarders(&shared);
+    reload::spawn_recover_on_check(&shared);
     if gates.starting.load(std::sync::atomic::Ordering::Relaxed) {
         tokio::spawn(hold_until_critical(shared.clone(), wait_for_critical));
     }
     let watcher = reload::watch_config(shared.clone());
 
     let local = Arc::new(Local::new(shared.clone()));
-    let proxy = Arc::new(Proxy { live: live.clone(), local: local.clone(), gates: gates.clone() });
+    let proxy = Arc::new(Proxy {
+        live: live.clone(),
+        local: local.clone(),
+        gates: gates.clone(),
+        resilience: metrics.resilience.clone(),
+    });
     let limits = Limits {
         max_header_bytes: f.proxy.max_header_bytes.0 as usize,
         header_read_timeout: f.proxy.header_read_timeout.get(),
@@ -191,11 +206,30 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         version = env!("CARGO_PKG_VERSION"),
         "opsgate started"
     );
-    servers.push(tokio::spawn(listener::serve(proxy_listener, proxy.clone(), Side::Ingress, limits, tls, stop_rx.clone())));
+    servers.push(tokio::spawn(listener::serve(
+        proxy_listener,
+        proxy.clone(),
+        Side::Ingress,
+        limits,
+        tls,
+        stop_rx.clone(),
+    )));
     if let Some(l) = egress_listener {
-        servers.push(tokio::spawn(listener::serve(l, proxy.clone(), Side::Egress, limits, None, stop_rx.clone())));
+        servers.push(tokio::spawn(listener::serve(
+            l,
+            proxy.clone(),
+            Side::Egress,
+            limits,
+            None,
+            stop_rx.clone(),
+        )));
     }
-    let admin_task = tokio::spawn(crate::admin::serve(admin_listener, shared.clone(), local.clone(), stop_rx.clone()));
+    let admin_task = tokio::spawn(crate::admin::serve(
+        admin_listener,
+        shared.clone(),
+        local.clone(),
+        stop_rx.clone(),
+    ));
 
     // Serve until told to stop: a signal or `POST /_ops/drain`.
     loop {
@@ -208,7 +242,9 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         }
     }
     if shared.drain.start() {
-        shared.events.emit("drain", serde_json::json!({"phase": "started"}));
+        shared
+            .events
+            .emit("drain", serde_json::json!({"phase": "started"}));
     }
     let rt = shared.live.load_full();
     let delay = rt.config.file.proxy.shutdown_delay.get();
@@ -242,7 +278,9 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         }
         _ = signals.next() => return Err(RunError::SecondSignal),
     }
-    shared.events.emit("drain", serde_json::json!({"phase": "stopped"}));
+    shared
+        .events
+        .emit("drain", serde_json::json!({"phase": "stopped"}));
     admin_task.abort();
     health.shutdown();
     tracing::info!("opsgate stopped");
@@ -264,7 +302,10 @@ async fn hold_until_critical(shared: Arc<Shared>, limit: std::time::Duration) {
     })
     .await
     .is_ok();
-    shared.gates.starting.store(false, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .gates
+        .starting
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     if passed {
         tracing::info!("critical checks pass: proxying");
     } else {

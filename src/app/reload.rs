@@ -12,6 +12,7 @@ use super::{Shared, build, env_lookup, unix_now};
 use crate::config::Config;
 use crate::ops::FleetControl;
 use crate::proxy::Runtime;
+use crate::proxy::breaker::Transition;
 use crate::proxy::runtime::Deps;
 use crate::telemetry::events::now_rfc3339;
 use crate::telemetry::metrics::ResultLabel;
@@ -26,7 +27,11 @@ pub struct ReloadStatus {
 
 impl ReloadStatus {
     pub fn initial() -> Self {
-        Self { result: "success", at: now_rfc3339(), error: None }
+        Self {
+            result: "success",
+            at: now_rfc3339(),
+            error: None,
+        }
     }
 }
 
@@ -46,21 +51,40 @@ impl Shared {
                     tracing::warn!(trigger, "{w}");
                 }
                 tracing::info!(trigger, "config reloaded");
-                self.metrics.ops.config_reloads.get_or_create(&ResultLabel { result: "success" }).inc();
+                self.metrics
+                    .ops
+                    .config_reloads
+                    .get_or_create(&ResultLabel { result: "success" })
+                    .inc();
                 self.metrics.ops.last_reload_success.set(unix_now());
                 ReloadOutcome::Applied { warnings }
             }
             Err(error) => {
                 tracing::error!(trigger, error = %error, "config reload failed; keeping the running config");
-                self.metrics.ops.config_reloads.get_or_create(&ResultLabel { result: "failure" }).inc();
+                self.metrics
+                    .ops
+                    .config_reloads
+                    .get_or_create(&ResultLabel { result: "failure" })
+                    .inc();
                 ReloadOutcome::Failed(error)
             }
         };
         let status = match &outcome {
-            ReloadOutcome::Applied { .. } => ReloadStatus { result: "success", at: now_rfc3339(), error: None },
-            ReloadOutcome::Failed(e) => ReloadStatus { result: "failure", at: now_rfc3339(), error: Some(e.clone()) },
+            ReloadOutcome::Applied { .. } => ReloadStatus {
+                result: "success",
+                at: now_rfc3339(),
+                error: None,
+            },
+            ReloadOutcome::Failed(e) => ReloadStatus {
+                result: "failure",
+                at: now_rfc3339(),
+                error: Some(e.clone()),
+            },
         };
-        self.events.emit("reload", serde_json::json!({"result": status.result, "error": status.error}));
+        self.events.emit(
+            "reload",
+            serde_json::json!({"result": status.result, "error": status.error}),
+        );
         self.last_reload.store(Arc::new(status));
         outcome
     }
@@ -70,7 +94,9 @@ impl Shared {
         let config = self.source.load().map_err(|e| e.to_string())?;
         let maintenance = build::maintenance_settings(&config, &env_lookup)?;
         let tls = match &config.file.proxy.tls {
-            Some(t) if self.tls.is_some() => Some(crate::proxy::listener::tls_acceptor(&t.cert, &t.key)?),
+            Some(t) if self.tls.is_some() => {
+                Some(crate::proxy::listener::tls_acceptor(&t.cert, &t.key)?)
+            }
             _ => None,
         };
         let config = Arc::new(config);
@@ -80,6 +106,8 @@ impl Shared {
             Deps {
                 http: &self.metrics.http,
                 ops: &self.metrics.ops,
+                resilience: &self.metrics.resilience,
+                on_breaker: breaker_observer(self.events.clone()),
                 maintenance: Arc::new(maintenance.clone()),
                 env: &env_lookup,
             },
@@ -108,7 +136,8 @@ impl Shared {
         match (&c.redis_url, &c.key) {
             (Some(url), Some(key)) => {
                 *fleet = Some(
-                    FleetControl::start(url, key, c.poll_interval.get(), self.maintenance.clone()).map_err(|e| e.to_string())?,
+                    FleetControl::start(url, key, c.poll_interval.get(), self.maintenance.clone())
+                        .map_err(|e| e.to_string())?,
                 );
             }
             _ => self.maintenance.set_fleet(None),
@@ -121,16 +150,27 @@ fn restart_warnings(old: &Config, new: &Config, bound: &super::Bound) -> Vec<Str
     let mut w = Vec::new();
     let (o, n) = (&old.file, &new.file);
     if o.proxy.listen != n.proxy.listen {
-        w.push(format!("proxy.listen changed to {} but stays {} until restart", n.proxy.listen, bound.proxy));
+        w.push(format!(
+            "proxy.listen changed to {} but stays {} until restart",
+            n.proxy.listen, bound.proxy
+        ));
     }
     if o.admin.listen != n.admin.listen {
-        w.push(format!("admin.listen changed to {} but stays {} until restart", n.admin.listen, bound.admin));
+        w.push(format!(
+            "admin.listen changed to {} but stays {} until restart",
+            n.admin.listen, bound.admin
+        ));
     }
     if o.egress.as_ref().and_then(|e| e.listen) != n.egress.as_ref().and_then(|e| e.listen) {
         w.push("egress.listen changed; it applies after a restart".to_string());
     }
-    if o.proxy.max_header_bytes != n.proxy.max_header_bytes || o.proxy.header_read_timeout != n.proxy.header_read_timeout {
-        w.push("max_header_bytes / header_read_timeout apply to new connections after a restart".to_string());
+    if o.proxy.max_header_bytes != n.proxy.max_header_bytes
+        || o.proxy.header_read_timeout != n.proxy.header_read_timeout
+    {
+        w.push(
+            "max_header_bytes / header_read_timeout apply to new connections after a restart"
+                .to_string(),
+        );
     }
     if o.metrics.buckets != n.metrics.buckets {
         w.push("metrics.buckets changed; histograms keep their buckets until restart".to_string());
@@ -143,7 +183,11 @@ fn restart_warnings(old: &Config, new: &Config, bound: &super::Bound) -> Vec<Str
 /// changes. Dropping the returned watcher stops it.
 pub fn watch_config(shared: Arc<Shared>) -> Option<notify::RecommendedWatcher> {
     let path = shared.source.path.clone()?;
-    let dir = path.parent().map(PathBuf::from).filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| PathBuf::from("."));
+    let dir = path
+        .parent()
+        .map(PathBuf::from)
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if res.is_ok() {
@@ -167,7 +211,9 @@ pub fn watch_config(shared: Arc<Shared>) -> Option<notify::RecommendedWatcher> {
                     Err(_) => break,
                 }
             }
-            let Ok(bytes) = tokio::fs::read(&path).await else { continue };
+            let Ok(bytes) = tokio::fs::read(&path).await else {
+                continue;
+            };
             let running = shared.live.load().config.sha256.clone();
             if crate::config::sha256_hex(&bytes) != running {
                 shared.reload("watch").await;
@@ -175,6 +221,68 @@ pub fn watch_config(shared: Arc<Shared>) -> Option<notify::RecommendedWatcher> {
         }
     });
     Some(watcher)
+}
+
+/// Logs each breaker transition once, with its reason, and publishes it as an event.
+pub fn breaker_observer(
+    events: Arc<crate::telemetry::events::Events>,
+) -> Arc<dyn Fn(&str, &Transition) + Send + Sync> {
+    Arc::new(move |name: &str, t: &Transition| {
+        let (from, to, reason) = (t.from.as_str(), t.to.as_str(), t.reason.as_str());
+        if t.to == crate::proxy::breaker::State::Open {
+            tracing::warn!(breaker = name, from, to, reason, "circuit breaker opened");
+        } else {
+            tracing::info!(
+                breaker = name,
+                from,
+                to,
+                reason,
+                "circuit breaker changed state"
+            );
+        }
+        events.emit(
+            "breaker",
+            serde_json::json!({"name": name, "from": from, "to": to, "reason": reason}),
+        );
+    })
+}
+
+/// `recover_on_check`: while a breaker is OPEN, a passing run of its check moves it to
+/// HALF_OPEN, so a health check, not a sacrificed user request, probes recovery.
+pub fn spawn_recover_on_check(shared: &Arc<Shared>) {
+    let s = shared.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_seen: std::collections::HashMap<String, std::time::SystemTime> =
+            Default::default();
+        loop {
+            tick.tick().await;
+            let rt = s.live.load_full();
+            let snap = s.health.snapshot();
+            for b in rt.breakers() {
+                let Some(check) = &b.recover_on_check else {
+                    continue;
+                };
+                let Some(result) = snap.get(check) else {
+                    continue;
+                };
+                let Some(at) = result.checked_at else {
+                    continue;
+                };
+                // Only a run newer than the last one acted on counts: one probe, one nudge.
+                if last_seen.get(check.as_str()) == Some(&at) {
+                    continue;
+                }
+                last_seen.insert(check.clone(), at);
+                if result.status.is_passing()
+                    && b.breaker.state() == crate::proxy::breaker::State::Open
+                {
+                    b.breaker.check_passed(tokio::time::Instant::now());
+                }
+            }
+        }
+    });
 }
 
 /// Turns health flips and maintenance changes into events, gauges and log lines.
@@ -205,7 +313,10 @@ pub fn spawn_event_forwarders(shared: &Arc<Shared>) {
                 held_by = ?c.held_by.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
                 "maintenance changed"
             );
-            s.events.emit("maintenance", serde_json::json!({"enabled": c.enabled, "held_by": c.held_by}));
+            s.events.emit(
+                "maintenance",
+                serde_json::json!({"enabled": c.enabled, "held_by": c.held_by}),
+            );
         }
     });
 }

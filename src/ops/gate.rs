@@ -190,7 +190,7 @@ fn has_bypass_token(headers: &HeaderMap, token: &[u8]) -> bool {
 /// Compares without an early exit on the first differing byte, so the time taken does
 /// not tell how much of a guessed token was right (the length may leak; it is not secret
 /// enough to matter next to the token itself).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

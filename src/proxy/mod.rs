@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod body;
 pub mod breaker;
+pub mod call;
 pub mod headers;
 pub mod listener;
 pub mod normalize;

@@ -30,7 +30,7 @@ pub struct Record {
     pub access_log: bool,
     pub bytes: u64,
     /// The bulkhead slot, released with the record when the response is done.
-    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub permit: Option<super::admission::BulkheadPermit>,
 }
 
 impl Record {

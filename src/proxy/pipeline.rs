@@ -12,6 +12,7 @@ use http::{Request, Response, Version};
 use hyper::body::Incoming;
 
 use super::body::Body;
+use super::call::{self, Outgoing};
 use super::headers::{self, Upgrade, X_REQUEST_ID};
 use super::normalize::{Normalized, normalize};
 use super::observe::{ObservedBody, Record};
@@ -57,6 +58,7 @@ pub struct Proxy {
     pub live: Arc<ArcSwap<Runtime>>,
     pub local: Arc<dyn LocalEndpoints>,
     pub gates: Arc<Gates>,
+    pub resilience: crate::telemetry::metrics::ResilienceMetrics,
 }
 
 /// How long a client is asked to wait while critical checks hold traffic at startup.
@@ -147,8 +149,14 @@ impl Proxy {
             );
         }
         if conn.side == Side::Ingress && self.gates.maintenance.is_on() {
-            let ip = crate::ops::client_ip(client, req.headers().get(&headers::X_FORWARDED_FOR), &rt.trusted_proxies);
-            if let Some(reject) = crate::ops::decide(&rt.maintenance, true, req.method(), path, ip, req.headers()) {
+            let ip = crate::ops::client_ip(
+                client,
+                req.headers().get(&headers::X_FORWARDED_FOR),
+                &rt.trusted_proxies,
+            );
+            if let Some(reject) =
+                crate::ops::decide(&rt.maintenance, true, req.method(), path, ip, req.headers())
+            {
                 route.maintenance_rejected.inc();
                 rec.error = Some("maintenance");
                 return with_record(maintenance_response(reject), rec);
@@ -158,13 +166,26 @@ impl Proxy {
             return respond_err(rec, route, ProxyError::CircuitForced, None);
         }
 
-        // 5. admission: the bulkhead permit rides with the response until its last byte.
-        let permit = match &route.upstream.bulkhead {
-            None => None,
-            Some(sem) => match sem.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => return respond_err(rec, route, ProxyError::Overloaded, None),
-            },
+        // 5. admission: rate limit, then the bulkhead, whose permit rides with the
+        // response until its last byte.
+        if let Some(rl) = &route.rate_limit {
+            if let Err(wait) = rl.limiter.try_acquire(tokio::time::Instant::now()) {
+                rl.rejected.inc();
+                if !rl.dry_run {
+                    return respond_err(
+                        rec,
+                        route,
+                        ProxyError::RateLimited { retry_after: wait },
+                        None,
+                    );
+                }
+                tracing::info!(route = %route.name, "dry run: rate limit would have rejected this request");
+            }
+        }
+        let upstream = &route.upstream;
+        let Some(permit) = upstream.bulkhead.try_acquire() else {
+            upstream.bulkhead_rejected.inc();
+            return respond_err(rec, route, ProxyError::Overloaded, None);
         };
 
         // 6. upstream.
@@ -200,7 +221,7 @@ impl Proxy {
             host_header.as_ref(),
             peer_trusted,
         );
-        let target = &route.upstream.target;
+        let target = &upstream.target;
         if !target.preserve_host || host_header.is_none() {
             parts
                 .headers
@@ -209,14 +230,28 @@ impl Proxy {
             parts.headers.insert(header::HOST, h);
         }
         parts.uri = uri;
-        parts.version = if route.upstream.section.http2 {
+        parts.version = if upstream.section.http2 {
             Version::HTTP_2
         } else {
             Version::HTTP_11
         };
-        let upstream_req = Request::from_parts(parts, Body::Incoming(body));
-
-        let result = target.send(upstream_req, route.timeout).await;
+        let outgoing = Outgoing {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+            body,
+        };
+        let breaker = route.breaker.as_deref().or(upstream.breaker.as_ref());
+        let result = call::call(
+            target,
+            breaker,
+            upstream.retries.as_ref(),
+            &self.resilience,
+            outgoing,
+            route.timeout,
+        )
+        .await;
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => return respond_err(rec, route, e, Some(request_id)),
@@ -231,7 +266,7 @@ impl Proxy {
             rec.status = 101;
             let (mut parts, _) = resp.into_parts();
             parts.headers.insert(X_REQUEST_ID.clone(), request_id);
-            return with_record_status(Response::from_parts(parts, Body::Empty), rec, permit);
+            return with_record_status(Response::from_parts(parts, Body::Empty), rec, Some(permit));
         }
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, Upgrade::None);
@@ -240,7 +275,7 @@ impl Proxy {
         with_record_status(
             Response::from_parts(parts, Body::Incoming(body)),
             rec,
-            permit,
+            Some(permit),
         )
     }
 }
@@ -295,13 +330,16 @@ fn finish(
 
 fn maintenance_response(r: crate::ops::MaintenanceReject) -> Response<Body> {
     let (ctype, body) = match r.body {
-        crate::ops::MaintenanceBody::Page(b) => (HeaderValue::from_static("text/html; charset=utf-8"), b),
+        crate::ops::MaintenanceBody::Page(b) => {
+            (HeaderValue::from_static("text/html; charset=utf-8"), b)
+        }
         crate::ops::MaintenanceBody::Body { content_type, body } => (content_type, body),
     };
     let mut resp = Response::new(Body::Full(Some(body)));
     *resp.status_mut() = r.status;
     resp.headers_mut().insert(header::CONTENT_TYPE, ctype);
-    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after_secs));
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after_secs));
     resp
 }
 
@@ -337,7 +375,7 @@ fn with_record(resp: Response<Body>, mut rec: Record) -> Response<ObservedBody> 
 fn with_record_status(
     resp: Response<Body>,
     mut rec: Record,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: Option<super::admission::BulkheadPermit>,
 ) -> Response<ObservedBody> {
     rec.permit = permit;
     let (parts, body) = resp.into_parts();

@@ -16,21 +16,29 @@ pub enum ProxyError {
     NoRoute,
     BadPath,
     NotFound,
-    Starting { retry_after: Duration },
+    Starting {
+        retry_after: Duration,
+    },
     CircuitForced,
-    CircuitOpen { retry_after: Duration },
+    CircuitOpen {
+        retry_after: Duration,
+    },
     Overloaded,
-    RateLimited { retry_after: Duration },
+    RateLimited {
+        retry_after: Duration,
+    },
     UpstreamConnect,
     UpstreamReset,
     UpstreamTimeout,
+    /// The client's request body broke off while it was buffered for replay.
+    BadRequestBody,
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute | ProxyError::NotFound => StatusCode::NOT_FOUND,
-            ProxyError::BadPath => StatusCode::BAD_REQUEST,
+            ProxyError::BadPath | ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
             ProxyError::Starting { .. }
             | ProxyError::CircuitForced
             | ProxyError::CircuitOpen { .. }
@@ -55,6 +63,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect => "upstream_connect",
             ProxyError::UpstreamReset => "upstream_reset",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::BadRequestBody => "bad_request_body",
         }
     }
 
@@ -73,6 +82,7 @@ impl ProxyError {
                 br#"{"detail":"upstream unavailable"}"#
             }
             ProxyError::UpstreamTimeout => br#"{"detail":"upstream timeout"}"#,
+            ProxyError::BadRequestBody => br#"{"detail":"bad request body"}"#,
         }
     }
 

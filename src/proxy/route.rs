@@ -18,6 +18,14 @@ pub struct Fallback {
     pub body: Bytes,
 }
 
+/// A route's token bucket and what to do when it is empty.
+pub struct RateLimit {
+    pub limiter: super::admission::RateLimiter,
+    /// Count and log, but let the request through.
+    pub dry_run: bool,
+    pub rejected: prometheus_client::metrics::counter::Counter,
+}
+
 pub struct Route {
     pub name: Arc<str>,
     pub prefix: String,
@@ -29,6 +37,9 @@ pub struct Route {
     pub fallback: Option<Fallback>,
     /// Metrics handles by class index (see `Runtime::class_of`); one entry when the route names its class.
     pub metrics: Vec<Arc<RouteMetrics>>,
+    pub rate_limit: Option<RateLimit>,
+    /// A route-scoped breaker (`route:<name>`): it takes the place of the upstream's.
+    pub breaker: Option<Arc<super::call::GuardedBreaker>>,
     /// `maintenance_rejected_total{route}`, resolved at build.
     pub maintenance_rejected: prometheus_client::metrics::counter::Counter,
 }

@@ -7,22 +7,32 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::HeaderValue;
 use ipnet::IpNet;
-use tokio::sync::Semaphore;
 
-use super::route::{Fallback, Route, RouteTable};
+use super::admission::{Bulkhead, RateLimiter};
+use super::breaker::{BreakerPolicy, RateRule, Transition};
+use super::call::{GuardedBreaker, Retries};
+use super::retry::{RetryOn, RetryPolicy};
+use super::route::{Fallback, RateLimit, Route, RouteTable};
 use super::upstream::{BuildError, Target};
-use crate::config::{Config, EncodedSlashes, RouteSection, UpstreamSection};
-use crate::telemetry::RouteMetrics;
+use crate::config::validate::parse_status_pattern;
+use crate::config::{
+    BreakerSection, Config, EncodedSlashes, RetrySection, RouteSection, UpstreamSection,
+};
 use crate::ops::MaintenanceSettings;
-use crate::telemetry::metrics::{HttpMetrics, OpsMetrics, RouteLabel};
+use crate::telemetry::RouteMetrics;
+use crate::telemetry::metrics::{
+    HttpMetrics, OpsMetrics, ResilienceMetrics, RouteLabel, UpstreamLabel,
+};
 
 /// An upstream's client and its protections. Reused across reloads while its settings
 /// are unchanged, so pools stay warm and breaker state survives.
 pub struct Upstream {
     pub section: UpstreamSection,
     pub target: Target,
-    /// Bulkhead: a permit per in-flight request; `None` = unlimited.
-    pub bulkhead: Option<Arc<Semaphore>>,
+    pub bulkhead: Bulkhead,
+    pub bulkhead_rejected: prometheus_client::metrics::counter::Counter,
+    pub breaker: Option<GuardedBreaker>,
+    pub retries: Option<Retries>,
 }
 
 impl Upstream {
@@ -56,19 +66,29 @@ pub struct Runtime {
     pub force_open: bool,
     /// Read by the maintenance gate; whether it is *on* lives in `ops::Maintenance`.
     pub maintenance: Arc<MaintenanceSettings>,
+    /// Route-scoped breakers by name (`route:<name>`), with the settings they were built
+    /// from, so a reload keeps those whose settings did not change.
+    pub route_breakers: HashMap<String, (BreakerSection, Arc<GuardedBreaker>)>,
 }
 
 /// What the runtime needs besides the config: metric families and resolved settings.
 pub struct Deps<'a> {
     pub http: &'a HttpMetrics,
     pub ops: &'a OpsMetrics,
+    pub resilience: &'a ResilienceMetrics,
+    /// Told of every breaker transition (logs once and publishes the event).
+    pub on_breaker: Arc<dyn Fn(&str, &Transition) + Send + Sync>,
     pub maintenance: Arc<MaintenanceSettings>,
     pub env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl Runtime {
     /// Builds a snapshot; `prev` lends the upstreams whose settings are unchanged.
-    pub fn build(config: Arc<Config>, prev: Option<&Runtime>, deps: Deps<'_>) -> Result<Self, BuildError> {
+    pub fn build(
+        config: Arc<Config>,
+        prev: Option<&Runtime>,
+        deps: Deps<'_>,
+    ) -> Result<Self, BuildError> {
         let f = &config.file;
         let http = deps.http;
         let mut upstreams = HashMap::new();
@@ -79,12 +99,30 @@ impl Runtime {
                 .cloned();
             let up = match reused {
                 Some(u) => u,
-                None => Arc::new(Upstream {
-                    section: section.clone(),
-                    target: Target::new(name, section)?,
-                    bulkhead: (section.max_in_flight > 0)
-                        .then(|| Arc::new(Semaphore::new(section.max_in_flight as usize))),
-                }),
+                None => {
+                    let target = Target::new(name, section)?;
+                    let n = target.name.clone();
+                    Arc::new(Upstream {
+                        section: section.clone(),
+                        bulkhead: Bulkhead::new(section.max_in_flight as usize),
+                        bulkhead_rejected: deps
+                            .resilience
+                            .bulkhead_rejected
+                            .get_or_create(&UpstreamLabel {
+                                upstream: n.clone(),
+                            })
+                            .clone(),
+                        breaker: section
+                            .breaker
+                            .as_ref()
+                            .map(|b| guarded(n.clone(), b, &deps)),
+                        retries: section
+                            .retry
+                            .as_ref()
+                            .map(|r| Retries::new(retry_policy(r), deps.resilience, &n)),
+                        target,
+                    })
+                }
             };
             upstreams.insert(name.clone(), up);
         }
@@ -117,7 +155,30 @@ impl Runtime {
                         ))],
                         None => per_class(&name),
                     };
+                    let route_breaker = r.breaker.as_ref().map(|b| {
+                        let key = format!("route:{}", r.name);
+                        match prev.and_then(|p| p.route_breakers.get(&key)) {
+                            Some((old, g)) if old == b => g.clone(),
+                            _ => Arc::new(guarded(key.as_str().into(), b, &deps)),
+                        }
+                    });
                     Some(Route {
+                        rate_limit: r.rate_limit.as_ref().map(|rl| RateLimit {
+                            limiter: RateLimiter::new(
+                                rl.per_second,
+                                rl.burst
+                                    .unwrap_or_else(|| rl.per_second.ceil().max(1.0) as u32),
+                            ),
+                            dry_run: rl.dry_run,
+                            rejected: deps
+                                .resilience
+                                .rate_limited
+                                .get_or_create(&RouteLabel {
+                                    route: r.name.as_str().into(),
+                                })
+                                .clone(),
+                        }),
+                        breaker: route_breaker,
                         prefix: r.prefix.clone(),
                         host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                         timeout: r
@@ -135,7 +196,9 @@ impl Runtime {
                         maintenance_rejected: deps
                             .ops
                             .maintenance_rejected
-                            .get_or_create(&RouteLabel { route: name.clone() })
+                            .get_or_create(&RouteLabel {
+                                route: name.clone(),
+                            })
                             .clone(),
                         name,
                         metrics,
@@ -145,6 +208,12 @@ impl Runtime {
             RouteTable::new(routes)
         };
         let ingress = compile(&f.routes);
+        let route_breakers = collect_route_breakers(
+            f.routes
+                .iter()
+                .chain(f.egress.iter().flat_map(|e| e.routes.iter())),
+            &ingress,
+        );
         let egress = f
             .egress
             .as_ref()
@@ -166,6 +235,7 @@ impl Runtime {
             classes,
             force_open,
             maintenance: deps.maintenance,
+            route_breakers,
             config,
         })
     }
@@ -177,6 +247,94 @@ impl Runtime {
             .iter()
             .position(|(p, _)| crate::config::validate::segment_prefix(path, p))
             .unwrap_or(self.classes.len())
+    }
+}
+
+impl Runtime {
+    /// Every breaker, upstream-scoped then route-scoped, for the admin API and health hooks.
+    pub fn breakers(&self) -> Vec<&GuardedBreaker> {
+        let mut out: Vec<&GuardedBreaker> = self
+            .upstreams
+            .values()
+            .filter_map(|u| u.breaker.as_ref())
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut routes: Vec<&GuardedBreaker> = self
+            .route_breakers
+            .values()
+            .map(|(_, g)| g.as_ref())
+            .collect();
+        routes.sort_by(|a, b| a.name.cmp(&b.name));
+        out.extend(routes);
+        out
+    }
+
+    pub fn breaker(&self, name: &str) -> Option<&GuardedBreaker> {
+        self.breakers().into_iter().find(|b| &*b.name == name)
+    }
+}
+
+fn collect_route_breakers<'a>(
+    sections: impl Iterator<Item = &'a RouteSection>,
+    table: &RouteTable,
+) -> HashMap<String, (BreakerSection, Arc<GuardedBreaker>)> {
+    sections
+        .filter_map(|s| {
+            let b = s.breaker.as_ref()?;
+            let route = table.iter().find(|r| &*r.name == s.name.as_str())?;
+            let g = route.breaker.clone()?;
+            Some((g.name.to_string(), (b.clone(), g)))
+        })
+        .collect()
+}
+
+fn guarded(name: Arc<str>, b: &BreakerSection, deps: &Deps<'_>) -> GuardedBreaker {
+    GuardedBreaker::new(
+        name,
+        breaker_policy(b),
+        b.failure_status
+            .iter()
+            .filter_map(parse_status_pattern)
+            .collect(),
+        b.recover_on_check.clone(),
+        deps.resilience,
+        deps.on_breaker.clone(),
+    )
+}
+
+pub fn breaker_policy(b: &BreakerSection) -> BreakerPolicy {
+    BreakerPolicy {
+        failure_threshold: b.failure_threshold,
+        recovery_timeout: b.recovery_timeout.get(),
+        half_open_max_calls: b.half_open_max_calls,
+        success_threshold: b.success_threshold,
+        rate: b.failure_rate.map(|failure_rate| RateRule {
+            failure_rate,
+            window: b.window.get(),
+            minimum_calls: b.minimum_calls,
+            slow_call_duration: b.slow_call_duration.map(|d| d.get()),
+        }),
+        max_half_open_wait: b.max_half_open_wait.get(),
+        max_recovery_timeout: b.max_recovery_timeout.map(|d| d.get()),
+        dry_run: b.dry_run,
+    }
+}
+
+pub fn retry_policy(r: &RetrySection) -> RetryPolicy {
+    RetryPolicy {
+        attempts: r.attempts,
+        base_delay: r.base_delay.get(),
+        max_delay: r.max_delay.get(),
+        on: RetryOn::parse(r.on.iter().map(String::as_str)).unwrap_or_default(),
+        per_try_timeout: (!r.per_try_timeout.is_zero()).then(|| r.per_try_timeout.get()),
+        methods: r
+            .methods
+            .iter()
+            .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
+            .collect(),
+        budget: r.budget,
+        budget_min_per_second: r.budget_min_per_second,
+        max_body: usize::try_from(r.max_body.0).unwrap_or(usize::MAX),
     }
 }
 

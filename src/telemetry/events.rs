@@ -55,7 +55,11 @@ impl Events {
         let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         // Id assigned under the lock so history and ids stay in the same order.
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let event = Arc::new(Event { id, kind, data: Value::Object(obj).to_string() });
+        let event = Arc::new(Event {
+            id,
+            kind,
+            data: Value::Object(obj).to_string(),
+        });
         if history.len() == HISTORY {
             history.pop_front();
         }
@@ -64,7 +68,10 @@ impl Events {
     }
 
     /// Subscribes, returning the events after `last_id` still in history (replayed first).
-    pub fn subscribe(&self, last_id: Option<u64>) -> (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>) {
+    pub fn subscribe(
+        &self,
+        last_id: Option<u64>,
+    ) -> (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>) {
         let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.tx.subscribe();
         let missed = match last_id {

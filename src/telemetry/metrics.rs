@@ -74,12 +74,54 @@ pub struct OpsMetrics {
     pub last_reload_success: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerStateLabels {
+    pub breaker: Arc<str>,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerCallLabels {
+    pub breaker: Arc<str>,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerToLabels {
+    pub breaker: Arc<str>,
+    pub to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub upstream: Arc<str>,
+    pub reason: &'static str,
+}
+
+/// Resilience families (SPEC §7): breakers, retries, bulkheads, rate limits.
+#[derive(Clone, Debug, Default)]
+pub struct ResilienceMetrics {
+    pub breaker_state: Family<BreakerStateLabels, Gauge>,
+    pub breaker_calls: Family<BreakerCallLabels, Counter>,
+    pub breaker_state_changes: Family<BreakerToLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub retry_budget_exhausted: Family<UpstreamLabel, Counter>,
+    pub bulkhead_rejected: Family<UpstreamLabel, Counter>,
+    pub rate_limited: Family<RouteLabel, Counter>,
+}
+
 /// The registry plus the families the proxy itself owns. Other rooms register theirs
 /// through `registry_mut` before the app freezes it.
 pub struct MetricsRegistry {
     registry: Registry,
     pub http: HttpMetrics,
     pub ops: OpsMetrics,
+    pub resilience: ResilienceMetrics,
 }
 
 impl MetricsRegistry {
@@ -113,19 +155,69 @@ impl MetricsRegistry {
             .set(1);
         registry.register("opsgate_build_info", "opsgate build information", build);
         let ops = OpsMetrics::default();
-        registry.register("maintenance_mode", "1 while maintenance mode is on", ops.maintenance_mode.clone());
+        registry.register(
+            "maintenance_mode",
+            "1 while maintenance mode is on",
+            ops.maintenance_mode.clone(),
+        );
         registry.register(
             "maintenance_rejected",
             "Requests answered by maintenance mode",
             ops.maintenance_rejected.clone(),
         );
-        registry.register("config_reloads", "Config reloads by result", ops.config_reloads.clone());
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            ops.config_reloads.clone(),
+        );
         registry.register(
             "config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful config load",
             ops.last_reload_success.clone(),
         );
-        Self { registry, http, ops }
+        let resilience = ResilienceMetrics::default();
+        let r = &resilience;
+        registry.register(
+            "circuit_breaker_state",
+            "1 for the breaker's current state (forced_open shows as open, disabled as closed)",
+            r.breaker_state.clone(),
+        );
+        registry.register(
+            "circuit_breaker_calls",
+            "Calls offered to a breaker, by result",
+            r.breaker_calls.clone(),
+        );
+        registry.register(
+            "circuit_breaker_state_changes",
+            "Breaker transitions, by new state",
+            r.breaker_state_changes.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Retries, by the retry.on entry that fired",
+            r.retries.clone(),
+        );
+        registry.register(
+            "upstream_retry_budget_exhausted",
+            "Retries refused because the retry budget was spent",
+            r.retry_budget_exhausted.clone(),
+        );
+        registry.register(
+            "bulkhead_rejected",
+            "Requests refused by a full bulkhead",
+            r.bulkhead_rejected.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests over a route's rate limit",
+            r.rate_limited.clone(),
+        );
+        Self {
+            registry,
+            http,
+            ops,
+            resilience,
+        }
     }
 
     pub fn registry_mut(&mut self) -> &mut Registry {
@@ -232,6 +324,9 @@ pub struct RouteMetrics {
     in_progress: Gauge,
     /// In-flight count mirrored locally for cheap reads (the status page).
     pub active: Arc<AtomicI64>,
+    /// Finished requests and 5xx answers, for the status page's rates.
+    total: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
 }
 
 impl RouteMetrics {
@@ -253,6 +348,8 @@ impl RouteMetrics {
             duration: std::array::from_fn(|_| OnceLock::new()),
             in_progress,
             active: Arc::new(AtomicI64::new(0)),
+            total: Default::default(),
+            errors: Default::default(),
         }
     }
 
@@ -269,9 +366,21 @@ impl RouteMetrics {
         self.active.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// (requests finished, 5xx answers) since start.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.total.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn finish(&self, method: usize, status: u16, seconds: f64) {
         self.in_progress.dec();
         self.active.fetch_sub(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
         let labels = || RequestLabels {
             method: METHODS[method],
             route: self.route.clone(),

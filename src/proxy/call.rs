@@ -1,0 +1,310 @@
+//! One upstream call under its protections: breaker admission per attempt, retries with
+//! backoff under the budget, per-attempt and whole-request deadlines.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::time::Instant;
+
+use super::body::Body;
+use super::breaker::{Breaker, Outcome, State, Transition};
+use super::respond::ProxyError;
+use super::retry::{Attempt, Decision, RetryBudget, RetryPolicy, Stop, parse_retry_after};
+use super::upstream::Target;
+use crate::telemetry::metrics::{
+    BreakerCallLabels, BreakerStateLabels, BreakerToLabels, ResilienceMetrics, RetryLabels,
+    UpstreamLabel,
+};
+
+/// A breaker with its name, what counts as failure, and its metric handles.
+pub struct GuardedBreaker {
+    pub name: Arc<str>,
+    pub breaker: Arc<Breaker>,
+    /// Inclusive status ranges that count as failures (`failure_status`).
+    pub failure_status: Vec<(u16, u16)>,
+    /// The health check whose success moves OPEN to HALF_OPEN early.
+    pub recover_on_check: Option<String>,
+    calls: [Counter; 3],
+}
+
+impl GuardedBreaker {
+    pub fn new(
+        name: Arc<str>,
+        policy: super::breaker::BreakerPolicy,
+        failure_status: Vec<(u16, u16)>,
+        recover_on_check: Option<String>,
+        metrics: &ResilienceMetrics,
+        on_transition: Arc<dyn Fn(&str, &Transition) + Send + Sync>,
+    ) -> Self {
+        let states: [Gauge; 3] = State::METRIC_LABELS.map(|state| {
+            metrics
+                .breaker_state
+                .get_or_create(&BreakerStateLabels {
+                    breaker: name.clone(),
+                    state,
+                })
+                .clone()
+        });
+        states[0].set(1);
+        let changes = metrics.breaker_state_changes.clone();
+        let observer_name = name.clone();
+        let observer = move |t: &Transition| {
+            let to = t.to.metric_label();
+            for (label, g) in State::METRIC_LABELS.iter().zip(&states) {
+                g.set(i64::from(*label == to));
+            }
+            changes
+                .get_or_create(&BreakerToLabels {
+                    breaker: observer_name.clone(),
+                    to,
+                })
+                .inc();
+            on_transition(&observer_name, t);
+        };
+        let calls = ["success", "failure", "rejected"].map(|result| {
+            metrics
+                .breaker_calls
+                .get_or_create(&BreakerCallLabels {
+                    breaker: name.clone(),
+                    result,
+                })
+                .clone()
+        });
+        Self {
+            breaker: Arc::new(Breaker::new(policy, Arc::new(observer), Instant::now())),
+            name,
+            failure_status,
+            recover_on_check,
+            calls,
+        }
+    }
+
+    fn is_failure(&self, status: StatusCode) -> bool {
+        let s = status.as_u16();
+        self.failure_status
+            .iter()
+            .any(|(lo, hi)| (*lo..=*hi).contains(&s))
+    }
+}
+
+/// Retries of one upstream: policy, budget and metric handles.
+pub struct Retries {
+    pub policy: RetryPolicy,
+    pub budget: RetryBudget,
+    exhausted: Counter,
+}
+
+impl Retries {
+    pub fn new(policy: RetryPolicy, metrics: &ResilienceMetrics, upstream: &Arc<str>) -> Self {
+        Self {
+            budget: RetryBudget::new(policy.budget, policy.budget_min_per_second, Instant::now()),
+            policy,
+            exhausted: metrics
+                .retry_budget_exhausted
+                .get_or_create(&UpstreamLabel {
+                    upstream: upstream.clone(),
+                })
+                .clone(),
+        }
+    }
+}
+
+/// The request to send, replayable when it may be retried.
+pub struct Outgoing {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Incoming,
+}
+
+/// Sends `req` to `target` under `breaker` and `retries`; `timeout` is the route's.
+pub async fn call(
+    target: &Target,
+    breaker: Option<&GuardedBreaker>,
+    retries: Option<&Retries>,
+    metrics: &ResilienceMetrics,
+    req: Outgoing,
+    timeout: Duration,
+) -> Result<Response<Incoming>, ProxyError> {
+    let start = Instant::now();
+    let retry = match retries {
+        Some(r) if r.policy.attempts > 1 && r.policy.allows_method(&req.method) => {
+            r.budget.record_request(start);
+            Some(r)
+        }
+        _ => None,
+    };
+    // Only small, complete bodies are buffered for replay; others stream once.
+    let retry = match retry {
+        Some(r) if replayable(&req, r.policy.max_body) => r,
+        _ => {
+            let req = build(
+                req.method,
+                req.uri,
+                req.version,
+                req.headers,
+                Body::Incoming(req.body),
+            );
+            return attempt(target, breaker, req, timeout).await.0;
+        }
+    };
+    let Outgoing {
+        method,
+        uri,
+        version,
+        headers,
+        body,
+    } = req;
+    // A client that cannot deliver its (small, announced) body is the client's fault.
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|_| ProxyError::BadRequestBody)?
+        .to_bytes();
+    let per_try = retry.policy.per_try_timeout;
+    let deadline = per_try.map(|_| start + timeout);
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let now = Instant::now();
+        let this_timeout = match (per_try, deadline) {
+            (Some(p), Some(d)) => p.min(d.saturating_duration_since(now)),
+            _ => timeout,
+        };
+        let req = build(
+            method.clone(),
+            uri.clone(),
+            version,
+            headers.clone(),
+            Body::Full(Some(bytes.clone())),
+        );
+        let (result, kind) = attempt(target, breaker, req, this_timeout).await;
+        let Some(kind) = kind else { return result };
+        let retry_after = match &result {
+            Ok(r) if matches!(r.status().as_u16(), 429 | 503) => r
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| parse_retry_after(v, SystemTime::now())),
+            _ => None,
+        };
+        let now = Instant::now();
+        let time_left = deadline.map(|d| d.saturating_duration_since(now));
+        match retry
+            .policy
+            .decide(attempts, &kind, retry_after, time_left, &retry.budget, now)
+        {
+            Decision::Retry { reason, delay } => {
+                metrics
+                    .retries
+                    .get_or_create(&RetryLabels {
+                        upstream: target.name.clone(),
+                        reason,
+                    })
+                    .inc();
+                tracing::debug!(upstream = %target.name, reason, attempt = attempts, "retrying");
+                drop(result);
+                tokio::time::sleep(delay).await;
+            }
+            Decision::Stop(Stop::BudgetExhausted { .. }) => {
+                retry.exhausted.inc();
+                return result;
+            }
+            Decision::Stop(_) => return result,
+        }
+    }
+}
+
+fn replayable(req: &Outgoing, max_body: usize) -> bool {
+    use http_body::Body as _;
+    if req.body.is_end_stream() {
+        return true;
+    }
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|len| len <= max_body as u64)
+}
+
+fn build(
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    body: Body,
+) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// One attempt. Returns the result and, when it failed in a way retries may care
+/// about, what kind of failure it was (`None`: success or breaker rejection, final).
+async fn attempt(
+    target: &Target,
+    breaker: Option<&GuardedBreaker>,
+    req: Request<Body>,
+    timeout: Duration,
+) -> (Result<Response<Incoming>, ProxyError>, Option<Attempt>) {
+    let permit = match breaker {
+        None => None,
+        Some(b) => match b.breaker.try_acquire(Instant::now()) {
+            Ok(p) => {
+                if p.would_have_rejected().is_some() {
+                    b.calls[2].inc();
+                    tracing::info!(breaker = %b.name, "dry run: breaker would have rejected this call");
+                }
+                Some((b, p))
+            }
+            Err(r) => {
+                b.calls[2].inc();
+                return (
+                    Err(ProxyError::CircuitOpen {
+                        retry_after: Duration::from_secs(r.retry_after_secs()),
+                    }),
+                    None,
+                );
+            }
+        },
+    };
+    let result = target.send(req, timeout).await;
+    let kind = match &result {
+        Ok(r) => Attempt::Status(r.status()),
+        Err(ProxyError::UpstreamTimeout) => Attempt::Timeout,
+        Err(ProxyError::UpstreamConnect) => Attempt::ConnectFailure,
+        Err(_) => Attempt::Reset,
+    };
+    if let Some((b, permit)) = permit {
+        let failed = match &result {
+            Ok(r) => b.is_failure(r.status()),
+            Err(_) => true,
+        };
+        let outcome = if failed {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
+        b.calls[usize::from(failed)].inc();
+        permit.record(Instant::now(), outcome);
+    }
+    let retryable = match (&result, kind) {
+        (Ok(r), _)
+            if r.status().is_success()
+                || r.status().is_redirection()
+                || r.status().is_informational() =>
+        {
+            None
+        }
+        _ => Some(kind),
+    };
+    (result, retryable)
+}

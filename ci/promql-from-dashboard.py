@@ -6,6 +6,10 @@ Grafana variables are replaced by values of the right type first:
 $__rate_interval, $__interval and $__range by "5m", any other $var or ${var}
 by ".*" (they only appear inside regex label matchers in our dashboards).
 
+It also refuses a dashboard that would not import anywhere: every
+datasource must be the `${DS_PROMETHEUS}` input (declared in `__inputs`) or
+Grafana's built-in one, and panel ids and the dashboard uid must be set.
+
 Usage: promql-from-dashboard.py DASHBOARD.json > rules.json
 (JSON is valid YAML, which promtool reads.)
 """
@@ -30,6 +34,41 @@ def exprs(node, where="$"):
             yield from exprs(value, f"{where}[{i}]")
 
 
+def datasources(node, where="$"):
+    """Yield (json path, uid) for every datasource reference."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                uid = value.get("uid") if isinstance(value, dict) else value
+                yield f"{where}.{key}", uid
+            else:
+                yield from datasources(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from datasources(value, f"{where}[{i}]")
+
+
+def portability_errors(dashboard):
+    errors = []
+    inputs = {i.get("name") for i in dashboard.get("__inputs", [])}
+    if "DS_PROMETHEUS" not in inputs:
+        errors.append("__inputs: no DS_PROMETHEUS datasource input")
+    for where, uid in datasources(dashboard):
+        if uid not in ("${DS_PROMETHEUS}", "-- Grafana --"):
+            errors.append(f"{where}: datasource {uid!r} is not the ${{DS_PROMETHEUS}} input")
+    if not dashboard.get("uid"):
+        errors.append("uid: missing")
+    ids = []
+    def collect(panels):
+        for p in panels:
+            ids.append(p.get("id"))
+            collect(p.get("panels", []))
+    collect(dashboard.get("panels", []))
+    if None in ids or len(ids) != len(set(ids)):
+        errors.append("panels: every panel needs a unique id")
+    return errors
+
+
 def substitute(expr):
     expr = DURATION_VARS.sub("5m", expr)
     return OTHER_VARS.sub(".*", expr)
@@ -40,6 +79,9 @@ def main():
         sys.exit(__doc__)
     with open(sys.argv[1], encoding="utf-8") as f:
         dashboard = json.load(f)
+    errors = portability_errors(dashboard)
+    if errors:
+        sys.exit("\n".join(f"{sys.argv[1]}: {e}" for e in errors))
     rules = []
     for i, (where, expr) in enumerate(exprs(dashboard)):
         rules.append({"record": f"dashboard:expr_{i}", "expr": substitute(expr),

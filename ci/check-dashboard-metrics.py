@@ -4,7 +4,8 @@
 Usage:
   check-dashboard-metrics.py --metrics EXPOSITION.txt FILE...
 
-FILE is a Grafana dashboard (.json) or a Prometheus rules file (.yml/.yaml).
+FILE is a Grafana dashboard (.json), a Prometheus rules file (.yml/.yaml) or
+a Markdown document whose ```promql blocks hold examples (.md).
 EXPOSITION is the text of a live `/metrics` (Prometheus text format 0.0.4 or
 OpenMetrics 1.0), e.g. `curl -s http://127.0.0.1:9901/metrics > metrics.txt`.
 
@@ -71,6 +72,10 @@ def dashboard_exprs(node):
     elif isinstance(node, list):
         for value in node:
             yield from dashboard_exprs(value)
+
+
+def markdown_exprs(text):
+    return [m.group(1) for m in re.finditer(r"^```promql[ \t]*\n(.*?)^```", text, re.S | re.M)]
 
 
 def rules_exprs(text):
@@ -159,7 +164,9 @@ def main():
         except OSError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        if path.endswith(".json"):
+        if path.endswith(".md"):
+            exprs = markdown_exprs(text)
+        elif path.endswith(".json"):
             try:
                 exprs = list(dashboard_exprs(json.loads(text)))
             except json.JSONDecodeError as e:

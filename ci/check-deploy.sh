@@ -127,9 +127,9 @@ test_rules() {
     (cd deploy/prometheus && promtool test rules alerts_test.yml)
 }
 
-check_dashboard_promql() {
-    python3 ci/promql-from-dashboard.py deploy/grafana/opsgate.json >"$TMP/dashboard-rules.json" || return 1
-    promtool check rules "$TMP/dashboard-rules.json"
+check_promql() {
+    python3 ci/promql-to-rules.py deploy/grafana/opsgate.json docs/metrics.md >"$TMP/promql-rules.json" || return 1
+    promtool check rules "$TMP/promql-rules.json"
 }
 
 check_sample_exposition() {
@@ -139,7 +139,7 @@ check_sample_exposition() {
 check_dashboard_metrics() {
     local metrics="${OPSGATE_METRICS_FILE:-ci/testdata/metrics-sample.txt}"
     python3 ci/check-dashboard-metrics.py --metrics "$metrics" \
-        deploy/grafana/opsgate.json deploy/prometheus/alerts.yml deploy/prometheus/recording.yml
+        deploy/grafana/opsgate.json deploy/prometheus/alerts.yml deploy/prometheus/recording.yml docs/metrics.md
 }
 
 test_dashboard_metrics_checker() {
@@ -168,9 +168,9 @@ main() {
     step "compose: docker-compose config -q" check_compose
     step "prometheus: promtool check rules" check_rules
     step "prometheus: promtool test rules (alerts fire and stay quiet)" test_rules
-    step "grafana: every PromQL expression parses (promtool)" check_dashboard_promql
+    step "grafana, docs: every PromQL expression parses (promtool)" check_promql
     step "metrics sample: promtool check metrics" check_sample_exposition
-    step "grafana+alerts: every metric used is exported" check_dashboard_metrics
+    step "grafana, rules, docs: every metric used is exported" check_dashboard_metrics
     step "check-dashboard-metrics.py self-tests" test_dashboard_metrics_checker
     step "dockerfile: hadolint, build context" check_dockerfile
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
-"""Turn every PromQL expression of a Grafana dashboard into a Prometheus rules
-file, so that `promtool check rules` can parse-check them.
+"""Turn every PromQL expression of Grafana dashboards (.json) and of the
+```promql blocks of Markdown docs (.md) into one Prometheus rules file, so
+that `promtool check rules` can parse-check them.
 
 Grafana variables are replaced by values of the right type first:
 $__rate_interval, $__interval and $__range by "5m", any other $var or ${var}
 by ".*" (they only appear inside regex label matchers in our dashboards).
 
-It also refuses a dashboard that would not import anywhere: every
+For dashboards, it also refuses one that would not import anywhere: every
 datasource must be the `${DS_PROMETHEUS}` input (declared in `__inputs`) or
 Grafana's built-in one, and panel ids and the dashboard uid must be set.
 
-Usage: promql-from-dashboard.py DASHBOARD.json > rules.json
+Usage: promql-to-rules.py FILE.json|FILE.md... > rules.json
 (JSON is valid YAML, which promtool reads.)
 """
 import json
@@ -74,21 +75,37 @@ def substitute(expr):
     return OTHER_VARS.sub(".*", expr)
 
 
+def markdown_exprs(text):
+    """Yield (line, expr) for every expression of the ```promql fenced blocks."""
+    for m in re.finditer(r"^```promql[ \t]*\n(.*?)^```", text, re.S | re.M):
+        line = text.count("\n", 0, m.start()) + 1
+        # A blank line separates two expressions in one block.
+        for part in re.split(r"\n\s*\n", m.group(1)):
+            if part.strip():
+                yield f"line {line}", part.strip()
+
+
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         sys.exit(__doc__)
-    with open(sys.argv[1], encoding="utf-8") as f:
-        dashboard = json.load(f)
-    errors = portability_errors(dashboard)
+    rules, errors = [], []
+    for path in sys.argv[1:]:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if path.endswith(".md"):
+            found = list(markdown_exprs(text))
+        else:
+            dashboard = json.loads(text)
+            errors += [f"{path}: {e}" for e in portability_errors(dashboard)]
+            found = list(exprs(dashboard))
+        if not found:
+            errors.append(f"{path}: no PromQL expressions found")
+        for where, expr in found:
+            rules.append({"record": f"check:expr_{len(rules)}", "expr": substitute(expr),
+                          "labels": {"source": f"{path} {where}"}})
     if errors:
-        sys.exit("\n".join(f"{sys.argv[1]}: {e}" for e in errors))
-    rules = []
-    for i, (where, expr) in enumerate(exprs(dashboard)):
-        rules.append({"record": f"dashboard:expr_{i}", "expr": substitute(expr),
-                      "labels": {"dashboard_path": where}})
-    if not rules:
-        sys.exit(f"{sys.argv[1]}: no PromQL expressions found")
-    json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, sys.stdout, indent=2)
+        sys.exit("\n".join(errors))
+    json.dump({"groups": [{"name": "promql", "rules": rules}]}, sys.stdout, indent=2)
     print()
 
 

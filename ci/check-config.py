@@ -245,8 +245,12 @@ def check(path, text, opsgate):
             f = os.path.join(d, "opsgate.toml")
             with open(f, "w", encoding="utf-8") as fh:
                 fh.write(text)
-            r = subprocess.run([opsgate, "check-config", "--config", f], capture_output=True, text=True,
-                               env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, timeout=60)
+            try:
+                r = subprocess.run([opsgate, "check-config", "--config", f], capture_output=True, text=True,
+                                   env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, timeout=60)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                errors.append(f"opsgate check-config: {e}")
+                return errors
             if r.returncode != 0:
                 errors.append(f"opsgate check-config exited {r.returncode}: {(r.stdout + r.stderr).strip()}")
     return errors

@@ -11,8 +11,11 @@
 #        ${OPSGATE_CI_CACHE:-~/.cache/opsgate-ci})
 # Optional inputs:
 #   OPSGATE_BIN=path          an opsgate binary: each config also goes through
-#                             `opsgate check-config` (default: target/release/opsgate
-#                             or target/debug/opsgate when present)
+#                             `opsgate check-config`, and the binary is started on
+#                             loopback so that the dashboard and alerts are checked
+#                             against its live /metrics (promtool check metrics too).
+#                             Without it, target/release/opsgate or target/debug/opsgate,
+#                             when present, is used for check-config only.
 #   OPSGATE_METRICS_FILE=path text of a live /metrics: the dashboard and alerts
 #                             are checked against it too, not only the sample
 # Runs every check even after a failure, then exits non-zero if any failed.
@@ -142,6 +145,13 @@ check_dashboard_metrics() {
         deploy/grafana/opsgate.json deploy/prometheus/alerts.yml deploy/prometheus/recording.yml docs/metrics.md
 }
 
+check_live_metrics() {
+    python3 ci/live-metrics.py "$OPSGATE_BIN" "$TMP/live-metrics.txt" || return 1
+    promtool check metrics <"$TMP/live-metrics.txt" || return 1
+    python3 ci/check-dashboard-metrics.py --metrics "$TMP/live-metrics.txt" \
+        deploy/grafana/opsgate.json deploy/prometheus/alerts.yml deploy/prometheus/recording.yml docs/metrics.md
+}
+
 test_dashboard_metrics_checker() {
     python3 ci/test_check_dashboard_metrics.py
 }
@@ -173,6 +183,11 @@ main() {
     step "grafana, rules, docs: every metric used is exported" check_dashboard_metrics
     step "check-dashboard-metrics.py self-tests" test_dashboard_metrics_checker
     step "dockerfile: hadolint, build context" check_dockerfile
+    if [ -n "${OPSGATE_BIN:-}" ]; then
+        step "live: $OPSGATE_BIN /metrics exports every metric used" check_live_metrics
+    else
+        echo "skip  live /metrics check (set OPSGATE_BIN to run it)"
+    fi
 
     echo
     if [ "$failed" -gt 0 ]; then

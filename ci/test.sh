@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: unit and integration tests (real upstreams, real PostgreSQL and
+# Redis, throwaway servers for outages), then every shipped file against the built binary.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+target="${CARGO_TARGET_DIR:-target}"
+
+bash ci/install-test-deps.sh
+
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --locked --no-fail-fast
+else
+    cargo test --locked --no-fail-fast
+fi
+
+cargo build --locked --bin opsgate
+OPSGATE_BIN="$target/debug/opsgate" bash ci/check-deploy.sh

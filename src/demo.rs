@@ -80,7 +80,7 @@ async fn app(req: Request<Incoming>, counter: &AtomicU64) -> Response<Full<Bytes
             json(StatusCode::OK, format!(r#"{{"slept_ms":{ms}}}"#))
         }
         (Method::GET, "/api/flaky") => {
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 json(
                     StatusCode::SERVICE_UNAVAILABLE,
                     r#"{"error":"flaky says no"}"#,

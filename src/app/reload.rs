@@ -226,7 +226,7 @@ pub fn watch_config(shared: Arc<Shared>) -> Option<notify::RecommendedWatcher> {
 /// Logs each breaker transition once, with its reason, and publishes it as an event.
 pub fn breaker_observer(
     events: Arc<crate::telemetry::events::Events>,
-) -> Arc<dyn Fn(&str, &Transition) + Send + Sync> {
+) -> crate::proxy::call::TransitionHook {
     Arc::new(move |name: &str, t: &Transition| {
         let (from, to, reason) = (t.from.as_str(), t.to.as_str(), t.reason.as_str());
         if t.to == crate::proxy::breaker::State::Open {

@@ -28,14 +28,10 @@ fn expand_value(
 ) {
     let span = v.span();
     match v.get_mut() {
-        DeValue::String(s) => {
-            if s.contains('$') {
-                match expand_str(s, env) {
-                    Ok(out) => *s = Cow::Owned(out),
-                    Err(msg) => errors.push((span, msg)),
-                }
-            }
-        }
+        DeValue::String(s) if s.contains('$') => match expand_str(s, env) {
+            Ok(out) => *s = Cow::Owned(out),
+            Err(msg) => errors.push((span, msg)),
+        },
         DeValue::Array(items) => {
             for item in items.iter_mut() {
                 expand_value(item, env, errors);

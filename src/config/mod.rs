@@ -227,10 +227,10 @@ pub fn redact_url(url: &str) -> String {
         let auth_start = scheme_end + 3;
         let rest = &out[auth_start..];
         let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if let Some(at) = rest[..auth_end].rfind('@') {
-            if let Some(colon) = rest[..at].find(':') {
-                out.replace_range(auth_start + colon + 1..auth_start + at, REDACTED);
-            }
+        if let Some(at) = rest[..auth_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            out.replace_range(auth_start + colon + 1..auth_start + at, REDACTED);
         }
     }
     for key in ["password=", "pass="] {

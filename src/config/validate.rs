@@ -247,13 +247,13 @@ impl<'a> Checker<'a> {
                 self.error(&at(key), format!("{key} must be > 0"));
             }
         }
-        if let Some(rate) = b.failure_rate {
-            if !(rate > 0.0 && rate <= 1.0) {
-                self.error(
-                    &at("failure_rate"),
-                    "failure_rate must be in (0, 1], e.g. 0.5",
-                );
-            }
+        if let Some(rate) = b.failure_rate
+            && !(rate > 0.0 && rate <= 1.0)
+        {
+            self.error(
+                &at("failure_rate"),
+                "failure_rate must be in (0, 1], e.g. 0.5",
+            );
         }
         if b.slow_call_duration.is_some() && b.failure_rate.is_none() {
             self.error(
@@ -261,21 +261,21 @@ impl<'a> Checker<'a> {
                 "slow_call_duration only applies with failure_rate",
             );
         }
-        if let Some(max) = b.max_recovery_timeout {
-            if max.0 < b.recovery_timeout.0 {
-                self.error(
-                    &at("max_recovery_timeout"),
-                    "max_recovery_timeout must be >= recovery_timeout",
-                );
-            }
+        if let Some(max) = b.max_recovery_timeout
+            && max.0 < b.recovery_timeout.0
+        {
+            self.error(
+                &at("max_recovery_timeout"),
+                "max_recovery_timeout must be >= recovery_timeout",
+            );
         }
-        if let Some(check) = &b.recover_on_check {
-            if !checks.contains(check.as_str()) {
-                self.error(
-                    &at("recover_on_check"),
-                    format!("recover_on_check names no health check `{check}`"),
-                );
-            }
+        if let Some(check) = &b.recover_on_check
+            && !checks.contains(check.as_str())
+        {
+            self.error(
+                &at("recover_on_check"),
+                format!("recover_on_check names no health check `{check}`"),
+            );
         }
         for (i, s) in b.failure_status.iter().enumerate() {
             if parse_status_pattern(s).is_none() {
@@ -360,13 +360,13 @@ impl<'a> Checker<'a> {
                 format!("prefix `{}` must start with /", r.prefix),
             );
         }
-        if let Some(host) = &r.host {
-            if host.is_empty() || host.contains('/') {
-                self.error(
-                    &at("host"),
-                    format!("host `{host}` must be a bare host name"),
-                );
-            }
+        if let Some(host) = &r.host
+            && (host.is_empty() || host.contains('/'))
+        {
+            self.error(
+                &at("host"),
+                format!("host `{host}` must be a bare host name"),
+            );
         }
         if !f.upstreams.contains_key(&r.upstream) {
             let known: Vec<&str> = f.upstreams.keys().map(String::as_str).collect();
@@ -380,13 +380,13 @@ impl<'a> Checker<'a> {
                 ),
             );
         }
-        if let Some(class) = &r.class {
-            if !is_label_safe(class) {
-                self.error(
-                    &at("class"),
-                    format!("class `{class}` must match [a-z0-9_-]+"),
-                );
-            }
+        if let Some(class) = &r.class
+            && !is_label_safe(class)
+        {
+            self.error(
+                &at("class"),
+                format!("class `{class}` must match [a-z0-9_-]+"),
+            );
         }
         if r.timeout.is_some_and(|t| t.is_zero()) {
             self.error(&at("timeout"), "timeout must be > 0");
@@ -438,13 +438,13 @@ impl<'a> Checker<'a> {
                 );
             }
         }
-        if let Some(page) = &m.page {
-            if !page.exists() {
-                self.error(
-                    &at("page"),
-                    format!("maintenance page `{}` does not exist", page.display()),
-                );
-            }
+        if let Some(page) = &m.page
+            && !page.exists()
+        {
+            self.error(
+                &at("page"),
+                format!("maintenance page `{}` does not exist", page.display()),
+            );
         }
         for (i, w) in m.windows.iter().enumerate() {
             let path = [K("maintenance"), K("windows"), Seg::Idx(i)];
@@ -534,13 +534,13 @@ impl<'a> Checker<'a> {
             {
                 self.error(&base, "expect_status and body_contains are for http checks");
             }
-            if let Some(es) = &c.expect_status {
-                if parse_status_ranges(es).is_none() {
-                    self.error(
-                        &at("expect_status"),
-                        format!("expect_status `{es}` must look like \"200-399\" or \"200,204\""),
-                    );
-                }
+            if let Some(es) = &c.expect_status
+                && parse_status_ranges(es).is_none()
+            {
+                self.error(
+                    &at("expect_status"),
+                    format!("expect_status `{es}` must look like \"200-399\" or \"200,204\""),
+                );
             }
             if c.healthy_threshold == 0 || c.unhealthy_threshold == 0 {
                 self.error(

@@ -21,6 +21,9 @@ use crate::telemetry::metrics::{
     UpstreamLabel,
 };
 
+/// Told of every breaker transition, with the breaker's name (logging, events).
+pub type TransitionHook = Arc<dyn Fn(&str, &Transition) + Send + Sync>;
+
 /// A breaker with its name, what counts as failure, and its metric handles.
 pub struct GuardedBreaker {
     pub name: Arc<str>,
@@ -39,7 +42,7 @@ impl GuardedBreaker {
         failure_status: Vec<(u16, u16)>,
         recover_on_check: Option<String>,
         metrics: &ResilienceMetrics,
-        on_transition: Arc<dyn Fn(&str, &Transition) + Send + Sync>,
+        on_transition: TransitionHook,
     ) -> Self {
         let states: [Gauge; 3] = State::METRIC_LABELS.map(|state| {
             metrics

@@ -63,18 +63,18 @@ pub fn upgrade_kind(h: &HeaderMap, version: http::Version) -> Upgrade {
 /// keeps `Connection: upgrade` and `Upgrade`, which the tunnel needs. `TE: trailers` stays
 /// (gRPC needs it).
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
-    if let Some(conn) = h.get(header::CONNECTION) {
-        if conn.as_bytes().contains(&b',') || !is_std_token(conn.as_bytes()) {
-            let named: Vec<HeaderName> = h
-                .get_all(header::CONNECTION)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-                .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
-                .filter(|n| !(upgrade == Upgrade::Tunnel && n == header::UPGRADE))
-                .collect();
-            for n in named {
-                h.remove(n);
-            }
+    if let Some(conn) = h.get(header::CONNECTION)
+        && (conn.as_bytes().contains(&b',') || !is_std_token(conn.as_bytes()))
+    {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .filter(|n| !(upgrade == Upgrade::Tunnel && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            h.remove(n);
         }
     }
     for name in fixed_hop_by_hop() {
@@ -86,10 +86,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
     if upgrade == Upgrade::Tunnel {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if let Some(te) = h.get(header::TE) {
-        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
-            h.remove(header::TE);
-        }
+    if let Some(te) = h.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        h.remove(header::TE);
     }
 }
 
@@ -135,19 +135,20 @@ pub fn set_forwarded(
         let proto = if tls { "https" } else { "http" };
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
-    if !(peer_trusted && h.contains_key(&X_FORWARDED_HOST)) {
-        if let Some(host) = host {
-            h.insert(X_FORWARDED_HOST.clone(), host.clone());
-        }
+    if !(peer_trusted && h.contains_key(&X_FORWARDED_HOST))
+        && let Some(host) = host
+    {
+        h.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
 }
 
 /// Returns the request's id, generating a 32-hex-digit one when the client sent none.
 pub fn ensure_request_id(h: &mut HeaderMap) -> HeaderValue {
-    if let Some(v) = h.get(&X_REQUEST_ID) {
-        if !v.is_empty() && v.len() <= 200 {
-            return v.clone();
-        }
+    if let Some(v) = h.get(&X_REQUEST_ID)
+        && !v.is_empty()
+        && v.len() <= 200
+    {
+        return v.clone();
     }
     let id = new_request_id();
     h.insert(X_REQUEST_ID.clone(), id.clone());

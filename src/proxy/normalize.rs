@@ -89,15 +89,16 @@ fn decode_unreserved(path: &str) -> Cow<'_, str> {
     let mut out: Option<Vec<u8>> = None;
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                let c = h * 16 + l;
-                if is_unreserved(c) {
-                    let o = out.get_or_insert_with(|| b[..i].to_vec());
-                    o.push(c);
-                    i += 3;
-                    continue;
-                }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            let c = h * 16 + l;
+            if is_unreserved(c) {
+                let o = out.get_or_insert_with(|| b[..i].to_vec());
+                o.push(c);
+                i += 3;
+                continue;
             }
         }
         if let Some(o) = out.as_mut() {

@@ -168,19 +168,19 @@ impl Proxy {
 
         // 5. admission: rate limit, then the bulkhead, whose permit rides with the
         // response until its last byte.
-        if let Some(rl) = &route.rate_limit {
-            if let Err(wait) = rl.limiter.try_acquire(tokio::time::Instant::now()) {
-                rl.rejected.inc();
-                if !rl.dry_run {
-                    return respond_err(
-                        rec,
-                        route,
-                        ProxyError::RateLimited { retry_after: wait },
-                        None,
-                    );
-                }
-                tracing::info!(route = %route.name, "dry run: rate limit would have rejected this request");
+        if let Some(rl) = &route.rate_limit
+            && let Err(wait) = rl.limiter.try_acquire(tokio::time::Instant::now())
+        {
+            rl.rejected.inc();
+            if !rl.dry_run {
+                return respond_err(
+                    rec,
+                    route,
+                    ProxyError::RateLimited { retry_after: wait },
+                    None,
+                );
             }
+            tracing::info!(route = %route.name, "dry run: rate limit would have rejected this request");
         }
         let upstream = &route.upstream;
         let Some(permit) = upstream.bulkhead.try_acquire() else {

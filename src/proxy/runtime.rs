@@ -77,7 +77,7 @@ pub struct Deps<'a> {
     pub ops: &'a OpsMetrics,
     pub resilience: &'a ResilienceMetrics,
     /// Told of every breaker transition (logs once and publishes the event).
-    pub on_breaker: Arc<dyn Fn(&str, &Transition) + Send + Sync>,
+    pub on_breaker: super::call::TransitionHook,
     pub maintenance: Arc<MaintenanceSettings>,
     pub env: &'a dyn Fn(&str) -> Option<String>,
 }

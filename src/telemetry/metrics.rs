@@ -260,13 +260,13 @@ pub fn openmetrics_to_prometheus(om: &str) -> String {
                 continue;
             }
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-            if let Some(name) = counter_family {
-                if rest.starts_with(name) {
-                    out.push_str("# TYPE ");
-                    out.push_str(name);
-                    out.push_str("_total counter\n");
-                    continue;
-                }
+            if let Some(name) = counter_family
+                && rest.starts_with(name)
+            {
+                out.push_str("# TYPE ");
+                out.push_str(name);
+                out.push_str("_total counter\n");
+                continue;
             }
         } else if !line.starts_with('#') {
             let series = line.split(['{', ' ']).next().unwrap_or("");

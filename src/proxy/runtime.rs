@@ -9,7 +9,7 @@ use http::HeaderValue;
 use ipnet::IpNet;
 
 use super::admission::{Bulkhead, RateLimiter};
-use super::breaker::{BreakerPolicy, RateRule, Transition};
+use super::breaker::{BreakerPolicy, RateRule};
 use super::call::{GuardedBreaker, Retries};
 use super::retry::{RetryOn, RetryPolicy};
 use super::route::{Fallback, RateLimit, Route, RouteTable};

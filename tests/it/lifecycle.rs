@@ -9,7 +9,7 @@ use http::{Request, StatusCode};
 
 use crate::support::eventually;
 use crate::support::free_port;
-use crate::support::opsgate::{Launch, Opsgate, check_config, get, http1};
+use crate::support::opsgate::{Launch, Opsgate, check_config, get, h2c, http1, send};
 use crate::support::upstream::{Upstream, full, refused_url};
 
 /// How long a process may take to exit when it should exit at once.
@@ -236,15 +236,34 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
 }
 
 #[tokio::test]
+async fn sigterm_lets_an_h2_stream_in_flight_finish() {
+    let app = Upstream::echo("app").await;
+    let mut og = Opsgate::start(&shorthand(&app.url(), "")).await;
+    let client = h2c();
+    let req = Request::get(og.url("/slow-h2?sleep_ms=500"))
+        .body(full(Bytes::new()))
+        .unwrap();
+    let in_flight = tokio::spawn(async move { send(&client, req).await });
+    upstream_has(&app, 1).await;
+    og.sigterm();
+    let answer = in_flight.await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.version, http::Version::HTTP_2);
+    assert_eq!(answer.json()["path"], "/slow-h2");
+    let status = og.wait_exit(EXIT_LIMIT).await;
+    assert_eq!(status.code(), Some(0), "{:?}", og.stderr());
+}
+
+#[tokio::test]
 async fn shutdown_delay_keeps_accepting_while_readiness_is_503() {
     let app = Upstream::echo("app").await;
-    let mut og = Opsgate::start(&shorthand(&app.url(), "shutdown_delay = \"1s\"")).await;
+    let mut og = Opsgate::start(&shorthand(&app.url(), "shutdown_delay = \"2s\"")).await;
     assert_eq!(readiness(&og).await, StatusCode::OK);
     og.sigterm();
     let signalled = Instant::now();
     let og_ref = &og;
     eventually(
-        Duration::from_millis(900),
+        Duration::from_millis(1500),
         "readiness to turn 503",
         move || async move { readiness(og_ref).await == StatusCode::SERVICE_UNAVAILABLE },
     )
@@ -256,7 +275,7 @@ async fn shutdown_delay_keeps_accepting_while_readiness_is_503() {
     let status = og.wait_exit(EXIT_LIMIT).await;
     assert_eq!(status.code(), Some(0), "{:?}", og.stderr());
     assert!(
-        signalled.elapsed() >= Duration::from_millis(950),
+        signalled.elapsed() >= Duration::from_millis(1950),
         "exited {:?} after SIGTERM, before shutdown_delay",
         signalled.elapsed()
     );

@@ -170,6 +170,31 @@ async fn strips_hop_by_hop_headers_but_keeps_te_trailers() {
 }
 
 #[tokio::test]
+async fn an_h2c_upgrade_is_dropped_not_tunnelled() {
+    let app = Upstream::echo("app").await;
+    let og = Opsgate::start(&shorthand(&app.url(), "")).await;
+    let answer = get(
+        &og.url("/no-h2c"),
+        &[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ],
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.version, http::Version::HTTP_11);
+    let echo = answer.json();
+    assert_eq!(echo["path"], "/no-h2c");
+    for gone in ["upgrade", "http2-settings"] {
+        assert!(
+            seen(&echo, gone).is_empty(),
+            "{gone} reached upstream: {echo}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn sets_forwarded_headers_and_passes_trace_context() {
     let app = Upstream::echo("app").await;
     let og = Opsgate::start(&shorthand(&app.url(), "")).await;
@@ -179,6 +204,8 @@ async fn sets_forwarded_headers_and_passes_trace_context() {
         &[
             ("host", "shop.example:8443"),
             ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "spoofed.example"),
             ("traceparent", traceparent),
         ],
     )
@@ -194,6 +221,30 @@ async fn sets_forwarded_headers_and_passes_trace_context() {
     // Without a client X-Forwarded-For, the peer alone.
     let echo = get(&og.url("/fwd"), &[]).await.json();
     assert_eq!(seen(&echo, "x-forwarded-for"), ["127.0.0.1"]);
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_keeps_its_forwarded_proto_and_host() {
+    let app = Upstream::echo("app").await;
+    let og = Opsgate::start(&shorthand(
+        &app.url(),
+        "trusted_proxies = [\"127.0.0.0/8\"]",
+    ))
+    .await;
+    let echo = get(
+        &og.url("/fwd"),
+        &[
+            ("host", "internal:8080"),
+            ("x-forwarded-for", "198.51.100.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "public.example"),
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(seen(&echo, "x-forwarded-for"), ["198.51.100.7, 127.0.0.1"]);
+    assert_eq!(seen(&echo, "x-forwarded-proto"), ["https"]);
+    assert_eq!(seen(&echo, "x-forwarded-host"), ["public.example"]);
 }
 
 #[tokio::test]
@@ -363,6 +414,33 @@ upstream = "b"
     }
 }
 
+#[tokio::test]
+async fn reserved_paths_are_answered_by_opsgate_on_segment_boundaries() {
+    let app = Upstream::echo("app").await;
+    let og = Opsgate::start(&shorthand(&app.url(), "")).await;
+    for path in ["/_health/live", "/_health/ready", "/metrics"] {
+        assert_eq!(
+            get(&og.url(path), &[]).await.status,
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+    let answer = get(&og.url("/_health/nope"), &[]).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(answer.json(), json!({"detail": "not found"}));
+    assert_eq!(app.hits(), 0, "a reserved path was proxied");
+    for path in [
+        "/_healthx",
+        "/metricsx",
+        "/api/_health/live",
+        "/api/metrics",
+    ] {
+        let answer = get(&og.url(path), &[]).await;
+        assert_eq!(answer.status, StatusCode::OK, "{path}");
+        assert_eq!(answer.json()["path"], path, "{path} was not proxied");
+    }
+}
+
 /// An ordinary request still gets through: the daemon survived whatever came before.
 async fn still_serving(og: &Opsgate) {
     let answer = get(&og.url("/after"), &[]).await;
@@ -405,6 +483,39 @@ async fn slow_header_client_is_cut_off_after_header_read_timeout() {
         buf.is_empty() || raw_status(&buf) == 408,
         "{}",
         String::from_utf8_lossy(&buf)
+    );
+    assert_eq!(app.hits(), 0);
+    still_serving(&og).await;
+}
+
+#[tokio::test]
+async fn trickling_client_is_cut_off_after_header_read_timeout() {
+    let app = Upstream::echo("app").await;
+    let og = Opsgate::start(&shorthand(&app.url(), "header_read_timeout = \"300ms\"")).await;
+    let sock = TcpStream::connect(og.addr()).await.unwrap();
+    let (mut rd, mut wr) = sock.into_split();
+    let started = Instant::now();
+    // Slowloris: one byte every 50 ms, each well inside any per-read timeout.
+    let trickle = tokio::spawn(async move {
+        let head = format!(
+            "GET /trickle HTTP/1.1\r\nhost: t\r\nx-pad: {}",
+            "p".repeat(200)
+        );
+        for b in head.bytes() {
+            if wr.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut buf)).await;
+    let took = started.elapsed();
+    trickle.abort();
+    assert!(read.is_ok(), "trickling connection still open after 5s");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "cut off after {took:?}"
     );
     assert_eq!(app.hits(), 0);
     still_serving(&og).await;
@@ -543,6 +654,13 @@ upstream = "app"
         "{text}"
     );
     assert!(!text.contains("/nowhere"), "raw path in a label: {text}");
+    // The metrics scrapes themselves are reserved-path requests.
+    assert!(
+        text.contains(
+            r#"http_requests_total{method="GET",route="system",class="system",status="200"}"#
+        ),
+        "{text}"
+    );
 
     if which("promtool") {
         let mut child = std::process::Command::new("promtool")

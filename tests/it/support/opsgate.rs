@@ -66,11 +66,13 @@ pub fn check_config(text: &str) -> (Output, PathBuf, TempDir) {
 
 /// What to start: a config file (optional), flags and environment.
 pub struct Launch {
-    dir: TempDir,
+    dir: Arc<TempDir>,
     config: Option<PathBuf>,
     args: Vec<String>,
     env: Vec<(String, String)>,
     listen: Option<SocketAddr>,
+    /// Pick fresh `--listen`/`--admin` ports at each spawn (see `loopback`).
+    fresh_ports: bool,
 }
 
 impl Default for Launch {
@@ -83,11 +85,12 @@ impl Launch {
     /// No config file, no flags.
     pub fn new() -> Self {
         Self {
-            dir: tempfile::tempdir().unwrap(),
+            dir: Arc::new(tempfile::tempdir().unwrap()),
             config: None,
             args: Vec::new(),
             env: Vec::new(),
             listen: None,
+            fresh_ports: false,
         }
     }
 
@@ -101,15 +104,9 @@ impl Launch {
         self
     }
 
-    /// `--listen` and `--admin` on fresh loopback ports.
+    /// `--listen` and `--admin` on fresh loopback ports, picked anew on every spawn.
     pub fn loopback(mut self) -> Self {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin = format!("127.0.0.1:{}", free_port());
-        self.args.push("--listen".into());
-        self.args.push(listen.to_string());
-        self.args.push("--admin".into());
-        self.args.push(admin);
-        self.listen = Some(listen);
+        self.fresh_ports = true;
         self
     }
 
@@ -130,9 +127,16 @@ impl Launch {
     }
 
     /// Starts the process without waiting for it to serve.
-    pub fn spawn(self) -> Opsgate {
+    pub fn spawn(&self) -> Opsgate {
         let mut cmd = command(self.dir.path());
         cmd.arg("run").args(&self.args);
+        let mut listen = self.listen;
+        if self.fresh_ports {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            cmd.arg("--listen").arg(addr.to_string());
+            cmd.arg("--admin").arg(format!("127.0.0.1:{}", free_port()));
+            listen = Some(addr);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -150,21 +154,31 @@ impl Launch {
         ];
         Opsgate {
             child,
-            listen: self.listen,
+            listen,
             stdout,
             stderr,
             readers,
-            _dir: self.dir,
+            _dir: self.dir.clone(),
         }
     }
 
-    /// Starts the process and waits until `/_health/live` answers 200.
+    /// Starts the process and waits until `/_health/live` answers 200. With fresh ports, a
+    /// port taken between `free_port` and opsgate's bind is retried on other ports.
     pub async fn start(self) -> Opsgate {
         let mut og = self.spawn();
-        let addr = og.addr();
+        let mut addr = og.addr();
+        let mut retries = 3;
         let deadline = tokio::time::Instant::now() + START_LIMIT;
         loop {
             if let Ok(Some(status)) = og.child.try_wait() {
+                og.join_readers();
+                let stderr = og.stderr().join("\n");
+                if self.fresh_ports && retries > 0 && stderr.contains("in use") {
+                    retries -= 1;
+                    og = self.spawn();
+                    addr = og.addr();
+                    continue;
+                }
                 panic!(
                     "opsgate exited at startup ({status}); stderr:\n{}",
                     og.stderr().join("\n")
@@ -208,7 +222,7 @@ pub struct Opsgate {
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
     readers: Vec<JoinHandle<()>>,
-    _dir: TempDir,
+    _dir: Arc<TempDir>,
 }
 
 impl Opsgate {
@@ -253,10 +267,15 @@ impl Opsgate {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
+        self.join_readers();
+        status
+    }
+
+    /// After exit: waits until every line the process wrote has been collected.
+    fn join_readers(&mut self) {
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
-        status
     }
 
     /// Lines written to stdout so far (JSON logs).

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::eventually;
 use crate::support::opsgate::{Opsgate, get, h2c, http1, raw_exchange, raw_status, send};
-use crate::support::upstream::{Filler, Upstream, WsEcho, full, refused_url};
+use crate::support::upstream::{Filler, Hangup, Upstream, WsEcho, full, refused_url};
 
 const MIB: u64 = 1024 * 1024;
 /// opsgate's peak RSS while streaming 100 MiB either way must stay under this.
@@ -275,6 +275,16 @@ async fn request_id_is_generated_when_absent_and_kept_when_sent() {
 #[tokio::test]
 async fn refused_upstream_is_502() {
     let og = Opsgate::start(&shorthand(&refused_url(), "")).await;
+    let answer = get(&og.url("/x"), &[]).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.json(), json!({"detail": "upstream unavailable"}));
+    assert!(answer.header("x-request-id").is_some_and(|v| !v.is_empty()));
+}
+
+#[tokio::test]
+async fn upstream_closing_before_its_answer_is_502() {
+    let upstream = Hangup::start().await;
+    let og = Opsgate::start(&shorthand(&upstream.url(), "")).await;
     let answer = get(&og.url("/x"), &[]).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     assert_eq!(answer.json(), json!({"detail": "upstream unavailable"}));

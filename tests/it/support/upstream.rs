@@ -225,6 +225,40 @@ impl Drop for WsEcho {
     }
 }
 
+/// A server that reads the request head, then closes the connection without answering.
+pub struct Hangup {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Hangup {
+    pub async fn start() -> Self {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((mut sock, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = sock.read(&mut buf).await;
+                });
+            }
+        });
+        Hangup { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Hangup {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// An upstream URL nothing listens on: connecting is refused at once.
 pub fn refused_url() -> String {
     format!("http://127.0.0.1:{}", free_port())

@@ -1,5 +1,7 @@
 //! One integration binary for opsgate: real sockets, throwaway servers, no mocks.
 
 mod health;
+mod lifecycle;
 mod ops;
+mod proxy;
 mod support;

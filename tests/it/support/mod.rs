@@ -1,9 +1,12 @@
-//! Shared test fixtures: free ports, tiny TCP/HTTP servers, throwaway Redis and PostgreSQL.
+//! Shared test fixtures: free ports, tiny TCP/HTTP servers, throwaway Redis and PostgreSQL,
+//! test upstreams and the opsgate process harness.
 
 #![allow(dead_code)]
 
+pub mod opsgate;
 pub mod postgres;
 pub mod redis;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,0 +1,265 @@
+//! Test upstreams on port 0: an echo app (with slow and huge modes), a WebSocket echo,
+//! and a refused address. Each server is aborted, with its connections, on drop.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::free_port;
+
+/// The body type test servers and clients send.
+pub type TestBody = BoxBody<Bytes, Infallible>;
+
+/// A body of `len` bytes of `x`, produced 64 KiB at a time and never held whole.
+pub struct Filler {
+    remaining: u64,
+}
+
+static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+
+impl Filler {
+    pub fn new(len: u64) -> Self {
+        Self { remaining: len }
+    }
+
+    pub fn boxed(len: u64) -> TestBody {
+        Self::new(len).boxed()
+    }
+}
+
+impl http_body::Body for Filler {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(CHUNK.len() as u64);
+        self.remaining -= n;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+            &CHUNK[..n as usize],
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+pub fn full(body: impl Into<Bytes>) -> TestBody {
+    http_body_util::Full::new(body.into()).boxed()
+}
+
+/// An HTTP app (HTTP/1.1 and h2c) that answers every request with a JSON echo of what it
+/// received: `{"upstream","method","path","query","version","headers":{name:[values]},"body_bytes"}`.
+/// The request body is counted as it streams, never buffered.
+///
+/// The query string steers it: `sleep_ms=N` waits N ms before answering; `bytes=N` answers
+/// with N bytes of `x` instead of the echo.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub name: &'static str,
+    hits: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn echo(name: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                let counter = counter.clone();
+                let service = service_fn(move |req| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    answer(name, req)
+                });
+                conns.spawn(async move {
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(sock), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            name,
+            hits,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests whose head has arrived (counted before any `sleep_ms`).
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn query_u64(query: Option<&str>, key: &str) -> Option<u64> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok())?
+    })
+}
+
+async fn answer(
+    name: &'static str,
+    req: Request<Incoming>,
+) -> Result<Response<TestBody>, Infallible> {
+    let query = req.uri().query().map(str::to_owned);
+    if let Some(ms) = query_u64(query.as_deref(), "sleep_ms") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let (parts, mut body) = req.into_parts();
+    let mut body_bytes = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => body_bytes += f.data_ref().map_or(0, |d| d.len() as u64),
+            Err(_) => break,
+        }
+    }
+    if let Some(n) = query_u64(query.as_deref(), "bytes") {
+        return Ok(Response::new(Filler::boxed(n)));
+    }
+    let mut headers = serde_json::Map::new();
+    for name in parts.headers.keys() {
+        let values: Vec<serde_json::Value> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned().into())
+            .collect();
+        headers.insert(name.as_str().to_owned(), values.into());
+    }
+    let echo = serde_json::json!({
+        "upstream": name,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": query,
+        "version": format!("{:?}", parts.version),
+        "headers": headers,
+        "body_bytes": body_bytes,
+    });
+    let mut resp = Response::new(full(echo.to_string()));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}
+
+/// A WebSocket server echoing every text and binary message back.
+pub struct WsEcho {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl WsEcho {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(sock).await else {
+                        return;
+                    };
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        WsEcho { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for WsEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A server that reads the request head, then closes the connection without answering.
+pub struct Hangup {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Hangup {
+    pub async fn start() -> Self {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((mut sock, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = sock.read(&mut buf).await;
+                });
+            }
+        });
+        Hangup { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Hangup {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An upstream URL nothing listens on: connecting is refused at once.
+pub fn refused_url() -> String {
+    format!("http://127.0.0.1:{}", free_port())
+}

@@ -94,6 +94,20 @@ pub async fn serve(
         tokio::spawn(async move {
             let result = match tls_acceptor {
                 None => {
+                    // hyper's header timer starts only after the h1/h2 sniff, which waits for
+                    // the first byte without a deadline: a client that sends nothing would
+                    // hold its socket forever. One peek bounds that.
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first))
+                        .await
+                    {
+                        Ok(Ok(n)) if n > 0 => {}
+                        Ok(_) => return,
+                        Err(_) => {
+                            tracing::debug!(%peer, "client sent nothing before header_read_timeout");
+                            return;
+                        }
+                    }
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();

@@ -155,6 +155,10 @@ impl MetricsRegistry {
             .set(1);
         registry.register("opsgate_build_info", "opsgate build information", build);
         let ops = OpsMetrics::default();
+        // Both results exist from the start, so `increase()` sees the first failure.
+        for result in ["success", "failure"] {
+            let _ = ops.config_reloads.get_or_create(&ResultLabel { result });
+        }
         registry.register(
             "maintenance_mode",
             "1 while maintenance mode is on",

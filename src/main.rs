@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     // One crypto provider for every rustls user (proxy, probes, Redis, PostgreSQL).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    opsgate::telemetry::logging::init(cli.log_format);
+    let _log_guard = opsgate::telemetry::logging::init(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -24,7 +24,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    rt.block_on(dispatch(cli.command))
+    let code = rt.block_on(dispatch(cli.command));
+    // Background tasks may still log; stop them before the log writer flushes and exits.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
 }
 
 async fn dispatch(cmd: Command) -> ExitCode {

@@ -89,11 +89,11 @@ impl Drop for Record {
 /// The response body with its record riding along until the last frame.
 pub struct ObservedBody {
     inner: Body,
-    record: Option<Box<Record>>,
+    record: Option<Record>,
 }
 
 impl ObservedBody {
-    pub fn new(inner: Body, record: Option<Box<Record>>) -> Self {
+    pub fn new(inner: Body, record: Option<Record>) -> Self {
         Self { inner, record }
     }
 }

@@ -201,7 +201,7 @@ impl Proxy {
         let uri = match route
             .upstream
             .target
-            .uri_for(route.forward_path(path), parts.uri.query())
+            .uri_for(route.forward_path(path), parts.uri.path_and_query())
         {
             Ok(u) => u,
             Err(e) => return respond_err(rec, route, e, Some(request_id)),
@@ -379,5 +379,5 @@ fn with_record_status(
 ) -> Response<ObservedBody> {
     rec.permit = permit;
     let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, ObservedBody::new(body, Some(Box::new(rec))))
+    Response::from_parts(parts, ObservedBody::new(body, Some(rec)))
 }

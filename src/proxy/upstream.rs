@@ -69,30 +69,27 @@ impl Target {
         })
     }
 
-    /// The upstream URI for an already-normalized path and the client's query.
-    pub fn uri_for(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
-        let pq = match (&self.base_path, query) {
-            (None, None) => {
-                PathAndQuery::from_maybe_shared(bytes::Bytes::copy_from_slice(path.as_bytes()))
-            }
-            (base, q) => {
+    /// The upstream URI for an already-normalized path. `original` is the client's
+    /// path and query: reused as is (a refcount, no copy) when the path did not change.
+    pub fn uri_for(&self, path: &str, original: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+        let query = original.and_then(|pq| pq.query());
+        let pq = match (&self.base_path, original) {
+            (None, Some(pq)) if pq.path() == path => pq.clone(),
+            (base, _) => {
+                let base = base.as_deref().unwrap_or("");
                 let mut s = String::with_capacity(
-                    path.len()
-                        + base.as_ref().map_or(0, String::len)
-                        + q.map_or(0, |q| q.len() + 1),
+                    base.len() + path.len() + query.map_or(0, |q| q.len() + 1),
                 );
-                if let Some(b) = base {
-                    s.push_str(b);
-                }
+                s.push_str(base);
                 s.push_str(path);
-                if let Some(q) = q {
+                if let Some(q) = query {
                     s.push('?');
                     s.push_str(q);
                 }
                 PathAndQuery::from_maybe_shared(bytes::Bytes::from(s))
+                    .map_err(|_| ProxyError::BadPath)?
             }
-        }
-        .map_err(|_| ProxyError::BadPath)?;
+        };
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());

@@ -11,16 +11,25 @@ pub enum LogFormat {
     Pretty,
 }
 
-pub fn init(format: Option<LogFormat>) {
+/// Keeps the log writer thread alive; dropping it flushes what is buffered.
+pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+
+/// Sets up logging. Lines are formatted on the caller's thread but written by a
+/// dedicated thread through one buffered stdout writer, flushed whenever it has no more
+/// lines waiting: under load one write(2) carries many access-log lines. If stdout
+/// cannot keep up, lines are dropped rather than slowing requests down.
+pub fn init(format: Option<LogFormat>) -> LogGuard {
     let filter = EnvFilter::try_from_env("OPSGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let format = format.unwrap_or(if std::io::stdout().is_terminal() {
         LogFormat::Pretty
     } else {
         LogFormat::Json
     });
+    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking(stdout);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder
             .json()
@@ -30,4 +39,5 @@ pub fn init(format: Option<LogFormat>) {
             .try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
+    guard
 }

@@ -9,8 +9,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use super::histogram::AtomicHistogram;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -41,9 +42,9 @@ pub struct VersionLabels {
 #[derive(Clone, Debug)]
 pub struct Buckets(Arc<[f64]>);
 
-impl MetricConstructor<Histogram> for Buckets {
-    fn new_metric(&self) -> Histogram {
-        Histogram::new(self.0.iter().copied())
+impl MetricConstructor<AtomicHistogram> for Buckets {
+    fn new_metric(&self) -> AtomicHistogram {
+        AtomicHistogram::new(&self.0)
     }
 }
 
@@ -51,7 +52,7 @@ impl MetricConstructor<Histogram> for Buckets {
 #[derive(Clone, Debug)]
 pub struct HttpMetrics {
     pub requests: Family<RequestLabels, Counter>,
-    pub duration: Family<DurationLabels, Histogram, Buckets>,
+    pub duration: Family<DurationLabels, AtomicHistogram, Buckets>,
     pub in_progress: Family<RouteClassLabels, Gauge>,
 }
 
@@ -324,7 +325,7 @@ pub struct RouteMetrics {
     /// Set once per (method, status) slot; never a lock after the first use.
     requests: Box<[[OnceLock<Counter>; STATUS_SLOTS.len()]; METHODS.len()]>,
     /// Set once per method.
-    duration: [OnceLock<Histogram>; METHODS.len()],
+    duration: [OnceLock<AtomicHistogram>; METHODS.len()],
     in_progress: Gauge,
     /// In-flight count mirrored locally for cheap reads (the status page).
     pub active: Arc<AtomicI64>,

@@ -2,6 +2,7 @@
 //! Built once in `app`; other rooms get handles, never a global.
 
 pub mod events;
+pub mod histogram;
 pub mod logging;
 pub mod metrics;
 

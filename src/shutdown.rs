@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Notify;
 
 /// What the daemon is asked to do by the outside world.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,22 +13,17 @@ pub enum Signal {
     Reload,
 }
 
-/// Shared "we are going away" state: readiness reads it, the admin API can set it.
+/// Shared "we are going away" state: readiness reads it; SIGTERM and the admin API set it.
 #[derive(Default)]
 pub struct Drain {
     /// Set once: readiness answers 503 from then on.
     draining: AtomicBool,
-    /// Wakes the lifecycle when `POST /_ops/drain` starts a drain.
-    pub started: Notify,
 }
 
 impl Drain {
+    /// Returns true the first time, so the caller announces the drain once.
     pub fn start(&self) -> bool {
-        let first = !self.draining.swap(true, Ordering::SeqCst);
-        if first {
-            self.started.notify_waiters();
-        }
-        first
+        !self.draining.swap(true, Ordering::SeqCst)
     }
 
     pub fn is_draining(&self) -> bool {

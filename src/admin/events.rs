@@ -16,8 +16,9 @@ use crate::health::render::sse_frame;
 use crate::proxy::Body;
 use crate::proxy::body::BoxError;
 
-/// A comment line now and then keeps idle proxies and browsers from dropping the stream.
-const KEEPALIVE: Duration = Duration::from_secs(15);
+/// With no event for this long a fresh `status` goes out anyway: counters and latencies
+/// change without transitions, and the regular frame keeps idle proxies from closing.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 pub fn stream(shared: Arc<Shared>, headers: &HeaderMap) -> Response<Body> {
     let last_id = headers
@@ -35,8 +36,8 @@ pub fn stream(shared: Arc<Shared>, headers: &HeaderMap) -> Response<Body> {
         if let Some(frame) = pending.next() {
             return Some((Ok::<_, BoxError>(Frame::data(frame)), (shared, rx, pending)));
         }
-        let frames = match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
-            Err(_) => vec![Bytes::from_static(b": keepalive\n\n")],
+        let frames = match tokio::time::timeout(STATUS_EVERY, rx.recv()).await {
+            Err(_) => vec![status_frame(&shared)],
             Ok(Ok(e)) => vec![
                 sse_frame(Some(&e.id.to_string()), e.kind, &e.data),
                 status_frame(&shared),

@@ -80,7 +80,9 @@ async fn handle(shared: &Arc<Shared>, local: &Local, req: Request<Incoming>) -> 
         return local.health_response(req, &sub, true);
     }
     match (&method, path.as_str()) {
-        (&Method::GET, "/_ops/" | "/_ops") => return page::shell(),
+        (&Method::GET | &Method::HEAD, "/_ops/" | "/_ops") => {
+            return crate::endpoints::strip_body_for_head(page::shell(), method == Method::HEAD);
+        }
         (&Method::POST, "/_ops/session") => return session(shared, req).await,
         _ => {}
     }
@@ -88,7 +90,12 @@ async fn handle(shared: &Arc<Shared>, local: &Local, req: Request<Incoming>) -> 
         return error(StatusCode::NOT_FOUND, "not found");
     }
     if !authorized(shared, req.headers()) {
-        return error(StatusCode::UNAUTHORIZED, "unauthorized");
+        let mut resp = error(StatusCode::UNAUTHORIZED, "unauthorized");
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"opsgate\""),
+        );
+        return resp;
     }
     match (method, path.as_str()) {
         (Method::GET, "/_ops/status") => ok_json(&status_json(shared)),
@@ -125,9 +132,13 @@ async fn handle(shared: &Arc<Shared>, local: &Local, req: Request<Incoming>) -> 
     }
 }
 
-/// The session cookie carries a digest of the token, never the token itself.
-fn session_value(token: &str) -> String {
-    crate::config::sha256_hex(format!("opsgate-session:{token}").as_bytes())
+/// The session cookie carries a digest of the token and a secret drawn at startup, never
+/// the token itself: a leaked cookie dies with the process and says nothing about the token.
+fn session_value(shared: &Shared, token: &str) -> String {
+    let mut input = Vec::with_capacity(32 + token.len());
+    input.extend_from_slice(&shared.session_secret);
+    input.extend_from_slice(token.as_bytes());
+    crate::config::sha256_hex(&input)
 }
 
 fn authorized(shared: &Shared, headers: &http::HeaderMap) -> bool {
@@ -145,7 +156,7 @@ fn authorized(shared: &Shared, headers: &http::HeaderMap) -> bool {
     if bearer.is_some_and(|b| crate::ops::gate::constant_time_eq(b.as_bytes(), want.as_bytes())) {
         return true;
     }
-    let session = session_value(&token);
+    let session = session_value(shared, &token);
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -185,7 +196,7 @@ async fn session(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     }
     let cookie = format!(
         "{SESSION_COOKIE}={}; Path=/_ops; HttpOnly; SameSite=Strict",
-        session_value(&token)
+        session_value(shared, &token)
     );
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -281,15 +292,19 @@ fn breaker_action(shared: &Shared, rest: &str) -> Response<Body> {
 }
 
 fn percent_decode(s: &str) -> String {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(v);
+        if let (b'%', Some(h), Some(l)) = (
+            b[i],
+            b.get(i + 1).and_then(|c| hex(*c)),
+            b.get(i + 2).and_then(|c| hex(*c)),
+        ) {
+            out.push(h * 16 + l);
             i += 3;
             continue;
         }
@@ -347,5 +362,7 @@ mod tests {
     fn percent_decoding_of_breaker_names() {
         assert_eq!(percent_decode("route%3Aapi"), "route:api");
         assert_eq!(percent_decode("app"), "app");
+        assert_eq!(percent_decode("%a\u{e9}"), "%a\u{e9}");
+        assert_eq!(percent_decode("x%"), "x%");
     }
 }

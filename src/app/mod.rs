@@ -78,6 +78,8 @@ pub struct Shared {
     /// Bound addresses, to warn when a reload asks for other ones.
     pub bound: Bound,
     pub tls: Option<Arc<ArcSwapOption<tokio_rustls::TlsAcceptor>>>,
+    /// Mixed into admin session cookies; new at every start.
+    pub session_secret: [u8; 32],
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +174,7 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         started: Instant::now(),
         bound: bound.clone(),
         tls: tls.clone(),
+        session_secret: random_secret().map_err(RunError::Startup)?,
     });
     metrics.ops.last_reload_success.set(unix_now());
     metrics
@@ -231,15 +234,10 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         stop_rx.clone(),
     ));
 
-    // Serve until told to stop: a signal or `POST /_ops/drain`.
-    loop {
-        tokio::select! {
-            sig = signals.next() => match sig {
-                Signal::Reload => { shared.reload("signal").await; }
-                Signal::Terminate => break,
-            },
-            _ = shared.drain.started.notified() => break,
-        }
+    // Serve until a terminating signal. `POST /_ops/drain` only turns readiness off:
+    // the pod keeps serving until its orchestrator sends SIGTERM.
+    while signals.next().await == Signal::Reload {
+        shared.reload("signal").await;
     }
     if shared.drain.start() {
         shared
@@ -325,6 +323,15 @@ fn in_flight(rt: &Runtime) -> i64 {
         .flat_map(|r| r.metrics.iter())
         .map(|m| m.active.load(Ordering::Relaxed))
         .sum()
+}
+
+fn random_secret() -> Result<[u8; 32], String> {
+    use ring::rand::SecureRandom;
+    let mut secret = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| "no system randomness for the admin session secret".to_string())?;
+    Ok(secret)
 }
 
 pub fn unix_now() -> f64 {

@@ -203,6 +203,7 @@ pub fn watch_config(shared: Arc<Shared>) -> Option<notify::RecommendedWatcher> {
     tokio::spawn(async move {
         // Editors and ConfigMap updates produce bursts of events: wait for a quiet moment.
         const QUIET: Duration = Duration::from_millis(150);
+        let mut last_tried: Option<String> = None;
         while rx.recv().await.is_some() {
             loop {
                 match tokio::time::timeout(QUIET, rx.recv()).await {
@@ -214,8 +215,11 @@ pub fn watch_config(shared: Arc<Shared>) -> Option<notify::RecommendedWatcher> {
             let Ok(bytes) = tokio::fs::read(&path).await else {
                 continue;
             };
-            let running = shared.live.load().config.sha256.clone();
-            if crate::config::sha256_hex(&bytes) != running {
+            let seen = crate::config::sha256_hex(&bytes);
+            // Reload on new content only: other files changing in the directory (or a
+            // broken file sitting there) must not replay the same failing reload.
+            if seen != shared.live.load().config.sha256 && Some(&seen) != last_tried.as_ref() {
+                last_tried = Some(seen);
                 shared.reload("watch").await;
             }
         }

@@ -1,5 +1,6 @@
 //! One integration binary for opsgate: real sockets, throwaway servers, no mocks.
 
+mod admin;
 mod health;
 mod lifecycle;
 mod ops;

@@ -1,7 +1,6 @@
 //! The ops room against real files, timers and Redis processes.
 
-use std::net::{IpAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -13,6 +12,8 @@ use opsgate::ops::{
     MaintenanceSettings, Mode, Source, client_ip, decide, fleet_set,
 };
 use tokio::sync::watch;
+
+use crate::support::redis::RedisServer;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -485,83 +486,6 @@ async fn window_turns_on_at_start_and_off_at_end_with_retry_after_to_its_end() {
 
 // ---- Redis ----------------------------------------------------------------------------
 
-/// A redis-server of our own on a free port, killed on drop.
-struct ThrowawayRedis {
-    port: u16,
-    extra: Vec<&'static str>,
-    child: Option<Child>,
-}
-
-impl ThrowawayRedis {
-    fn start() -> Self {
-        Self::start_with(&[])
-    }
-
-    fn start_with(extra: &[&'static str]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self {
-            port,
-            extra: extra.to_vec(),
-            child: None,
-        };
-        redis.restart();
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn cli(&self, args: &[&str]) {
-        let status = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(if self.extra.contains(&"--requirepass") {
-                &["--no-auth-warning", "-a", "hunter2"][..]
-            } else {
-                &[]
-            })
-            .args(args)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for ThrowawayRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
@@ -602,7 +526,7 @@ async fn wait_fleet(maintenance: &Maintenance, within: Duration, value: Option<b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_follow_one_fleet_set_within_a_second() {
     install_crypto();
-    let redis = ThrowawayRedis::start();
+    let redis = RedisServer::start();
     let key = "opsgate:test:maintenance";
     // A long poll: only the pub/sub message can make the deadline.
     let poll = Duration::from_secs(30);
@@ -644,7 +568,7 @@ async fn three_instances_follow_one_fleet_set_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_reads_a_key_set_without_publish() {
     install_crypto();
-    let redis = ThrowawayRedis::start();
+    let redis = RedisServer::start();
     let key = "fleet-poll";
     let maintenance = Maintenance::new(MaintenanceSettings::default());
     let fleet = FleetControl::start(
@@ -665,7 +589,7 @@ async fn poll_reads_a_key_set_without_publish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_keeps_the_last_state_and_reconnects() {
     install_crypto();
-    let mut redis = ThrowawayRedis::start_with(&["--requirepass", "hunter2"]);
+    let mut redis = RedisServer::start_with(&["--requirepass", "hunter2"]);
     let key = "fleet-outage";
     let maintenance = Maintenance::new(MaintenanceSettings::default());
     let url = format!("redis://:hunter2@127.0.0.1:{}", redis.port);

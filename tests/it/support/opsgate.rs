@@ -71,6 +71,7 @@ pub struct Launch {
     args: Vec<String>,
     env: Vec<(String, String)>,
     listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
     /// Pick fresh `--listen`/`--admin` ports at each spawn (see `loopback`).
     fresh_ports: bool,
 }
@@ -90,8 +91,23 @@ impl Launch {
             args: Vec::new(),
             env: Vec::new(),
             listen: None,
+            admin: None,
             fresh_ports: false,
         }
+    }
+
+    /// The temp dir the process runs in (and the config file lives in).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Passes `--config path` for a file the test lays out itself (symlinks, other dirs).
+    pub fn config_at(mut self, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        self.args.push("--config".into());
+        self.args.push(path.display().to_string());
+        self.config = Some(path);
+        self
     }
 
     /// Writes `text` as the config file and passes `--config`.
@@ -126,16 +142,24 @@ impl Launch {
         self
     }
 
+    /// The admin address when it is not set by `loopback` (env, file).
+    pub fn admin_on(mut self, addr: SocketAddr) -> Self {
+        self.admin = Some(addr);
+        self
+    }
+
     /// Starts the process without waiting for it to serve.
     pub fn spawn(&self) -> Opsgate {
         let mut cmd = command(self.dir.path());
         cmd.arg("run").args(&self.args);
-        let mut listen = self.listen;
+        let (mut listen, mut admin) = (self.listen, self.admin);
         if self.fresh_ports {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             cmd.arg("--listen").arg(addr.to_string());
-            cmd.arg("--admin").arg(format!("127.0.0.1:{}", free_port()));
+            cmd.arg("--admin").arg(admin_addr.to_string());
             listen = Some(addr);
+            admin = Some(admin_addr);
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -155,6 +179,8 @@ impl Launch {
         Opsgate {
             child,
             listen,
+            admin,
+            config: self.config.clone(),
             stdout,
             stderr,
             readers,
@@ -219,6 +245,8 @@ fn collect_lines(
 pub struct Opsgate {
     child: Child,
     listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    config: Option<PathBuf>,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
     readers: Vec<JoinHandle<()>>,
@@ -238,6 +266,41 @@ impl Opsgate {
 
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{path_and_query}", self.addr())
+    }
+
+    /// The admin listener.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.expect("no known admin address")
+    }
+
+    /// `http://<admin>` followed by `path_and_query`.
+    pub fn admin_url(&self, path_and_query: &str) -> String {
+        format!("http://{}{path_and_query}", self.admin_addr())
+    }
+
+    /// The `--config` path it was started with.
+    pub fn config_path(&self) -> &std::path::Path {
+        self.config.as_deref().expect("started without --config")
+    }
+
+    /// Replaces the config file's content (the watcher may pick it up on its own).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn sighup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP {} failed", self.pid());
     }
 
     pub fn pid(&self) -> u32 {
@@ -389,6 +452,15 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Answer {
         b = b.header(*k, *v);
     }
     send(&http1(), b.body(full(Bytes::new())).unwrap()).await
+}
+
+/// Sends `method url` with extra headers and a body over a new HTTP/1.1 connection.
+pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(&http1(), b.body(full(body.to_owned())).unwrap()).await
 }
 
 /// Writes `request` on a new connection and reads until the server closes it (5 s limit).

@@ -53,6 +53,27 @@ impl RedisServer {
         super::wait_listening(self.port, Duration::from_secs(5));
     }
 
+    /// Runs `redis-cli` against it (authenticating when started with `--requirepass`);
+    /// panics unless it succeeds.
+    pub fn cli(&self, args: &[&str]) {
+        let password = self
+            .extra_args
+            .iter()
+            .position(|a| a == "--requirepass")
+            .and_then(|i| self.extra_args.get(i + 1));
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-p", &self.port.to_string()]);
+        if let Some(pw) = password {
+            cmd.args(["--no-auth-warning", "-a", pw]);
+        }
+        let status = cmd
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli on PATH");
+        assert!(status.success(), "redis-cli {args:?} failed");
+    }
+
     /// SIGKILL: the server dies without a goodbye, like a crashed dependency.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -129,33 +129,32 @@ impl Local {
         let local = Local {
             shared: self.shared.clone(),
         };
-        let changes = self.shared.health.subscribe();
-        let mut drain_changes = self.shared.maintenance.subscribe();
-        drain_changes.mark_unchanged();
-        let state = (
-            local,
-            changes,
-            drain_changes,
-            true,
-            tokio::time::interval(interval),
-        );
+        // Any of health, maintenance or draining changing alters the ready body.
+        let health = self.shared.health.subscribe();
+        let mut maintenance = self.shared.maintenance.subscribe();
+        maintenance.mark_unchanged();
+        let mut drain = self.shared.drain.subscribe();
+        drain.mark_unchanged();
+        let watches = (health, maintenance, drain);
+        let state = (local, watches, true, tokio::time::interval(interval));
         let stream = futures_util::stream::unfold(
             state,
-            move |(local, mut changes, mut maint, first, mut tick)| async move {
+            move |(local, mut w, first, mut tick)| async move {
                 if first {
                     tick.reset();
                 } else {
                     tokio::select! {
                         _ = tick.tick() => {}
-                        r = changes.changed() => { r.ok()?; }
-                        r = maint.changed() => { r.ok()?; }
+                        r = w.0.changed() => { r.ok()?; }
+                        r = w.1.changed() => { r.ok()?; }
+                        r = w.2.changed() => { r.ok()?; }
                     }
                 }
                 let body =
                     render::ready(&local.shared.health.snapshot(), local.readiness(), view).body;
                 let text = std::str::from_utf8(&body).unwrap_or("{}");
                 let frame = render::sse_frame(None, "health", text);
-                Some((Ok(Frame::data(frame)), (local, changes, maint, false, tick)))
+                Some((Ok(Frame::data(frame)), (local, w, false, tick)))
             },
         );
         StreamBody::new(stream)

@@ -14,16 +14,34 @@ pub enum Signal {
 }
 
 /// Shared "we are going away" state: readiness reads it; SIGTERM and the admin API set it.
-#[derive(Default)]
 pub struct Drain {
-    /// Set once: readiness answers 503 from then on.
+    /// Set once: readiness answers 503 from then on. An atomic for the probe's cheap read.
     draining: AtomicBool,
+    /// Wakes open health streams when draining starts.
+    changed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            draining: AtomicBool::new(false),
+            changed: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 impl Drain {
     /// Returns true the first time, so the caller announces the drain once.
     pub fn start(&self) -> bool {
-        !self.draining.swap(true, Ordering::SeqCst)
+        let first = !self.draining.swap(true, Ordering::SeqCst);
+        if first {
+            self.changed.send_replace(true);
+        }
+        first
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.changed.subscribe()
     }
 
     pub fn is_draining(&self) -> bool {

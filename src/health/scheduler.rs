@@ -182,9 +182,12 @@ pub async fn wait_for_critical(specs: &[CheckSpec], timeout: Duration) -> Result
             // The round was cut short: whatever failed last time is still not known to pass.
             Err(_) => return Err(failing),
         }
-        if tokio::time::Instant::now() + WAIT_POLL >= deadline {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             return Err(failing);
         }
-        tokio::time::sleep(WAIT_POLL).await;
+        // The last round runs at the deadline itself, so a dependency that comes up in the
+        // final poll interval is still seen.
+        tokio::time::sleep_until((now + WAIT_POLL).min(deadline)).await;
     }
 }

@@ -3,5 +3,6 @@
 mod health;
 mod lifecycle;
 mod ops;
+mod probes;
 mod proxy;
 mod support;

@@ -131,11 +131,14 @@ impl Launch {
         let mut cmd = command(self.dir.path());
         cmd.arg("run").args(&self.args);
         let mut listen = self.listen;
+        let mut admin = None;
         if self.fresh_ports {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             cmd.arg("--listen").arg(addr.to_string());
-            cmd.arg("--admin").arg(format!("127.0.0.1:{}", free_port()));
+            cmd.arg("--admin").arg(admin_addr.to_string());
             listen = Some(addr);
+            admin = Some(admin_addr);
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -155,6 +158,7 @@ impl Launch {
         Opsgate {
             child,
             listen,
+            admin,
             stdout,
             stderr,
             readers,
@@ -219,6 +223,8 @@ fn collect_lines(
 pub struct Opsgate {
     child: Child,
     listen: Option<SocketAddr>,
+    /// The admin listener, when picked by `loopback`.
+    admin: Option<SocketAddr>,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
     readers: Vec<JoinHandle<()>>,
@@ -238,6 +244,15 @@ impl Opsgate {
 
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{path_and_query}", self.addr())
+    }
+
+    /// The admin listener (known when started with `loopback`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.expect("no known admin address")
+    }
+
+    pub fn admin_url(&self, path_and_query: &str) -> String {
+        format!("http://{}{path_and_query}", self.admin_addr())
     }
 
     pub fn pid(&self) -> u32 {

@@ -505,6 +505,58 @@ async fn stream_sends_ready_body_at_once_on_change_and_periodically() {
 }
 
 #[tokio::test]
+async fn stream_interval_takes_bare_seconds() {
+    let og = start(&[]).await;
+    let (head, mut stream) = EventStream::open(&og.url("/_health/stream?interval=0.25")).await;
+    assert_eq!(head.status, StatusCode::OK);
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        times.push(stream.next(Duration::from_secs(2)).await.2);
+    }
+    for gap in gaps(&times) {
+        assert!(
+            gap >= Duration::from_millis(200) && gap <= Duration::from_millis(250) + SLACK,
+            "gaps at ?interval=0.25: {:?}",
+            gaps(&times)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_slow_check_is_degraded_passing_and_not_counted_healthy() {
+    let db = Port::open().await;
+    let slow = format!(
+        "[[health.checks]]\nname = \"slow\"\ntype = \"tcp\"\naddress = \"{}\"\ndegraded_over = \"0ms\"\n",
+        db.addr
+    );
+    let og = start(&[slow]).await;
+    let body = await_check(&og, "slow", "degraded", SLACK).await;
+    assert_eq!(body["status"], "degraded", "{body}");
+    let ready = get(&og.url("/_health/ready"), &[]).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    let one = get(&og.url("/_health/checks/slow"), &[]).await;
+    assert_eq!(one.status, StatusCode::OK, "{}", one.text());
+    let one = one.json();
+    assert_eq!(one["status"], "degraded");
+    assert!(one["message"].is_string(), "{one}");
+    let startup = get(&og.url("/_health/startup"), &[]).await;
+    assert_eq!(startup.status, StatusCode::OK);
+    let text = get(&og.url("/metrics"), &[]).await.text();
+    assert_eq!(
+        sample(
+            &text,
+            r#"health_check_status{check="slow",critical="true"}"#
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"health_status{status="degraded"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
 async fn health_json_answers_in_the_ietf_format() {
     let up = Port::open().await;
     let og = start(&[
@@ -821,6 +873,22 @@ async fn wait_for_critical_gives_up_after_its_limit() {
         get(&og.url("/_health/ready"), &[]).await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
+}
+
+#[tokio::test]
+async fn wait_for_critical_does_not_hold_without_critical_checks() {
+    let app = Upstream::echo("app").await;
+    let text = config(
+        &app.url(),
+        "",
+        "wait_for_critical = \"2s\"",
+        &[tcp_check("optional", dead_addr(), false)],
+    );
+    let began = Instant::now();
+    let og = Opsgate::start(&text).await;
+    let first = get(&og.url("/x"), &[]).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    assert!(began.elapsed() < Duration::from_secs(2));
 }
 
 /// The value of the sample line starting with `series ` in a Prometheus text body.

@@ -4,5 +4,6 @@ mod admin;
 mod health;
 mod lifecycle;
 mod ops;
+mod probes;
 mod proxy;
 mod support;

@@ -4,4 +4,5 @@ mod health;
 mod lifecycle;
 mod ops;
 mod proxy;
+mod resilience;
 mod support;

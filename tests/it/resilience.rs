@@ -10,7 +10,7 @@ use http::{Request, StatusCode};
 use serde_json::Value;
 
 use crate::support::opsgate::{Answer, Launch, Opsgate, get, http1, send};
-use crate::support::upstream::{Reply, Scripted, Upstream, full};
+use crate::support::upstream::{Reply, Scripted, Upstream, full, refused_url};
 use crate::support::{eventually, free_port};
 
 /// Upper bound for any condition awaited below; the configs use far shorter timeouts.
@@ -883,4 +883,115 @@ async fn a_route_scoped_breaker_is_named_after_its_route() {
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
     assert_eq!(answer.json()["state"], "closed");
     assert_upstream_status(&rig.get("/x").await, 500);
+}
+
+#[tokio::test]
+async fn connect_failures_and_timeouts_count_as_breaker_failures_and_are_retried() {
+    // Refused: 502 after a retry on connect-failure, and two of them open the breaker.
+    let url = refused_url();
+    let tables = format!(
+        "[upstreams.app.breaker]\nfailure_threshold = 2\nrecovery_timeout = \"10s\"\n\
+         failure_status = []\n\n{}",
+        retry_table("attempts = 2\nbudget_min_per_second = 100")
+    );
+    let rig = Setup::new(&url).tables(&tables).start().await;
+    let answer = rig.get("/x").await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.text(), r#"{"detail":"upstream unavailable"}"#);
+    let b = rig.breaker("app").await;
+    assert_eq!(b["state"], "open", "{b}");
+    assert_eq!(b["failed_calls"], 2, "{b}");
+    let labels = [("upstream", "app"), ("reason", "connect-failure")];
+    assert_eq!(
+        rig.metric("upstream_retries_total", &labels).await,
+        Some(1.0)
+    );
+
+    // No answer within the route timeout counts too, whatever `failure_status` says.
+    let app = Scripted::start(Reply::Hang).await;
+    let rig = Setup::new(&app.url())
+        .tables(
+            "[upstreams.app.breaker]\nfailure_threshold = 2\nrecovery_timeout = \"10s\"\n\
+             failure_status = []\n",
+        )
+        .route("timeout = \"100ms\"")
+        .start()
+        .await;
+    for _ in 0..2 {
+        assert_eq!(rig.get("/x").await.status, StatusCode::GATEWAY_TIMEOUT);
+    }
+    assert_eq!(rig.breaker("app").await["state"], "open");
+    assert_circuit_open(&rig.get("/x").await);
+    assert_eq!(app.hits(), 2);
+}
+
+#[tokio::test]
+async fn slow_calls_open_the_breaker_through_the_rate_rule() {
+    let app = Upstream::echo("app").await;
+    let rig = Setup::new(&app.url())
+        .tables(
+            "[upstreams.app.breaker]\nrecovery_timeout = \"10s\"\nfailure_rate = 0.5\n\
+             minimum_calls = 3\nslow_call_duration = \"50ms\"\n",
+        )
+        .start()
+        .await;
+    assert_eq!(rig.get("/fast").await.status, StatusCode::OK);
+    for _ in 0..2 {
+        assert_eq!(rig.get("/slow?sleep_ms=120").await.status, StatusCode::OK);
+    }
+    let b = rig.breaker("app").await;
+    assert_eq!(b["state"], "open", "{b}");
+    assert_eq!(b["reason"], "slow_calls");
+    assert_eq!(b["failed_calls"], 0, "{b}");
+    assert_circuit_open(&rig.get("/fast").await);
+    assert_eq!(app.hits(), 3);
+}
+
+#[tokio::test]
+async fn each_reopen_doubles_the_recovery_timeout_up_to_its_max() {
+    let app = Scripted::start(Reply::Status(503)).await;
+    let rig = Setup::new(&app.url())
+        .tables(
+            "[upstreams.app.breaker]\nfailure_threshold = 1\nrecovery_timeout = \"500ms\"\n\
+             half_open_max_calls = 1\nmax_recovery_timeout = \"5s\"\n",
+        )
+        .start()
+        .await;
+    assert_upstream_status(&rig.get("/x").await, 503);
+    let first = rig.breaker("app").await["remaining_timeout_s"]
+        .as_f64()
+        .unwrap();
+    assert!(first > 0.0 && first <= 0.5, "first open period {first}s");
+
+    let (r, a) = (&rig, &app);
+    eventually(
+        LIMIT,
+        "a half-open trial reaching the upstream",
+        move || async move {
+            r.get("/x").await;
+            a.hits() == 2
+        },
+    )
+    .await;
+    let b = rig.breaker("app").await;
+    assert_eq!(b["reason"], "trial_failed");
+    // 2 x 500ms, jittered by ±10%: longer than any first period could be.
+    let second = b["remaining_timeout_s"].as_f64().unwrap();
+    assert!(
+        second > 0.5 && second <= 1.1,
+        "second open period {second}s"
+    );
+}
+
+#[tokio::test]
+async fn circuit_open_env_serves_the_route_fallback() {
+    let app = Scripted::start(Reply::Ok).await;
+    let rig = Setup::new(&app.url())
+        .route("fallback = { status = 200, body = '{\"fallback\":true}' }")
+        .start_with_env(&[("CIRCUIT_OPEN", "on")])
+        .await;
+    let answer = rig.get("/x").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), r#"{"fallback":true}"#);
+    assert_eq!(app.hits(), 0);
 }

@@ -995,3 +995,62 @@ async fn circuit_open_env_serves_the_route_fallback() {
     assert_eq!(answer.text(), r#"{"fallback":true}"#);
     assert_eq!(app.hits(), 0);
 }
+
+#[tokio::test]
+async fn a_call_that_fails_while_open_does_not_extend_the_open_period() {
+    let app = Scripted::start(Reply::Ok).await;
+    let rig = Setup::new(&app.url())
+        .tables("[upstreams.app.breaker]\nfailure_threshold = 1\nrecovery_timeout = \"1s\"\n")
+        .route("timeout = \"600ms\"")
+        .start()
+        .await;
+    // A hangs until its timeout; B fails at once and opens the breaker meanwhile.
+    app.then(&[Reply::Hang, Reply::Status(503)]);
+    let slow_url = rig.og.url("/a");
+    let slow = tokio::spawn(async move { get(&slow_url, &[]).await.status });
+    let a = &app;
+    eventually(
+        LIMIT,
+        "the first request reaching the upstream",
+        move || async move { a.hits() == 1 },
+    )
+    .await;
+    assert_upstream_status(&rig.get("/b").await, 503);
+    assert_eq!(rig.breaker("app").await["state"], "open");
+
+    assert_eq!(slow.await.unwrap(), StatusCode::GATEWAY_TIMEOUT);
+    let b = rig.breaker("app").await;
+    assert_eq!(b["state"], "open", "{b}");
+    assert_eq!(b["failed_calls"], 2, "{b}");
+    let left = b["remaining_timeout_s"].as_f64().unwrap();
+    assert!(
+        left < 0.7,
+        "the late failure restarted the open period: {left}s left"
+    );
+}
+
+#[tokio::test]
+async fn a_dry_run_breaker_goes_through_half_open_back_to_closed() {
+    let app = Scripted::start(Reply::Status(503)).await;
+    let rig = Setup::new(&app.url())
+        .tables(
+            "[upstreams.app.breaker]\nfailure_threshold = 1\nrecovery_timeout = \"300ms\"\n\
+             success_threshold = 1\ndry_run = true\n",
+        )
+        .start()
+        .await;
+    assert_upstream_status(&rig.get("/x").await, 503);
+    assert_eq!(rig.breaker("app").await["state"], "open");
+    app.set(Reply::Ok);
+    let r = &rig;
+    eventually(
+        LIMIT,
+        "the dry-run breaker to close again",
+        move || async move {
+            assert_eq!(r.get("/x").await.status, StatusCode::OK);
+            r.breaker("app").await["state"] == "closed"
+        },
+    )
+    .await;
+    assert_eq!(rig.breaker("app").await["reason"], "recovered");
+}

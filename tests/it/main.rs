@@ -6,4 +6,5 @@ mod lifecycle;
 mod ops;
 mod probes;
 mod proxy;
+mod resilience;
 mod support;

@@ -1,5 +1,6 @@
-//! Test upstreams on port 0: an echo app (with slow and huge modes), a WebSocket echo,
-//! and a refused address. Each server is aborted, with its connections, on drop.
+//! Test upstreams on port 0: an echo app (with slow and huge modes), an app that fails on
+//! command, a WebSocket echo, and a refused address. Each server is aborted, with its
+//! connections, on drop.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -262,4 +263,132 @@ impl Drop for Hangup {
 /// An upstream URL nothing listens on: connecting is refused at once.
 pub fn refused_url() -> String {
     format!("http://127.0.0.1:{}", free_port())
+}
+
+/// What a [`Scripted`] upstream answers to one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// 200 `{"ok":true}`.
+    Ok,
+    /// This status with the body `{"upstream_status":N}`, so a test can tell it from
+    /// an answer opsgate made up.
+    Status(u16),
+    /// As `Status`, plus `Retry-After: <secs>`.
+    RetryAfter(u16, u32),
+    /// Reads the request and never answers (until the server is dropped).
+    Hang,
+}
+
+/// The replies still queued and the one used once the queue is empty.
+struct Script {
+    queue: std::collections::VecDeque<Reply>,
+    steady: Reply,
+}
+
+/// An HTTP/1.1 app that fails on command: each request takes the next queued [`Reply`],
+/// or the steady one when the queue is empty; both can be changed while it runs. Counts
+/// every request head it sees, hung ones included.
+pub struct Scripted {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    /// A std mutex: held only to pop or replace a `Reply`, never across an await.
+    script: Arc<std::sync::Mutex<Script>>,
+    task: JoinHandle<()>,
+}
+
+impl Scripted {
+    /// Starts answering every request with `steady`.
+    pub async fn start(steady: Reply) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let script = Arc::new(std::sync::Mutex::new(Script {
+            queue: Default::default(),
+            steady,
+        }));
+        let (counter, shared) = (hits.clone(), script.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                let (counter, shared) = (counter.clone(), shared.clone());
+                let service = service_fn(move |req| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let reply = {
+                        let mut s = shared.lock().unwrap();
+                        let steady = s.steady;
+                        s.queue.pop_front().unwrap_or(steady)
+                    };
+                    scripted_answer(reply, req)
+                });
+                conns.spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(sock), service)
+                        .await;
+                });
+            }
+        });
+        Scripted {
+            addr,
+            hits,
+            script,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests whose head has arrived.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// From now on, answers `reply` once the queue is empty.
+    pub fn set(&self, reply: Reply) {
+        self.script.lock().unwrap().steady = reply;
+    }
+
+    /// Answers the next requests with `replies`, in order, before the steady reply.
+    pub fn then(&self, replies: &[Reply]) {
+        self.script.lock().unwrap().queue.extend(replies);
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn scripted_answer(
+    reply: Reply,
+    req: Request<Incoming>,
+) -> Result<Response<TestBody>, Infallible> {
+    let mut body = req.into_body();
+    while let Some(Ok(_)) = body.frame().await {}
+    let (status, retry_after) = match reply {
+        Reply::Ok => {
+            let mut resp = Response::new(full(r#"{"ok":true}"#));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            return Ok(resp);
+        }
+        Reply::Hang => match std::future::pending::<Infallible>().await {},
+        Reply::Status(status) => (status, None),
+        Reply::RetryAfter(status, secs) => (status, Some(secs)),
+    };
+    let mut resp = Response::new(full(format!(r#"{{"upstream_status":{status}}}"#)));
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+    }
+    Ok(resp)
 }

@@ -225,9 +225,14 @@ async fn put_maintenance(shared: &Shared, req: Request<Incoming>) -> Response<Bo
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Put {
+        /// Required: `null` clears the override, so a missing key must not mean the same.
+        #[serde(deserialize_with = "present")]
         enabled: Option<bool>,
         #[serde(default)]
         reason: Option<String>,
+    }
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+        serde::Deserialize::deserialize(d)
     }
     let put: Put = match serde_json::from_slice(&body) {
         Ok(p) => p,

@@ -256,7 +256,7 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
     // Keep accepting for shutdown_delay so endpoint removal can propagate; a second signal ends it.
     tokio::select! {
         _ = tokio::time::sleep(delay) => {}
-        _ = signals.next() => return Err(RunError::SecondSignal),
+        _ = signals.terminate() => return Err(RunError::SecondSignal),
     }
     let _ = stop_tx.send(true);
     drop(watcher);
@@ -274,7 +274,7 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
                 tracing::warn!(requests = left, "drain_timeout cut off {left} requests");
             }
         }
-        _ = signals.next() => return Err(RunError::SecondSignal),
+        _ = signals.terminate() => return Err(RunError::SecondSignal),
     }
     shared
         .events

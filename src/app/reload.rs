@@ -113,7 +113,20 @@ impl Shared {
             },
         )
         .map_err(|e| e.to_string())?;
-        let warnings = restart_warnings(&current.config, &config, &self.bound);
+        let mut warnings = restart_warnings(&current.config, &config, &self.bound);
+        if self.tls.is_some() != config.file.proxy.tls.is_some() {
+            warnings.push(
+                "proxy.tls was added or removed; the listener changes after a restart".to_string(),
+            );
+        }
+        // The fleet subscriber is the last thing that can fail: start it before applying
+        // anything, so a failed reload leaves nothing half-applied.
+        let control_changed = current.config.file.control != config.file.control;
+        let new_fleet = if control_changed {
+            Some(self.start_fleet(&config)?)
+        } else {
+            None
+        };
 
         // Everything validated: apply. The runtime swap is the atomic step for requests.
         self.live.store(Arc::new(runtime));
@@ -122,27 +135,27 @@ impl Shared {
         }
         self.maintenance.update_settings(maintenance);
         self.health.replace(build::check_specs(&config));
-        if current.config.file.control != config.file.control {
-            self.replace_fleet(&config)?;
+        if let Some(new_fleet) = new_fleet {
+            let mut fleet = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
+            *fleet = new_fleet;
+            if fleet.is_none() {
+                self.maintenance.set_fleet(None);
+            }
         }
         Ok(warnings)
     }
 
-    fn replace_fleet(&self, config: &Config) -> Result<(), String> {
-        let mut fleet = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
-        // Drop the old subscriber before starting a new one, so two never write the source.
-        *fleet = None;
+    /// The fleet subscriber `[control]` asks for (`None`: no fleet key configured).
+    fn start_fleet(&self, config: &Config) -> Result<Option<FleetControl>, String> {
         let c = &config.file.control;
         match (&c.redis_url, &c.key) {
             (Some(url), Some(key)) => {
-                *fleet = Some(
-                    FleetControl::start(url, key, c.poll_interval.get(), self.maintenance.clone())
-                        .map_err(|e| e.to_string())?,
-                );
+                FleetControl::start(url, key, c.poll_interval.get(), self.maintenance.clone())
+                    .map(Some)
+                    .map_err(|e| e.to_string())
             }
-            _ => self.maintenance.set_fleet(None),
+            _ => Ok(None),
         }
-        Ok(())
     }
 }
 
@@ -190,7 +203,8 @@ pub fn watch_config(shared: Arc<Shared>) -> Option<notify::RecommendedWatcher> {
         .unwrap_or_else(|| PathBuf::from("."));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // Reads (ours included) are no change; only writes, creates, renames and removals are.
+        if res.is_ok_and(|e| !e.kind.is_access()) {
             let _ = tx.send(());
         }
     })

@@ -360,3 +360,24 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn egress_and_ingress_route_names_share_one_namespace() {
+        let text = "[upstreams.a]\nurl = \"http://127.0.0.1:1\"\n[[routes]]\nname = \"x\"\nprefix = \"/\"\nupstream = \"a\"\n\
+                    [egress]\nlisten = \"127.0.0.1:9080\"\n[[egress.routes]]\nname = \"x\"\nprefix = \"/\"\nupstream = \"a\"\n";
+        let e = parse_str(text, "t", &Overrides::default(), &|_| None).unwrap_err();
+        assert!(e.to_string().contains("duplicate route name `x`"), "{e}");
+    }
+
+    #[test]
+    fn retry_on_accepts_reset_and_classes() {
+        let text = "[upstreams.a]\nurl = \"http://127.0.0.1:1\"\n[upstreams.a.retry]\non = [\"reset\", \"5xx\", \"429\"]\n";
+        assert!(parse_str(text, "t", &Overrides::default(), &|_| None).is_ok());
+        let bad = "[upstreams.a]\nurl = \"http://127.0.0.1:1\"\n[upstreams.a.retry]\non = [\"sometimes\"]\n";
+        assert!(parse_str(bad, "t", &Overrides::default(), &|_| None).is_err());
+    }
+}

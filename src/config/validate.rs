@@ -12,7 +12,7 @@ use super::file::*;
 
 /// Route names the metrics layer uses for itself.
 const RESERVED_ROUTE_NAMES: &[&str] = &["unmatched", "system"];
-const RETRY_REASONS: &[&str] = &["connect-failure", "timeout"];
+const RETRY_REASONS: &[&str] = &["connect-failure", "timeout", "reset"];
 
 pub struct Checker<'a> {
     spans: Option<&'a Spanned<DeTable<'a>>>,
@@ -107,7 +107,7 @@ impl<'a> Checker<'a> {
                     "egress routes need egress.listen (e.g. \"127.0.0.1:9080\")",
                 );
             }
-            let mut seen = HashSet::new();
+            // Same set as ingress routes: names are metric labels and breaker names.
             for (i, r) in eg.routes.iter().enumerate() {
                 self.route(
                     &[K("egress"), K("routes"), Seg::Idx(i)],
@@ -309,11 +309,12 @@ impl<'a> Checker<'a> {
         }
         for (i, on) in r.on.iter().enumerate() {
             let ok = RETRY_REASONS.contains(&on.as_str())
-                || on.parse::<u16>().is_ok_and(|c| (400..=599).contains(&c));
+                || parse_status_pattern(&StatusPattern::Text(on.clone()))
+                    .is_some_and(|(lo, _)| lo >= 400);
             if !ok {
                 let mut path = at("on");
                 path.push(Seg::Idx(i));
-                self.error(&path, format!("unknown retry reason `{on}`: use connect-failure, timeout or a 4xx/5xx status code"));
+                self.error(&path, format!("unknown retry reason `{on}`: use connect-failure, timeout, reset, a 4xx/5xx status code or 5xx"));
             }
         }
         for (i, m) in r.methods.iter().enumerate() {

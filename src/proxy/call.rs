@@ -53,7 +53,10 @@ impl GuardedBreaker {
                 })
                 .clone()
         });
-        states[0].set(1);
+        // A rebuilt breaker starts closed: clear what an earlier one with this name showed.
+        for (g, v) in states.iter().zip([1, 0, 0]) {
+            g.set(v);
+        }
         let changes = metrics.breaker_state_changes.clone();
         let observer_name = name.clone();
         let observer = move |t: &Transition| {

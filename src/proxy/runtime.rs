@@ -208,12 +208,7 @@ impl Runtime {
             RouteTable::new(routes)
         };
         let ingress = compile(&f.routes);
-        let route_breakers = collect_route_breakers(
-            f.routes
-                .iter()
-                .chain(f.egress.iter().flat_map(|e| e.routes.iter())),
-            &ingress,
-        );
+        let route_breakers = collect_route_breakers(f.routes.iter(), &ingress);
         let egress = f
             .egress
             .as_ref()

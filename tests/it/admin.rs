@@ -1001,7 +1001,7 @@ async fn events_stream_status_then_maintenance_and_resume_with_last_event_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: POST /_ops/drain runs the whole shutdown sequence and the process exits 0 instead of serving on"]
+
 async fn drain_fails_readiness_and_keeps_proxying() {
     let up = Upstream::echo("app").await;
     let mut og = start(&up, "").await;

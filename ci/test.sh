@@ -15,3 +15,4 @@ fi
 
 cargo build --locked --bin opsgate
 OPSGATE_BIN="$target/debug/opsgate" bash ci/check-deploy.sh
+OPSGATE_BIN="$target/debug/opsgate" SCREENSHOT="$target/status-page.png" bash ci/check-status-page.sh

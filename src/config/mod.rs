@@ -218,34 +218,7 @@ impl Config {
     }
 }
 
-pub const REDACTED: &str = "<redacted>";
-
-/// Replaces the password of `scheme://user:password@host` (and `password=` query/DSN parts).
-pub fn redact_url(url: &str) -> String {
-    let mut out = url.to_string();
-    if let Some(scheme_end) = out.find("://") {
-        let auth_start = scheme_end + 3;
-        let rest = &out[auth_start..];
-        let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if let Some(at) = rest[..auth_end].rfind('@')
-            && let Some(colon) = rest[..at].find(':')
-        {
-            out.replace_range(auth_start + colon + 1..auth_start + at, REDACTED);
-        }
-    }
-    for key in ["password=", "pass="] {
-        let mut from = 0;
-        while let Some(i) = out[from..].find(key) {
-            let start = from + i + key.len();
-            let end = out[start..]
-                .find(['&', ' ', ';'])
-                .map_or(out.len(), |e| start + e);
-            out.replace_range(start..end, REDACTED);
-            from = start + REDACTED.len();
-        }
-    }
-    out
-}
+pub use crate::telemetry::redact::{REDACTED, redact_url};
 
 #[cfg(test)]
 mod tests {
@@ -344,20 +317,6 @@ mod tests {
         .unwrap();
         assert_eq!(c.file.proxy.listen.port(), 1234);
         assert_eq!(c.file.upstreams["app"].url, "http://127.0.0.1:4000");
-    }
-
-    #[test]
-    fn redaction() {
-        assert_eq!(
-            redact_url("postgres://u:pw@h:5432/db"),
-            "postgres://u:<redacted>@h:5432/db"
-        );
-        assert_eq!(redact_url("redis://:pw@h"), "redis://:<redacted>@h");
-        assert_eq!(redact_url("http://h/x"), "http://h/x");
-        assert_eq!(
-            redact_url("host=h password=pw user=u"),
-            "host=h password=<redacted> user=u"
-        );
     }
 }
 

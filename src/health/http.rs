@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::StatusRanges;
-use super::redact::{Secrets, error_chain, redact_url};
+use crate::telemetry::redact::{Secrets, error_chain, redact_url};
 
 /// How much of the body `body_contains` looks at; a health page bigger than this is not one.
 const MAX_BODY: usize = 64 * 1024;

@@ -16,7 +16,6 @@
 mod http;
 mod metrics;
 mod postgres;
-mod redact;
 mod redis;
 pub mod render;
 mod scheduler;
@@ -32,7 +31,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-pub use redact::{REDACTED, redact_url};
+pub use crate::telemetry::redact::{REDACTED, redact_url};
 pub use scheduler::{check_once, wait_for_critical};
 
 /// Default interval between two runs of a check (SPEC §2 `[health] interval`).

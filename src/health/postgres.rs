@@ -8,7 +8,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::redact::{Secrets, error_chain};
+use crate::telemetry::redact::{Secrets, error_chain};
 
 const DEFAULT_QUERY: &str = "SELECT 1";
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use fred::prelude::{Builder, Client, ClientLike, Config};
 use fred::types::ConnectHandle;
 
-use super::redact::{Secrets, error_chain};
+use crate::telemetry::redact::{Secrets, error_chain};
 
 struct Conn {
     client: Client,

@@ -3,7 +3,7 @@
 
 use tokio::net::TcpStream;
 
-use super::redact::error_chain;
+use crate::telemetry::redact::error_chain;
 
 pub(crate) struct TcpProbe {
     address: String,

@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast::error::RecvError, watch};
 
 use super::{Error, Maintenance, TaskGuard};
+use crate::telemetry::redact::redact_url;
 
 /// Bound on connecting (TCP, TLS, AUTH, the connect PING) to Redis.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -332,25 +333,6 @@ fn apply(
     }
 }
 
-/// Replaces the password (or a lone userinfo, which Redis treats as one) in a URL.
-fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest_start = scheme_end + 3;
-    let rest = &url[rest_start..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &rest[..at];
-    let shown = match userinfo.split_once(':') {
-        Some((user, _)) => format!("{user}:<redacted>"),
-        None => "<redacted>".to_owned(),
-    };
-    format!("{}{}{}", &url[..rest_start], shown, &rest[at..])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,23 +347,5 @@ mod tests {
         }
         assert_eq!(parse_value("maybe"), None);
         assert_eq!(parse_value(""), None);
-    }
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact_url("redis://user:s3cret@host:6379/0"),
-            "redis://user:<redacted>@host:6379/0"
-        );
-        assert_eq!(
-            redact_url("redis://:s3cret@host"),
-            "redis://:<redacted>@host"
-        );
-        assert_eq!(
-            redact_url("rediss://s3cret@host"),
-            "rediss://<redacted>@host"
-        );
-        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
-        assert_eq!(redact_url("redis://host/a@b"), "redis://host/a@b");
     }
 }

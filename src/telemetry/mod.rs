@@ -5,5 +5,6 @@ pub mod events;
 pub mod histogram;
 pub mod logging;
 pub mod metrics;
+pub mod redact;
 
 pub use metrics::{HttpMetrics, MetricsRegistry, RouteMetrics};

@@ -1,5 +1,5 @@
-//! Credential scrubbing for URLs and error texts, so no password reaches a body, a log or a metric.
-//! Used by every probe when it builds a message, and by other rooms that show configured URLs.
+//! Credential scrubbing for URLs and error texts: the one place that decides what a secret
+//! looks like, so no password reaches a body, a log line, a metric or the status page.
 
 /// What replaces a secret in any text we show.
 pub const REDACTED: &str = "<redacted>";
@@ -27,6 +27,8 @@ pub fn redact_url(url: &str) -> String {
                             out.push_str(&userinfo[..colon + 1]);
                             out.push_str(REDACTED);
                         }
+                        // Redis reads a lone userinfo as the password.
+                        None if scheme.starts_with("redis") => out.push_str(REDACTED),
                         None => out.push_str(userinfo),
                     }
                     out.push_str(&authority[at..]);
@@ -184,6 +186,26 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_lone_userinfo_is_a_password() {
+        assert_eq!(
+            redact_url("rediss://s3cret@host"),
+            "rediss://<redacted>@host"
+        );
+        assert_eq!(
+            redact_url("redis://user:s3cret@host:6379/0"),
+            "redis://user:<redacted>@host:6379/0"
+        );
+        assert_eq!(
+            redact_url("postgres://user@host/db"),
+            "postgres://user@host/db"
+        );
+        assert_eq!(
+            redact_url("host=h password=pw user=u"),
+            "host=h password=<redacted> user=u"
+        );
+    }
 
     #[test]
     fn redacts_userinfo_password() {

@@ -21,6 +21,12 @@
 #   RATE [2000]         fixed-rate run: requests per second (0 = skip)
 #   FIXED_DURATION [5s] fixed-rate run duration
 #   FIXED_SIZES ["tiny 16k"]
+#   OPSGATE_VARIANTS    extra opsgate targets, "name=template.toml ...": each runs
+#                       as target "opsgate-<name>" from a template with the same
+#                       placeholders as bench/conf/opsgate.toml
+#   SETUP_HOOK          shell command run once every target is up, before the idle
+#                       window; $BENCH_PORTS names a file of "target port admin_port"
+#   IDLE [2s]           idle window before any load: each proxy's idle CPU and RSS
 #   OPSGATE_BIN         opsgate binary; unset: `cargo build --release` and use
 #                       ${CARGO_TARGET_DIR:-target}/release/opsgate
 #   BASE_PORT [28400]   first port tried; busy ports are skipped
@@ -40,6 +46,7 @@ if [[ "$QUICK" == 1 ]]; then
     FIXED_DURATION="${FIXED_DURATION:-2s}"
     FIXED_SIZES="${FIXED_SIZES:-tiny}"
     INSTALL_OHA="${INSTALL_OHA:-0}"
+    IDLE="${IDLE:-1s}"
 fi
 ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-5s}"
@@ -56,7 +63,17 @@ BACKEND_CPU="${BACKEND_CPU:-0}"
 LOAD_CPU="${LOAD_CPU:-0}"
 PROXY_CPU="${PROXY_CPU:-1}"
 INSTALL_OHA="${INSTALL_OHA:-1}"
+OPSGATE_VARIANTS="${OPSGATE_VARIANTS:-}"
+IDLE="${IDLE:-2s}"
 OUT_DIR="${OUT_DIR:-$REPO/bench/out/$(date +%Y%m%d-%H%M%S)}"
+declare -A VARIANT_TPL=()
+for v in $OPSGATE_VARIANTS; do
+    [[ $v == *=* ]] || die "OPSGATE_VARIANTS entry '$v' is not name=template"
+    tpl=${v#*=}; [[ $tpl == /* ]] || tpl="$PWD/$tpl"
+    [[ -f $tpl ]] || die "no such template: $tpl"
+    VARIANT_TPL[opsgate-${v%%=*}]=$tpl
+    TARGETS="$TARGETS opsgate-${v%%=*}"
+done
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
@@ -169,9 +186,9 @@ render() { # template out KEY=VALUE...
     sed "${args[@]}" "$tpl" >"$out"
 }
 
-wait_http() { # url [seconds]
+wait_http() { # url [seconds]: until it answers at all (a 503 from a gate counts)
     local url=$1 deadline=$((SECONDS + ${2:-10}))
-    until curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; do
+    until [[ $(curl -sS -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null) != 000 ]]; do
         (( SECONDS < deadline )) || return 1
         sleep 0.1
     done
@@ -252,10 +269,11 @@ for t in $TARGETS; do
         haproxy)
             render "$HERE/conf/haproxy.cfg" "$dir/haproxy.cfg" DIR="$dir" PORT="${PORT[$t]}" BACKEND_PORT="${PORT[backend]}"
             launch "$t" "$PROXY_CPU" haproxy -db -f "$dir/haproxy.cfg" ;;
-        opsgate|opsgate-nolog)
+        opsgate|opsgate-*)
             al=true; [[ $t == opsgate-nolog ]] && al=false
-            alloc_port; admin=$ALLOCATED
-            render "$HERE/conf/opsgate.toml" "$dir/opsgate.toml" PORT="${PORT[$t]}" BACKEND_PORT="${PORT[backend]}" ADMIN_PORT="$admin" ACCESS_LOG="$al"
+            tpl="${VARIANT_TPL[$t]:-$HERE/conf/opsgate.toml}"
+            alloc_port; admin=$ALLOCATED; PORT[$t-admin]=$admin
+            render "$tpl" "$dir/opsgate.toml" PORT="${PORT[$t]}" BACKEND_PORT="${PORT[backend]}" ADMIN_PORT="$admin" ACCESS_LOG="$al"
             launch "$t" "$PROXY_CPU" env TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info "$RUN/opsgate.bin" run --config "$dir/opsgate.toml" ;;
         *) die "unknown target $t" ;;
     esac
@@ -264,11 +282,32 @@ done
 for t in $TARGETS; do
     wait_http "http://127.0.0.1:${PORT[$t]}/tiny" || die "$t did not start (see $RUN/$t)"
 done
+BENCH_PORTS="$OUT_DIR/ports.txt"
+for t in $TARGETS; do echo "$t ${PORT[$t]} ${PORT[$t-admin]:--}"; done >"$BENCH_PORTS"
+if [[ -n ${SETUP_HOOK:-} ]]; then
+    log "setup hook: $SETUP_HOOK"
+    BENCH_PORTS="$BENCH_PORTS" bash -c "$SETUP_HOOK" || die "setup hook failed"
+fi
+
+# Idle: let start-up settle, then measure each proxy's CPU over IDLE (health
+# checks, timers) and its resident memory.
 sleep 1
-declare -A RSS_IDLE=()
+declare -A RSS_IDLE=() IDLE_C0=()
+for t in $TARGETS; do
+    [[ $t == direct ]] && continue
+    IDLE_C0[$t]=$(cpu_ticks $(measured_pids "$t"))
+done
+idle_start=$(date +%s.%N)
+sleep "$IDLE"
+idle_secs=$(awk -v a="$idle_start" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
 for t in $TARGETS; do
     [[ $t == direct ]] && { RSS_IDLE[$t]=0; continue; }
     RSS_IDLE[$t]=$(rss_kb $(measured_pids "$t"))
+    c=$(cpu_ticks $(measured_pids "$t"))
+    printf '{"mode":"idle","target":"%s","seconds":%s,"cpu_s":%s,"cpu_pct":%s,"rss_idle_kb":%s}\n' "$t" "$idle_secs" \
+        "$(awk -v c=$((c - IDLE_C0[$t])) -v hz="$(getconf CLK_TCK)" 'BEGIN { print c / hz }')" \
+        "$(awk -v c=$((c - IDLE_C0[$t])) -v hz="$(getconf CLK_TCK)" -v s="$idle_secs" 'BEGIN { printf "%.3f", 100 * c / hz / s }')" \
+        "${RSS_IDLE[$t]}" >>"$RESULTS"
 done
 
 # ---------------------------------------------------------------- runs
@@ -362,7 +401,9 @@ mkdir -p "$OUT_DIR/raw"
     echo "haproxy: $(haproxy -v 2>/dev/null | head -1)"
     echo "wrk: $(wrk -v 2>&1 | head -1)"
     [[ $HAVE_OHA == 1 ]] && echo "oha: $(oha --version 2>/dev/null)"
-    echo "params: ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS THREADS=$THREADS SIZES='$SIZES' RATE=$RATE FIXED_DURATION=$FIXED_DURATION FIXED_SIZES='$FIXED_SIZES'"
+    echo "params: ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS THREADS=$THREADS SIZES='$SIZES' RATE=$RATE FIXED_DURATION=$FIXED_DURATION FIXED_SIZES='$FIXED_SIZES' IDLE=$IDLE"
+    echo "targets: $TARGETS"
+    [[ -n $OPSGATE_VARIANTS ]] && echo "opsgate variants: $OPSGATE_VARIANTS"
     echo "pinning: backend cpu$BACKEND_CPU, load cpu$LOAD_CPU, proxies cpu$PROXY_CPU"
     echo "loadavg before: $(cat /proc/loadavg)"
     echo "busiest processes before:"

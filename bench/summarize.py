@@ -50,7 +50,21 @@ def main():
     print("```\n")
     print("Medians over rounds. `×nginx` is the ratio to nginx (req/s: higher is better;")
     print("latency, CPU/req, RSS: lower is better). CPU/req is the proxy process's user+system")
-    print("time divided by the requests served. `spread` is (max−min)/median of req/s over rounds.\n")
+    print("time divided by the requests served; `req/s per core` is its inverse, the rate one fully used core")
+    print("would sustain, which holds up better than req/s when other work shares the machine. `spread` is")
+    print("(max−min)/median of req/s over rounds.\n")
+
+    for r in recs:
+        if r["target"] not in ORDER:
+            ORDER.append(r["target"])
+    idle = [r for r in recs if r["mode"] == "idle"]
+    if idle:
+        print("## Idle (before any load)\n")
+        print("| target | CPU % of a core | RSS MiB |")
+        print("|---|---:|---:|")
+        for r in idle:
+            print(f"| {r['target']} | {r['cpu_pct']:.2f} | {r['rss_idle_kb'] / 1024:.1f} |")
+        print(f"\nover {idle[0]['seconds']:.1f} s; one clock tick (10 ms) is {1 / max(idle[0]['seconds'], 0.01):.2f}% of a core here.\n")
 
     failed = [r for r in recs if r.get("failed")]
     for mode, title in (("closed", "Closed loop (wrk)"), ("fixed", "Fixed rate (oha, latency-corrected)")):
@@ -76,14 +90,15 @@ def main():
                 )
             ref = rows.get(REF, {})
             print(f"## {title}: {SIZE_NAME.get(size, size)} body\n")
-            print("| target | req/s | ×nginx | p50 ms | p99 ms | p99 ×nginx | CPU µs/req | CPU ×nginx "
-                  "| RSS idle MiB | RSS load MiB | errors | spread | core: proxy % | core: other % |")
-            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            print("| target | req/s | ×nginx | p50 ms | p99 ms | p99 ×nginx | CPU µs/req | CPU ×nginx | req/s per core "
+                  "| RSS idle MiB | RSS load MiB | errors + non-2xx | spread | core: proxy % | core: other % |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for t, v in rows.items():
                 print(
                     f"| {t} | {fmt(v['rps'])} | {ratio(v['rps'], ref.get('rps'))} "
                     f"| {fmt(v['p50'], 2, 1000)} | {fmt(v['p99'], 2, 1000)} | {ratio(v['p99'], ref.get('p99'))} "
                     f"| {fmt(v['cpu'], 1)} | {ratio(v['cpu'], ref.get('cpu'))} "
+                    f"| {fmt(1e6 / v['cpu'] if v['cpu'] else None)} "
                     f"| {fmt(v['rss_idle'], 1, 1024)} | {fmt(v['rss'], 1, 1024)} | {v['err']} "
                     f"| {fmt(v['spread'] * 100 if v['spread'] is not None else None, 0)}% "
                     f"| {fmt(v['proxy_core'] if t != 'direct' else None, 0)} | {fmt(v['other'], 0)} |"
@@ -116,6 +131,18 @@ def main():
             else:
                 cells.append("—")
         if have:
+            print(f"| {SIZE_NAME[size]} | " + " | ".join(cells) + " |")
+    print("\nPer-round CPU µs/req (closed loop), min–max over rounds:\n")
+    tg = [t for t in ORDER if t != "direct"]
+    print("| size | " + " | ".join(tg) + " |")
+    print("|---|" + "---:|" * len(tg))
+    for size in ["tiny", "16k", "1m"]:
+        cells = []
+        for t in tg:
+            xs = [r["cpu_us_per_req"] for r in recs if r["mode"] == "closed" and r.get("size") == size
+                  and r["target"] == t and r.get("cpu_us_per_req")]
+            cells.append(f"{min(xs):.1f}–{max(xs):.1f}" if xs else "—")
+        if any(c != "—" for c in cells):
             print(f"| {SIZE_NAME[size]} | " + " | ".join(cells) + " |")
     others = [r["core_other_pct"] for r in recs if r.get("core_other_pct") is not None]
     if others:

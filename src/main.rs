@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     // One crypto provider for every rustls user (proxy, probes, Redis, PostgreSQL).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let _log_guard = opsgate::telemetry::logging::init(cli.log_format);
+    let (_log_guard, access_log) = opsgate::telemetry::logging::init(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -24,13 +24,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let code = rt.block_on(dispatch(cli.command));
+    let code = rt.block_on(dispatch(cli.command, access_log));
     // Background tasks may still log; stop them before the log writer flushes and exits.
     rt.shutdown_timeout(std::time::Duration::from_millis(200));
     code
 }
 
-async fn dispatch(cmd: Command) -> ExitCode {
+async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLog) -> ExitCode {
     match cmd {
         Command::Run {
             config,
@@ -62,7 +62,7 @@ async fn dispatch(cmd: Command) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            exit_for(app::run(source, cfg).await)
+            exit_for(app::run(source, cfg, access_log).await)
         }
         Command::CheckConfig { config } => {
             let path = config::resolve_path(config.config.as_deref());
@@ -121,7 +121,7 @@ async fn dispatch(cmd: Command) -> ExitCode {
                 path: None,
                 overrides: Overrides::default(),
             };
-            exit_for(app::run(source, cfg).await)
+            exit_for(app::run(source, cfg, access_log).await)
         }
         Command::Check { config, json } => {
             let cfg = match load_for_checks(config.config.as_deref()) {

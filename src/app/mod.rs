@@ -21,6 +21,7 @@ use crate::proxy::runtime::Deps;
 use crate::proxy::{Gates, Proxy, Runtime, Side};
 use crate::shutdown::{Drain, Signal, Signals};
 use crate::telemetry::MetricsRegistry;
+use crate::telemetry::access::AccessLog;
 use crate::telemetry::events::Events;
 
 pub use reload::{ReloadOutcome, ReloadStatus};
@@ -78,6 +79,7 @@ pub struct Shared {
     /// Bound addresses, to warn when a reload asks for other ones.
     pub bound: Bound,
     pub tls: Option<Arc<ArcSwapOption<tokio_rustls::TlsAcceptor>>>,
+    pub access_log: Arc<AccessLog>,
     /// Mixed into admin session cookies; new at every start.
     pub session_secret: [u8; 32],
 }
@@ -90,7 +92,12 @@ pub struct Bound {
 }
 
 /// Runs the daemon until a signal ends it. `config` is already validated.
-pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
+pub async fn run(
+    source: ConfigSource,
+    config: Config,
+    access_log: AccessLog,
+) -> Result<(), RunError> {
+    let access_log = Arc::new(access_log);
     let config = Arc::new(config);
     let f = &config.file;
     let mut registry = MetricsRegistry::new(&f.metrics.buckets);
@@ -110,6 +117,7 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
             ops: &metrics.ops,
             resilience: &metrics.resilience,
             on_breaker: reload::breaker_observer(events.clone()),
+            access_log: access_log.clone(),
             maintenance: Arc::new(maintenance_settings),
             env: &env_lookup,
         },
@@ -174,6 +182,7 @@ pub async fn run(source: ConfigSource, config: Config) -> Result<(), RunError> {
         started: Instant::now(),
         bound: bound.clone(),
         tls: tls.clone(),
+        access_log,
         session_secret: random_secret().map_err(RunError::Startup)?,
     });
     metrics.ops.last_reload_success.set(unix_now());

@@ -108,6 +108,7 @@ impl Shared {
                 ops: &self.metrics.ops,
                 resilience: &self.metrics.resilience,
                 on_breaker: breaker_observer(self.events.clone()),
+                access_log: self.access_log.clone(),
                 maintenance: Arc::new(maintenance.clone()),
                 env: &env_lookup,
             },

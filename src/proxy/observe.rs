@@ -13,6 +13,7 @@ use http_body::{Frame, SizeHint};
 
 use super::body::{Body, BoxError};
 use crate::telemetry::RouteMetrics;
+use crate::telemetry::access::{AccessLog, Entry};
 use crate::telemetry::metrics::method_index;
 
 /// What the access log line needs; everything is a cheap clone of request data.
@@ -27,7 +28,8 @@ pub struct Record {
     pub upstream: Option<Arc<str>>,
     /// Why opsgate answered itself, when it did.
     pub error: Option<&'static str>,
-    pub access_log: bool,
+    /// Where the access line goes; `None`: no line (access log off, or a reserved path).
+    pub access_log: Option<Arc<AccessLog>>,
     pub bytes: u64,
     /// The bulkhead slot, released with the record when the response is done.
     pub permit: Option<super::admission::BulkheadPermit>,
@@ -40,7 +42,7 @@ impl Record {
         method: Method,
         uri: Uri,
         client: IpAddr,
-        access_log: bool,
+        access_log: Option<Arc<AccessLog>>,
     ) -> Self {
         metrics.start();
         Self {
@@ -68,20 +70,19 @@ impl Drop for Record {
             self.status,
             elapsed.as_secs_f64(),
         );
-        if self.access_log {
-            tracing::info!(
-                target: "access",
-                method = %self.method,
-                path = self.uri.path(),
-                status = self.status,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                bytes = self.bytes,
-                route = self.metrics.route(),
-                upstream = self.upstream.as_deref(),
-                client = %self.client,
-                request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()),
-                error = self.error,
-            );
+        if let Some(log) = &self.access_log {
+            log.write(&Entry {
+                method: self.method.as_str(),
+                path: self.uri.path(),
+                status: self.status,
+                duration: elapsed,
+                bytes: self.bytes,
+                route: self.metrics.route(),
+                upstream: self.upstream.as_deref(),
+                client: self.client,
+                request_id: self.request_id.as_ref().map(|v| v.as_bytes()),
+                error: self.error,
+            });
         }
     }
 }

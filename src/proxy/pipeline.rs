@@ -92,7 +92,7 @@ impl Proxy {
                     req.method().clone(),
                     req.uri().clone(),
                     client,
-                    false,
+                    None,
                 );
                 let sub = sub.to_string();
                 let resp = self.local.health(req, &sub);
@@ -105,7 +105,7 @@ impl Proxy {
                     req.method().clone(),
                     req.uri().clone(),
                     client,
-                    false,
+                    None,
                 );
                 let (parts, _) = req.into_parts();
                 return with_record(self.local.metrics(&parts), rec);
@@ -133,7 +133,7 @@ impl Proxy {
             req.method().clone(),
             req.uri().clone(),
             client,
-            rt.access_log,
+            rt.access_log.clone(),
         );
         rec.upstream = Some(route.upstream.name().clone());
 
@@ -314,7 +314,7 @@ fn finish(
         req.method().clone(),
         req.uri().clone(),
         client,
-        rt.access_log,
+        rt.access_log.clone(),
     );
     match r {
         Ok(()) => with_record_status(Response::new(Body::Empty), rec, None),

@@ -20,6 +20,7 @@ use crate::config::{
 };
 use crate::ops::MaintenanceSettings;
 use crate::telemetry::RouteMetrics;
+use crate::telemetry::access::AccessLog;
 use crate::telemetry::metrics::{
     HttpMetrics, OpsMetrics, ResilienceMetrics, RouteLabel, UpstreamLabel,
 };
@@ -56,7 +57,8 @@ pub struct Runtime {
     pub metrics_path: Option<String>,
     pub reject_encoded_slashes: bool,
     pub trusted_proxies: Vec<IpNet>,
-    pub access_log: bool,
+    /// `None` when `access_log = false`.
+    pub access_log: Option<Arc<AccessLog>>,
     /// `[[metrics.classes]]`: (prefix, class) pairs, first match wins.
     pub classes: Vec<(String, Arc<str>)>,
     pub system_metrics: Arc<RouteMetrics>,
@@ -78,6 +80,7 @@ pub struct Deps<'a> {
     pub resilience: &'a ResilienceMetrics,
     /// Told of every breaker transition (logs once and publishes the event).
     pub on_breaker: super::call::TransitionHook,
+    pub access_log: Arc<AccessLog>,
     pub maintenance: Arc<MaintenanceSettings>,
     pub env: &'a dyn Fn(&str) -> Option<String>,
 }
@@ -224,7 +227,7 @@ impl Runtime {
             metrics_path: f.metrics.on_proxy_port.then(|| f.metrics.path.clone()),
             reject_encoded_slashes: f.proxy.encoded_slashes == EncodedSlashes::Reject,
             trusted_proxies: f.proxy.trusted_proxies.clone(),
-            access_log: f.proxy.access_log,
+            access_log: f.proxy.access_log.then(|| deps.access_log.clone()),
             system_metrics: Arc::new(RouteMetrics::new(http, SYSTEM.into(), SYSTEM.into())),
             unmatched_metrics: per_class(&Arc::from(UNMATCHED)),
             classes,

@@ -18,7 +18,7 @@ pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
 /// dedicated thread through one buffered stdout writer, flushed whenever it has no more
 /// lines waiting: under load one write(2) carries many access-log lines. If stdout
 /// cannot keep up, lines are dropped rather than slowing requests down.
-pub fn init(format: Option<LogFormat>) -> LogGuard {
+pub fn init(format: Option<LogFormat>) -> (LogGuard, super::access::AccessLog) {
     let filter = EnvFilter::try_from_env("OPSGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let format = format.unwrap_or(if std::io::stdout().is_terminal() {
         LogFormat::Pretty
@@ -27,6 +27,10 @@ pub fn init(format: Option<LogFormat>) -> LogGuard {
     });
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
     let (writer, guard) = tracing_appender::non_blocking(stdout);
+    let access = match format {
+        LogFormat::Json => super::access::AccessLog::Json(writer.clone()),
+        LogFormat::Pretty => super::access::AccessLog::Tracing,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
@@ -39,5 +43,5 @@ pub fn init(format: Option<LogFormat>) -> LogGuard {
             .try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
-    guard
+    (guard, access)
 }

@@ -1,6 +1,7 @@
 //! Metrics registry, logging setup and credential redaction for everything that reports.
 //! Built once in `app`; other rooms get handles, never a global.
 
+pub mod access;
 pub mod events;
 pub mod histogram;
 pub mod logging;

@@ -97,24 +97,34 @@ pub fn format_json(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
     out.extend_from_slice(b",\"target\":\"access\"}\n");
 }
 
-/// A JSON string; bytes that are not valid UTF-8 or are control characters are escaped.
+/// A JSON string. Runs of plain bytes are copied whole; quotes, backslashes and control
+/// characters are escaped, and bytes that are not UTF-8 become U+FFFD.
 fn json_str(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
-    let text = String::from_utf8_lossy(s);
-    for c in text.chars() {
-        match c {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => {
-                let mut buf = [0u8; 4];
-                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-            }
-        }
+    match std::str::from_utf8(s) {
+        Ok(text) => escape_into(out, text),
+        Err(_) => escape_into(out, &String::from_utf8_lossy(s)),
     }
     out.push(b'"');
+}
+
+fn escape_into(out: &mut Vec<u8>, text: &str) {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            out.extend_from_slice(&bytes[start..i]);
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                _ => {
+                    let _ = write!(out, "\\u{b:04x}");
+                }
+            }
+            start = i + 1;
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
 }
 
 #[cfg(test)]

@@ -26,7 +26,11 @@ pub fn init(format: Option<LogFormat>) -> (LogGuard, super::access::AccessLog) {
         LogFormat::Json
     });
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
-    let (writer, guard) = tracing_appender::non_blocking(stdout);
+    // 8192 waiting lines is a deep enough queue for bursts; the default (128k) would
+    // reserve and touch about 4 MB of memory up front.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(8192)
+        .finish(stdout);
     let access = match format {
         LogFormat::Json => super::access::AccessLog::Json(writer.clone()),
         LogFormat::Pretty => super::access::AccessLog::Tracing,

@@ -21,11 +21,14 @@
 #   RATE [2000]         fixed-rate run: requests per second (0 = skip)
 #   FIXED_DURATION [5s] fixed-rate run duration
 #   FIXED_SIZES ["tiny 16k"]
+#   OPSGATE_ACCESS_LOG [true]  access log of every opsgate target but opsgate-nolog
+#   METHOD [GET]        request method of the measured runs (e.g. POST; no body)
 #   OPSGATE_VARIANTS    extra opsgate targets, "name=template.toml ...": each runs
 #                       as target "opsgate-<name>" from a template with the same
 #                       placeholders as bench/conf/opsgate.toml
 #   SETUP_HOOK          shell command run once every target is up, before the idle
-#                       window; $BENCH_PORTS names a file of "target port admin_port"
+#                       window; $BENCH_PORTS names a file of "target port admin_port pid",
+#                       $BENCH_OUT the result directory
 #   IDLE [2s]           idle window before any load: each proxy's idle CPU and RSS
 #   OPSGATE_BIN         opsgate binary; unset: `cargo build --release` and use
 #                       ${CARGO_TARGET_DIR:-target}/release/opsgate
@@ -64,6 +67,8 @@ LOAD_CPU="${LOAD_CPU:-0}"
 PROXY_CPU="${PROXY_CPU:-1}"
 INSTALL_OHA="${INSTALL_OHA:-1}"
 OPSGATE_VARIANTS="${OPSGATE_VARIANTS:-}"
+METHOD="${METHOD:-GET}"
+export WRK_METHOD="$METHOD"   # read by bench/wrk-report.lua
 IDLE="${IDLE:-2s}"
 OUT_DIR="${OUT_DIR:-$REPO/bench/out/$(date +%Y%m%d-%H%M%S)}"
 declare -A VARIANT_TPL=()
@@ -270,7 +275,7 @@ for t in $TARGETS; do
             render "$HERE/conf/haproxy.cfg" "$dir/haproxy.cfg" DIR="$dir" PORT="${PORT[$t]}" BACKEND_PORT="${PORT[backend]}"
             launch "$t" "$PROXY_CPU" haproxy -db -f "$dir/haproxy.cfg" ;;
         opsgate|opsgate-*)
-            al=true; [[ $t == opsgate-nolog ]] && al=false
+            al=${OPSGATE_ACCESS_LOG:-true}; [[ $t == opsgate-nolog ]] && al=false
             tpl="${VARIANT_TPL[$t]:-$HERE/conf/opsgate.toml}"
             alloc_port; admin=$ALLOCATED; PORT[$t-admin]=$admin
             render "$tpl" "$dir/opsgate.toml" PORT="${PORT[$t]}" BACKEND_PORT="${PORT[backend]}" ADMIN_PORT="$admin" ACCESS_LOG="$al"
@@ -283,10 +288,14 @@ for t in $TARGETS; do
     wait_http "http://127.0.0.1:${PORT[$t]}/tiny" || die "$t did not start (see $RUN/$t)"
 done
 BENCH_PORTS="$OUT_DIR/ports.txt"
-for t in $TARGETS; do echo "$t ${PORT[$t]} ${PORT[$t-admin]:--}"; done >"$BENCH_PORTS"
+for t in $TARGETS; do
+    [[ $t == direct ]] && pid=- || pid=$(measured_pids "$t" | awk '{print $1}')
+    echo "$t ${PORT[$t]} ${PORT[$t-admin]:--} ${pid:--}"
+done >"$BENCH_PORTS"
 if [[ -n ${SETUP_HOOK:-} ]]; then
     log "setup hook: $SETUP_HOOK"
-    BENCH_PORTS="$BENCH_PORTS" bash -c "$SETUP_HOOK" || die "setup hook failed"
+    BENCH_PORTS="$BENCH_PORTS" BENCH_OUT="$OUT_DIR" LOAD_CPU="$LOAD_CPU" PINNED="$PINNED" \
+        bash -c "$SETUP_HOOK" || die "setup hook failed"
 fi
 
 # Idle: let start-up settle, then measure each proxy's CPU over IDLE (health
@@ -329,7 +338,7 @@ run_one() {
             -s "$HERE/wrk-report.lua" "$url" >"$raw" 2>&1 &
     else
         dur=$FIXED_DURATION
-        pin "$LOAD_CPU" oha -z "$FIXED_DURATION" -w -q "$RATE" -c "$CONNS" --latency-correction \
+        pin "$LOAD_CPU" oha -z "$FIXED_DURATION" -w -m "$METHOD" -q "$RATE" -c "$CONNS" --latency-correction \
             --no-tui --output-format json "$url" >"$raw" 2>"$raw.err" &
     fi
     local lp=$!
@@ -401,9 +410,10 @@ mkdir -p "$OUT_DIR/raw"
     echo "haproxy: $(haproxy -v 2>/dev/null | head -1)"
     echo "wrk: $(wrk -v 2>&1 | head -1)"
     [[ $HAVE_OHA == 1 ]] && echo "oha: $(oha --version 2>/dev/null)"
-    echo "params: ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS THREADS=$THREADS SIZES='$SIZES' RATE=$RATE FIXED_DURATION=$FIXED_DURATION FIXED_SIZES='$FIXED_SIZES' IDLE=$IDLE"
+    echo "params: ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS THREADS=$THREADS SIZES='$SIZES' METHOD=$METHOD RATE=$RATE FIXED_DURATION=$FIXED_DURATION FIXED_SIZES='$FIXED_SIZES' IDLE=$IDLE"
     echo "targets: $TARGETS"
     [[ -n $OPSGATE_VARIANTS ]] && echo "opsgate variants: $OPSGATE_VARIANTS"
+    echo "opsgate access log: ${OPSGATE_ACCESS_LOG:-true}"
     echo "pinning: backend cpu$BACKEND_CPU, load cpu$LOAD_CPU, proxies cpu$PROXY_CPU"
     echo "loadavg before: $(cat /proc/loadavg)"
     echo "busiest processes before:"

@@ -1,5 +1,11 @@
 -- Prints one JSON line (prefixed "JSON ") with wrk's totals and latency
 -- percentiles in microseconds, for bench/run.sh to collect.
+-- WRK_METHOD (e.g. POST) sets the request method; the default is GET.
+local method = os.getenv("WRK_METHOD")
+if method and method ~= "" then
+  wrk.method = method
+end
+
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

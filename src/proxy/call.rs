@@ -168,11 +168,14 @@ pub async fn call(
         body,
     } = req;
     // A client that cannot deliver its (small, announced) body is the client's fault.
-    let bytes = body
-        .collect()
-        .await
-        .map_err(|_| ProxyError::BadRequestBody)?
-        .to_bytes();
+    let bytes = if http_body::Body::is_end_stream(&body) {
+        bytes::Bytes::new()
+    } else {
+        body.collect()
+            .await
+            .map_err(|_| ProxyError::BadRequestBody)?
+            .to_bytes()
+    };
     let per_try = retry.policy.per_try_timeout;
     let deadline = per_try.map(|_| start + timeout);
     let mut attempts = 0u32;

@@ -15,4 +15,5 @@ fi
 
 cargo build --locked --bin opsgate
 OPSGATE_BIN="$target/debug/opsgate" bash ci/check-deploy.sh
+bash ci/check-docker-steps.sh
 OPSGATE_BIN="$target/debug/opsgate" SCREENSHOT="$target/status-page.png" bash ci/check-status-page.sh

@@ -4,6 +4,7 @@
 //! routing, with the caller's snapshot of the settings and one `Maintenance::is_on` load.
 //! The allow path allocates nothing; the reject path only clones reference-counted bytes.
 
+use crate::config::validate::segment_prefix;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
@@ -136,7 +137,7 @@ fn passes(
     if settings
         .exempt_prefixes
         .iter()
-        .any(|prefix| segment_prefix(prefix, path))
+        .any(|prefix| segment_prefix(path, prefix))
     {
         return true;
     }
@@ -152,17 +153,6 @@ fn passes(
         Some(token) if !token.is_empty() => has_bypass_token(headers, token.as_bytes()),
         _ => false,
     }
-}
-
-/// Prefix match on segment boundaries: "/_health" matches "/_health", "/_health/" and
-/// "/_health/x", never "/_healthx".
-pub fn segment_prefix(prefix: &str, path: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
-    if prefix.is_empty() {
-        return true;
-    }
-    path.starts_with(prefix)
-        && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/')
 }
 
 fn has_bypass_token(headers: &HeaderMap, token: &[u8]) -> bool {
@@ -321,11 +311,11 @@ mod tests {
     #[test]
     fn segment_boundaries() {
         assert!(segment_prefix("/_health", "/_health"));
-        assert!(segment_prefix("/_health", "/_health/"));
-        assert!(segment_prefix("/_health", "/_health/x"));
-        assert!(!segment_prefix("/_health", "/_healthx"));
         assert!(segment_prefix("/_health/", "/_health"));
-        assert!(segment_prefix("/", "/anything"));
+        assert!(segment_prefix("/_health/x", "/_health"));
+        assert!(!segment_prefix("/_healthx", "/_health"));
+        assert!(segment_prefix("/_health", "/_health/"));
+        assert!(segment_prefix("/anything", "/"));
     }
 
     #[test]

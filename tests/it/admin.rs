@@ -132,11 +132,13 @@ async fn ctl(og: &Opsgate, token: Option<&str>, args: &[&str]) -> (i32, String, 
     opsgate_cmd(all, Vec::new()).await
 }
 
-/// A log line whose message is `message` and whose fields satisfy `pred`.
-fn logged(og: &Opsgate, message: &str, pred: impl Fn(&Value) -> bool) -> bool {
-    og.json_logs()
-        .iter()
-        .any(|l| l["message"] == message && pred(l))
+/// A log line whose message is `message` and whose fields satisfy `pred`, awaited for up
+/// to 2 s (logs are written asynchronously).
+async fn logged(og: &Opsgate, message: &str, pred: impl Fn(&Value) -> bool) -> bool {
+    og.wait_for_log(Duration::from_secs(2), |l| {
+        l["message"] == message && pred(l)
+    })
+    .await
 }
 
 // ---- maintenance on the proxy port -----------------------------------------------------
@@ -496,7 +498,7 @@ async fn admin_reload_applies_a_changed_route_timeout() {
         Some(1.0),
         "{text}"
     );
-    assert!(logged(&og, "config reloaded", |l| l["trigger"] == "admin"));
+    assert!(logged(&og, "config reloaded", |l| l["trigger"] == "admin").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -507,7 +509,7 @@ async fn sighup_reloads_the_config() {
     std::fs::write(&file, api_config(&up, "5s", "")).unwrap();
     og.sighup();
     eventually(Duration::from_secs(2), "the SIGHUP reload", || async {
-        logged(&og, "config reloaded", |l| l["trigger"] == "signal")
+        logged(&og, "config reloaded", |l| l["trigger"] == "signal").await
     })
     .await;
     assert_eq!(slow_status(&og).await, 200);
@@ -550,7 +552,7 @@ async fn configmap_symlink_swap_is_noticed_within_two_seconds() {
     .await;
     assert_ne!(old_sha, want.as_str());
     assert_eq!(slow_status(&og).await, 200);
-    assert!(logged(&og, "config reloaded", |l| l["trigger"] == "watch"));
+    assert!(logged(&og, "config reloaded", |l| l["trigger"] == "watch").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -593,11 +595,14 @@ async fn invalid_edit_keeps_the_running_config_and_reports_the_error() {
         Some(1.0),
         "{text}"
     );
-    assert!(logged(
-        &og,
-        "config reload failed; keeping the running config",
-        |l| { l["level"] == "ERROR" && l["error"] == error.as_str() }
-    ));
+    assert!(
+        logged(
+            &og,
+            "config reload failed; keeping the running config",
+            |l| { l["level"] == "ERROR" && l["error"] == error.as_str() }
+        )
+        .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -704,10 +709,11 @@ async fn listen_address_change_warns_and_keeps_serving() {
         "{body}"
     );
     assert!(
-        og.json_logs().iter().any(|l| l["level"] == "WARN"
+        og.wait_for_log(Duration::from_secs(2), |l| l["level"] == "WARN"
             && l["message"]
                 .as_str()
-                .is_some_and(|m| m.contains("proxy.listen"))),
+                .is_some_and(|m| m.contains("proxy.listen")))
+            .await,
         "no warning logged: {:#?}",
         og.logs()
     );

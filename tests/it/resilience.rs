@@ -281,7 +281,15 @@ async fn breaker_opens_on_consecutive_5xx_stops_calling_and_recovers_through_hal
     }
     assert_eq!(app.hits(), before + 3);
 
-    // One log line per transition, with its reason, in order.
+    // One log line per transition, with its reason, in order. Lines are written in
+    // order by a background thread: once the last one is in, so are the others.
+    let last_in = rig
+        .og
+        .wait_for_log(Duration::from_secs(2), |l| {
+            l["breaker"] == "app" && l["to"] == "closed" && l["reason"] == "recovered"
+        })
+        .await;
+    assert!(last_in, "no log line for the last transition");
     let logged: Vec<(String, String, String)> = rig
         .og
         .json_logs()

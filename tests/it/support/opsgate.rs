@@ -346,6 +346,25 @@ impl Opsgate {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// Waits up to `limit` for a JSON log line matching `pred`. Logs are written by a
+    /// background thread, so a line can arrive just after the answer that caused it.
+    pub async fn wait_for_log(
+        &self,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.json_logs().iter().any(&pred) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Log lines parsed as JSON (lines that are not JSON are skipped).
     pub fn json_logs(&self) -> Vec<serde_json::Value> {
         self.logs()

@@ -1,7 +1,6 @@
 //! Signals and the drain sequence of SPEC §8: readiness off, keep accepting for
 //! `shutdown_delay`, stop accepting, close connections gracefully, wait `drain_timeout`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -78,5 +77,3 @@ impl Signals {
         }
     }
 }
-
-pub type SharedDrain = Arc<Drain>;

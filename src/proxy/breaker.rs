@@ -206,13 +206,6 @@ impl<F: Fn(&Transition) + Send + Sync> BreakerObserver for F {
     }
 }
 
-/// An observer that ignores transitions.
-pub struct NoopObserver;
-
-impl BreakerObserver for NoopObserver {
-    fn on_transition(&self, _: &Transition) {}
-}
-
 /// How a call ended, as classified by the caller (`failure_status`, connect
 /// errors and timeouts are failures).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

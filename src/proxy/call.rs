@@ -33,6 +33,8 @@ pub struct GuardedBreaker {
     /// The health check whose success moves OPEN to HALF_OPEN early.
     pub recover_on_check: Option<String>,
     calls: [Counter; 3],
+    /// Dry-run would-be rejections happen at request rate: one log line a second at most.
+    dry_run_log: crate::telemetry::throttle::LogThrottle,
 }
 
 impl GuardedBreaker {
@@ -87,6 +89,7 @@ impl GuardedBreaker {
             failure_status,
             recover_on_check,
             calls,
+            dry_run_log: crate::telemetry::throttle::LogThrottle::new(Duration::from_secs(1)),
         }
     }
 
@@ -270,7 +273,9 @@ async fn attempt(
             Ok(p) => {
                 if p.would_have_rejected().is_some() {
                     b.calls[2].inc();
-                    tracing::info!(breaker = %b.name, "dry run: breaker would have rejected this call");
+                    if let Some(held) = b.dry_run_log.allow() {
+                        tracing::info!(breaker = %b.name, more = held, "dry run: breaker would have rejected calls");
+                    }
                 }
                 Some((b, p))
             }

@@ -94,8 +94,7 @@ impl Proxy {
                     client,
                     None,
                 );
-                let sub = sub.to_string();
-                let resp = self.local.health(req, &sub);
+                let resp = self.local.health(req, sub);
                 return with_record(resp, rec);
             }
             if rt.metrics_path.as_deref() == Some(path) {
@@ -180,7 +179,9 @@ impl Proxy {
                     None,
                 );
             }
-            tracing::info!(route = %route.name, "dry run: rate limit would have rejected this request");
+            if let Some(held) = rl.dry_run_log.allow() {
+                tracing::info!(route = %route.name, more = held, "dry run: rate limit would have rejected requests");
+            }
         }
         let upstream = &route.upstream;
         let Some(permit) = upstream.bulkhead.try_acquire() else {

@@ -24,6 +24,8 @@ pub struct RateLimit {
     /// Count and log, but let the request through.
     pub dry_run: bool,
     pub rejected: prometheus_client::metrics::counter::Counter,
+    /// Dry-run rejections happen at request rate: one log line a second at most.
+    pub dry_run_log: crate::telemetry::throttle::LogThrottle,
 }
 
 pub struct Route {

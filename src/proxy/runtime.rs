@@ -173,6 +173,9 @@ impl Runtime {
                                     .unwrap_or_else(|| rl.per_second.ceil().max(1.0) as u32),
                             ),
                             dry_run: rl.dry_run,
+                            dry_run_log: crate::telemetry::throttle::LogThrottle::new(
+                                std::time::Duration::from_secs(1),
+                            ),
                             rejected: deps
                                 .resilience
                                 .rate_limited

@@ -7,5 +7,6 @@ pub mod histogram;
 pub mod logging;
 pub mod metrics;
 pub mod redact;
+pub mod throttle;
 
 pub use metrics::{HttpMetrics, MetricsRegistry, RouteMetrics};

@@ -136,28 +136,12 @@ impl Default for StatusRanges {
 impl FromStr for StatusRanges {
     type Err = String;
 
+    /// `"200-399"`, `"200,204"`, `"2xx"`: the config's own parser, so what validates
+    /// is exactly what the check applies.
     fn from_str(s: &str) -> Result<Self, String> {
-        let code = |t: &str| -> Result<u16, String> {
-            match t.trim().parse::<u16>() {
-                Ok(c) if (100..=599).contains(&c) => Ok(c),
-                _ => Err(format!("`{}` is not an HTTP status (100-599)", t.trim())),
-            }
-        };
-        let mut ranges = Vec::new();
-        for part in s.split(',') {
-            let range = match part.split_once('-') {
-                Some((lo, hi)) => (code(lo)?, code(hi)?),
-                None => {
-                    let c = code(part)?;
-                    (c, c)
-                }
-            };
-            if range.0 > range.1 {
-                return Err(format!("`{}` is an empty range", part.trim()));
-            }
-            ranges.push(range);
-        }
-        Ok(StatusRanges(ranges))
+        crate::config::validate::parse_status_ranges(s)
+            .map(StatusRanges)
+            .ok_or_else(|| format!("`{s}` must look like \"200-399\", \"200,204\" or \"2xx\""))
     }
 }
 
@@ -697,5 +681,7 @@ mod tests {
         assert!("399-200".parse::<StatusRanges>().is_err());
         assert!("abc".parse::<StatusRanges>().is_err());
         assert!("700".parse::<StatusRanges>().is_err());
+        let classes: StatusRanges = "2xx".parse().unwrap();
+        assert!(classes.contains(204) && !classes.contains(302));
     }
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh machine, and only what is missing:
-# redis-server and PostgreSQL binaries (throwaway servers for outage tests),
+# redis-server and PostgreSQL binaries (throwaway servers for outage tests), openssl
+# (test certificates),
 # promtool (metrics lint), and makes sure the local PostgreSQL and Redis run.
 set -euo pipefail
 
@@ -9,6 +10,7 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ "${#need[@]}" -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -3,6 +3,7 @@
 mod admin;
 mod health;
 mod lifecycle;
+mod listeners;
 mod ops;
 mod probes;
 mod proxy;

@@ -194,7 +194,12 @@ pub async fn call(
             uri.clone(),
             version,
             headers.clone(),
-            Body::Full(Some(bytes.clone())),
+            // No body stays no body: the non-retry path sends none either.
+            if bytes.is_empty() {
+                Body::Empty
+            } else {
+                Body::Full(Some(bytes.clone()))
+            },
         );
         let (result, kind) = attempt(target, breaker, req, this_timeout).await;
         let Some(kind) = kind else { return result };

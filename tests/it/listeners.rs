@@ -352,3 +352,19 @@ async fn metrics_classes_label_requests_by_path() {
     assert_eq!(count("admin").as_deref(), Some("1"), "{text}");
     assert_eq!(count("public").as_deref(), Some("2"), "{text}");
 }
+
+#[tokio::test]
+async fn a_get_under_a_retry_policy_reaches_the_upstream_without_body_headers() {
+    let app = Upstream::echo("app").await;
+    let config = format!(
+        "[upstreams.app]\nurl = \"{}\"\n[upstreams.app.retry]\nattempts = 3\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        app.url()
+    );
+    let og = Opsgate::start(&config).await;
+    let echo = get(&og.url("/x"), &[]).await.json();
+    // The replay buffer must not turn "no body" into "a body of 0 bytes".
+    assert!(echo["headers"].get("content-length").is_none(), "{echo}");
+    assert!(echo["headers"].get("transfer-encoding").is_none(), "{echo}");
+    assert_eq!(echo["body_bytes"], 0);
+}

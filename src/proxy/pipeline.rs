@@ -77,7 +77,7 @@ impl Proxy {
             Normalized::Path(p) => p,
             Normalized::EncodedSlash => {
                 let m = rt.unmatched_metrics[rt.class_of("/")].clone();
-                return finish(&rt, m, &req, client, start, Err(ProxyError::BadPath));
+                return unrouted(&rt, m, &req, client, start, ProxyError::BadPath);
             }
         };
         let path: &str = &path;
@@ -85,27 +85,13 @@ impl Proxy {
         // 2. reserved paths: never proxied.
         if conn.side == Side::Ingress {
             if let Some(sub) = reserved_sub(path, &rt.health_prefix) {
-                let metrics = rt.system_metrics.clone();
-                let rec = Record::begin(
-                    start,
-                    metrics,
-                    req.method().clone(),
-                    req.uri().clone(),
-                    client,
-                    None,
-                );
+                // Probes and scrapes are counted (route "system") but not access-logged.
+                let rec = record(&req, start, rt.system_metrics.clone(), client, None);
                 let resp = self.local.health(req, sub);
                 return with_record(resp, rec);
             }
             if rt.metrics_path.as_deref() == Some(path) {
-                let rec = Record::begin(
-                    start,
-                    rt.system_metrics.clone(),
-                    req.method().clone(),
-                    req.uri().clone(),
-                    client,
-                    None,
-                );
+                let rec = record(&req, start, rt.system_metrics.clone(), client, None);
                 let (parts, _) = req.into_parts();
                 return with_record(self.local.metrics(&parts), rec);
             }
@@ -123,17 +109,10 @@ impl Proxy {
         };
         let Some(route) = table.find(host, path) else {
             let m = rt.unmatched_metrics[rt.class_of(path)].clone();
-            return finish(&rt, m, &req, client, start, Err(ProxyError::NoRoute));
+            return unrouted(&rt, m, &req, client, start, ProxyError::NoRoute);
         };
         let metrics = route.metrics_for(rt.class_of(path)).clone();
-        let mut rec = Record::begin(
-            start,
-            metrics,
-            req.method().clone(),
-            req.uri().clone(),
-            client,
-            rt.access_log.clone(),
-        );
+        let mut rec = record(&req, start, metrics, client, rt.access_log.clone());
         rec.upstream = Some(route.upstream.name().clone());
 
         // 4. gates.
@@ -301,32 +280,38 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     }
 }
 
-fn finish(
-    rt: &Runtime,
-    metrics: Arc<crate::telemetry::RouteMetrics>,
+/// The record every answer carries, whoever gives it.
+fn record(
     req: &Request<Incoming>,
-    client: std::net::IpAddr,
     start: Instant,
-    r: Result<(), ProxyError>,
-) -> Response<ObservedBody> {
-    let rec = Record::begin(
+    metrics: Arc<crate::telemetry::RouteMetrics>,
+    client: std::net::IpAddr,
+    log: Option<Arc<crate::telemetry::access::AccessLog>>,
+) -> Record {
+    Record::begin(
         start,
         metrics,
         req.method().clone(),
         req.uri().clone(),
         client,
-        rt.access_log.clone(),
-    );
-    match r {
-        Ok(()) => with_record_status(Response::new(Body::Empty), rec, None),
-        Err(e) => {
-            let mut rec = rec;
-            rec.error = Some(e.label());
-            let resp = e.into_response();
-            rec.status = resp.status().as_u16();
-            with_record_status(resp, rec, None)
-        }
-    }
+        log,
+    )
+}
+
+/// Answers a request no route took (bad path, no route) with `e`.
+fn unrouted(
+    rt: &Runtime,
+    metrics: Arc<crate::telemetry::RouteMetrics>,
+    req: &Request<Incoming>,
+    client: std::net::IpAddr,
+    start: Instant,
+    e: ProxyError,
+) -> Response<ObservedBody> {
+    let mut rec = record(req, start, metrics, client, rt.access_log.clone());
+    rec.error = Some(e.label());
+    let resp = e.into_response();
+    rec.status = resp.status().as_u16();
+    with_record_status(resp, rec, None)
 }
 
 fn maintenance_response(r: crate::ops::MaintenanceReject) -> Response<Body> {

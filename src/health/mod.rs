@@ -172,12 +172,10 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 4] = [
-        Status::Healthy,
-        Status::Degraded,
-        Status::Unhealthy,
-        Status::Unknown,
-    ];
+    /// The statuses the aggregate can take (SPEC §3): `health_status` exports exactly these.
+    /// `unknown` belongs to single checks only: an unknown critical check makes the service
+    /// unhealthy, an unknown non-critical one degraded.
+    pub const OVERALL: [Status; 3] = [Status::Healthy, Status::Degraded, Status::Unhealthy];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -230,7 +228,7 @@ impl CheckResult {
     }
 }
 
-/// Aggregates check statuses as SPEC §3 says.
+/// Aggregates check statuses as SPEC §3 says; never `Unknown` (see [`Status::OVERALL`]).
 pub fn aggregate<'a>(checks: impl IntoIterator<Item = &'a CheckResult>) -> Status {
     let mut overall = Status::Healthy;
     for c in checks {
@@ -670,6 +668,54 @@ mod tests {
         assert_eq!(d.observe(Degraded, 2, 1), Degraded);
         assert_eq!(d.observe(Healthy, 2, 1), Healthy);
         assert_eq!(d.observe(Unhealthy, 2, 1), Unhealthy);
+    }
+
+    fn health_status_series(health: &Health) -> Vec<String> {
+        let mut registry = prometheus_client::registry::Registry::default();
+        health.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let mut series: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("health_status{"))
+            .map(str::to_owned)
+            .collect();
+        series.sort();
+        series
+    }
+
+    #[tokio::test]
+    async fn health_status_exports_exactly_the_three_overall_statuses() {
+        let unreachable = CheckKind::Tcp {
+            address: "127.0.0.1:1".into(),
+        };
+        // Before any run every check is unknown: a critical one makes the service unhealthy.
+        let health = Health::start(vec![CheckSpec::new("db", unreachable.clone())]);
+        assert_eq!(health.snapshot().status, Unhealthy);
+        assert_eq!(
+            health_status_series(&health),
+            [
+                r#"health_status{status="degraded"} 0"#,
+                r#"health_status{status="healthy"} 0"#,
+                r#"health_status{status="unhealthy"} 1"#,
+            ]
+        );
+        health.shutdown();
+
+        // Only non-critical checks, none run yet: degraded, still no `unknown` series.
+        let mut cache = CheckSpec::new("cache", unreachable);
+        cache.critical = false;
+        let health = Health::start(vec![cache]);
+        assert_eq!(health.snapshot().status, Degraded);
+        assert_eq!(
+            health_status_series(&health),
+            [
+                r#"health_status{status="degraded"} 1"#,
+                r#"health_status{status="healthy"} 0"#,
+                r#"health_status{status="unhealthy"} 0"#,
+            ]
+        );
+        health.shutdown();
     }
 
     #[test]

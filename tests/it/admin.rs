@@ -788,6 +788,45 @@ async fn token_guards_the_api_but_not_metrics_health_or_the_page_shell() {
     );
 }
 
+/// 401 without the token, 200 with it, on `/_ops/status`.
+async fn assert_token_required(og: &Opsgate) {
+    let a = ops(og, "GET", "/_ops/status", "").await;
+    assert_eq!(a.status, 401, "open without a token: {}", a.text());
+    assert_eq!(a.json(), json!({"detail": "unauthorized"}));
+    assert_eq!(ops_auth(og, "GET", "/_ops/status", "").await.status, 200);
+    let a = ops(og, "PUT", "/_ops/maintenance", r#"{"enabled":true}"#).await;
+    assert_eq!(a.status, 401, "{}", a.text());
+    assert_eq!(
+        post_status(og).await,
+        200,
+        "an unauthorized PUT took effect"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_comes_from_the_environment_when_the_file_has_none() {
+    let up = Upstream::echo("app").await;
+    let og = Launch::new()
+        .config(&api_config(&up, "10s", ""))
+        .loopback()
+        .env("OPSGATE_ADMIN_TOKEN", TOKEN)
+        .start()
+        .await;
+    assert_token_required(&og).await;
+    let config = ops_auth(&og, "GET", "/_ops/config", "").await.json();
+    assert_eq!(config["admin"]["token"], "<redacted>");
+
+    // No config file at all: `run --upstream` on built-in defaults.
+    let og = Launch::new()
+        .arg("--upstream")
+        .arg(up.url())
+        .loopback()
+        .env("OPSGATE_ADMIN_TOKEN", TOKEN)
+        .start()
+        .await;
+    assert_token_required(&og).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_loopback_admin_without_a_token_refuses_to_start() {
     let up = Upstream::echo("app").await;

@@ -9,9 +9,10 @@
 //!   rise/fall). Between healthy and degraded the status follows each result at once.
 //! - Overall status (SPEC §3): a critical check unhealthy or unknown -> unhealthy; else any
 //!   check not healthy -> degraded; else healthy; no checks -> healthy.
-//! - Reload ([`Health::replace`]) diffs by name: an identical spec keeps its task and state; a
-//!   spec with the same target (kind) but other settings is restarted and keeps its state; a
-//!   changed target starts over as `unknown`; removed checks stop and leave the metrics.
+//! - Reload ([`Health::replace`]) diffs by name: an identical spec keeps its task, schedule and
+//!   state; a changed spec gets a new task and shows its last result until the new definition
+//!   has one (a changed target's first result then sets the status directly, thresholds apply
+//!   after); only a new name starts `unknown`; removed checks stop and leave the metrics.
 
 mod http;
 mod metrics;
@@ -450,15 +451,23 @@ impl Health {
             let name = spec.name.clone();
             let entry = match old.remove(&name) {
                 Some(entry) if *entry.spec == spec => entry,
-                Some(mut entry) if entry.spec.kind == spec.kind => {
-                    // Same target, other settings: restart the task, keep what we know.
+                Some(mut entry) => {
+                    // Changed settings: a new task runs the new definition, and until its
+                    // first result the check shows its last one, so a reload (every pod at
+                    // once, for a ConfigMap) does not drop readiness for a run's duration.
                     if let Some(task) = entry.task.take() {
                         task.abort();
                     }
                     if entry.spec.critical != spec.critical {
                         self.shared.metrics.remove_check(&entry.spec);
                     }
+                    if entry.spec.kind != spec.kind {
+                        // Another target: its first result decides, not the old one's streak.
+                        entry.debounce = Debounce::new();
+                        entry.last_problem = None;
+                    }
                     entry.result.critical = spec.critical;
+                    entry.result.kind = spec.kind.label();
                     entry.generation = reg.bump();
                     entry.spec = Arc::new(spec);
                     entry.task = Some(scheduler::spawn(
@@ -471,10 +480,7 @@ impl Health {
                         .set_check(&entry.spec, entry.result.status);
                     entry
                 }
-                previous => {
-                    if let Some(prev) = previous {
-                        self.shared.metrics.remove_check(&prev.spec);
-                    }
+                None => {
                     let spec = Arc::new(spec);
                     let generation = reg.bump();
                     self.shared.metrics.set_check(&spec, Status::Unknown);

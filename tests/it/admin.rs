@@ -676,6 +676,84 @@ async fn breaker_of_an_unchanged_upstream_survives_a_reload() {
     assert_eq!(up.hits(), 0);
 }
 
+/// Two critical checks on the app: `steady` (slow: each run takes 300 ms), and `moved`,
+/// whose definition is `moved`.
+fn checks_config(up: &Upstream, moved: &str) -> String {
+    api_config(
+        up,
+        "10s",
+        &format!(
+            r#"[[health.checks]]
+name = "steady"
+type = "http"
+url = "{url}/health?sleep_ms=300"
+interval = "400ms"
+timeout = "3s"
+
+[[health.checks]]
+name = "moved"
+interval = "400ms"
+timeout = "3s"
+{moved}
+"#,
+            url = up.url()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_stays_up_through_a_reload_that_changes_a_check() {
+    let up = Upstream::echo("app").await;
+    let before = format!("type = \"tcp\"\naddress = \"{}\"", up.addr);
+    let (og, file) = start_detached(&checks_config(&up, &before)).await;
+    let ready_url = og.url("/_health/ready");
+    eventually(Duration::from_secs(5), "readiness", || async {
+        get(&ready_url, &[]).await.status == 200
+    })
+    .await;
+
+    // Probe readiness without pause through the reload, as a kubelet on every pod would.
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (stop, url) = (stop.clone(), ready_url.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let a = get(&url, &[]).await;
+                answers.push((a.status.as_u16(), a.text()));
+            }
+            answers
+        })
+    };
+    // `steady` is unchanged; `moved` now probes another target, slow too.
+    let after = format!("type = \"http\"\nurl = \"{}/moved?sleep_ms=300\"", up.url());
+    std::fs::write(&file, checks_config(&up, &after)).unwrap();
+    let a = ops(&og, "POST", "/_ops/reload", "").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    // The new definition has a result once `moved` reports a run as slow as the new target.
+    let moved_url = og.url("/_health/checks/moved");
+    eventually(
+        Duration::from_secs(5),
+        "the new definition to run",
+        || async {
+            get(&moved_url, &[]).await.json()["latency_ms"]
+                .as_f64()
+                .is_some_and(|ms| ms >= 300.0)
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let answers = poller.await.unwrap();
+    assert!(answers.len() > 5, "too few probes: {answers:?}");
+    let failed: Vec<_> = answers.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "readiness dropped during the reload: {failed:?}"
+    );
+    let moved = get(&moved_url, &[]).await.json();
+    assert_eq!(moved["status"], "healthy", "{moved}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_address_change_warns_and_keeps_serving() {
     let up = Upstream::echo("app").await;

@@ -555,6 +555,142 @@ async fn configmap_symlink_swap_is_noticed_within_two_seconds() {
     assert!(logged(&og, "config reloaded", |l| l["trigger"] == "watch").await);
 }
 
+/// The sha256 `/_ops/status` reports for the running config.
+async fn running_sha(og: &Opsgate) -> String {
+    ops_json(og, "/_ops/status").await["config"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Waits until the running config is `text`; the watcher must get there on its own.
+async fn running_becomes(og: &Opsgate, text: &str, what: &str) {
+    let want = opsgate::config::sha256_hex(text.as_bytes());
+    eventually(Duration::from_secs(3), what, || async {
+        running_sha(og).await == want
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_file_beside_the_config_does_not_delay_a_reload() {
+    let up = Upstream::echo("app").await;
+    let og = Launch::new()
+        .config(&api_config(&up, "50ms", ""))
+        .loopback()
+        .start()
+        .await;
+    // Another program's file in the same directory, rewritten every 50 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, busy) = (stop.clone(), og.config_path().with_file_name("app.log"));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                std::fs::write(&busy, format!("line {n}\n")).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let changed = api_config(&up, "5s", "");
+    // Written aside and renamed over, as editors do: the reload sees the whole file.
+    let aside = og.config_path().with_file_name(".opsgate.toml.swp");
+    std::fs::write(&aside, &changed).unwrap();
+    std::fs::rename(&aside, og.config_path()).unwrap();
+    running_becomes(
+        &og,
+        &changed,
+        "the edit to load while app.log keeps changing",
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(slow_status(&og).await, 200);
+    let text = metrics(&og).await;
+    assert_eq!(
+        sample(&text, r#"config_reloads_total{result="success"}"#),
+        Some(1.0),
+        "app.log must not cause reloads: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_loads_an_edit_after_another_path_reloaded() {
+    let up = Upstream::echo("app").await;
+    let a = api_config(&up, "50ms", "");
+    let b = api_config(&up, "5s", "");
+    let og = Launch::new().config(&a).loopback().start().await;
+    og.write_config(&b);
+    running_becomes(&og, &b, "B from the watcher").await;
+    // Back to A through the admin API, right after the edit.
+    og.write_config(&a);
+    let r = ops(&og, "POST", "/_ops/reload", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        running_sha(&og).await,
+        opsgate::config::sha256_hex(a.as_bytes())
+    );
+    // B again: the watcher compares with what runs, not with what it tried last.
+    og.write_config(&b);
+    running_becomes(&og, &b, "B again from the watcher").await;
+    assert_eq!(slow_status(&og).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn putting_the_running_config_back_after_a_broken_edit_clears_the_error() {
+    let up = Upstream::echo("app").await;
+    let good = api_config(&up, "50ms", "");
+    let og = Launch::new().config(&good).loopback().start().await;
+    og.write_config(&format!("{good}\n[bogus]\n"));
+    eventually(
+        Duration::from_secs(3),
+        "the broken edit to fail",
+        || async {
+            ops_json(&og, "/_ops/status").await["config"]["last_reload"]["result"] == "failure"
+        },
+    )
+    .await;
+    og.write_config(&good);
+    eventually(Duration::from_secs(3), "the error to clear", || async {
+        ops_json(&og, "/_ops/status").await["config"]["last_reload"]["result"] == "success"
+    })
+    .await;
+    let status = ops_json(&og, "/_ops/status").await;
+    assert_eq!(
+        status["config"]["last_reload"]["error"],
+        Value::Null,
+        "{status}"
+    );
+    assert_eq!(
+        status["config"]["sha256"],
+        opsgate::config::sha256_hex(good.as_bytes())
+    );
+    assert_eq!(
+        slow_status(&og).await,
+        504,
+        "the running config never changed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_file_is_never_applied_on_reload() {
+    let up = Upstream::echo("app").await;
+    let (og, file) = start_detached(&api_config(&up, "10s", "")).await;
+    // What a reader sees between a writer's truncate and its write.
+    std::fs::write(&file, "").unwrap();
+    let a = ops(&og, "POST", "/_ops/reload", "").await;
+    assert_eq!(a.status, 422, "{}", a.text());
+    assert!(
+        a.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("empty")),
+        "{}",
+        a.text()
+    );
+    assert_eq!(get(&og.url("/api/x"), &[]).await.status, 200, "routes kept");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_edit_keeps_the_running_config_and_reports_the_error() {
     let up = Upstream::echo("app").await;

@@ -92,6 +92,14 @@ impl Shared {
     fn try_reload(&self) -> Result<Vec<String>, String> {
         let current = self.live.load_full();
         let config = self.source.load().map_err(|e| e.to_string())?;
+        if config.path.is_some() && config.sha256 == EMPTY_SHA256 {
+            // Caught between a writer's truncate and its write: taken as is, it would
+            // drop every route. The write's own event brings the watcher back.
+            return Err(
+                "config file is empty (a write in progress?); an empty file is never applied on reload"
+                    .to_string(),
+            );
+        }
         let maintenance = build::maintenance_settings(&config, &env_lookup)?;
         let tls = match &config.file.proxy.tls {
             Some(t) if self.tls.is_some() => {
@@ -192,9 +200,23 @@ fn restart_warnings(old: &Config, new: &Config, bound: &super::Bound) -> Vec<Str
     w
 }
 
+/// sha256 of zero bytes: an empty config file.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// After an event on the config, wait this long for the burst to end (editors write,
+/// rename and chmod in a row; kubelet swaps a ConfigMap in several steps)...
+const QUIET: Duration = Duration::from_millis(150);
+/// ... but never longer than this after the first event, so a config that keeps being
+/// touched is still live within 1 s of a change.
+const MAX_WAIT: Duration = Duration::from_millis(500);
+/// The symlink kubelet renames over to publish a new ConfigMap version.
+const CONFIGMAP_DATA: &str = "..data";
+
 /// Watches the config file's directory (a Kubernetes ConfigMap swaps a symlink there,
-/// so the file's own inode is the wrong thing to watch) and reloads when the content
-/// changes. Dropping the returned watcher stops it.
+/// so the file's own inode is the wrong thing to watch) and reloads when the file no
+/// longer matches the running config. Only events naming the config file or `..data`
+/// count: other files written in the directory neither trigger nor delay a reload.
+/// Dropping the returned watcher stops it.
 pub fn watch_config(shared: Arc<Shared>) -> Option<notify::RecommendedWatcher> {
     let path = shared.source.path.clone()?;
     let dir = path
@@ -202,10 +224,16 @@ pub fn watch_config(shared: Arc<Shared>) -> Option<notify::RecommendedWatcher> {
         .map(PathBuf::from)
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
+    let name = path.file_name().map(|n| n.to_os_string());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        // Reads (ours included) are no change; only writes, creates, renames and removals are.
-        if res.is_ok_and(|e| !e.kind.is_access()) {
+        let Ok(event) = res else { return };
+        // Reads (ours included) are no change; a queue overflow may have hidden one.
+        let ours = event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| Some(n) == name.as_deref() || n == CONFIGMAP_DATA)
+        });
+        if (ours && !event.kind.is_access()) || event.need_rescan() {
             let _ = tx.send(());
         }
     })
@@ -216,30 +244,39 @@ pub fn watch_config(shared: Arc<Shared>) -> Option<notify::RecommendedWatcher> {
         return None;
     }
     tokio::spawn(async move {
-        // Editors and ConfigMap updates produce bursts of events: wait for a quiet moment.
-        const QUIET: Duration = Duration::from_millis(150);
-        let mut last_tried: Option<String> = None;
         while rx.recv().await.is_some() {
+            let deadline = tokio::time::Instant::now() + MAX_WAIT;
             loop {
-                match tokio::time::timeout(QUIET, rx.recv()).await {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match tokio::time::timeout_at((now + QUIET).min(deadline), rx.recv()).await {
                     Ok(Some(())) => continue,
                     Ok(None) => return,
                     Err(_) => break,
                 }
             }
+            // Unreadable (mid-swap) or empty (mid-write): the writer's next event comes back.
             let Ok(bytes) = tokio::fs::read(&path).await else {
                 continue;
             };
-            let seen = crate::config::sha256_hex(&bytes);
-            // Reload on new content only: other files changing in the directory (or a
-            // broken file sitting there) must not replay the same failing reload.
-            if seen != shared.live.load().config.sha256 && Some(&seen) != last_tried.as_ref() {
-                last_tried = Some(seen);
+            if bytes.is_empty() {
+                continue;
+            }
+            if needs_reload(&shared, &crate::config::sha256_hex(&bytes)) {
                 shared.reload("watch").await;
             }
         }
     });
     Some(watcher)
+}
+
+/// Whether the file (its sha256 `on_disk`) should be reloaded: it differs from what is
+/// running, whichever path loaded that; or it matches, but the last reload failed (the
+/// file was put back after a broken edit), so a reload makes `last_reload` say so.
+fn needs_reload(shared: &Shared, on_disk: &str) -> bool {
+    on_disk != shared.live.load().config.sha256 || shared.last_reload.load().result == "failure"
 }
 
 /// Logs each breaker transition once, with its reason, and publishes it as an event.
@@ -338,4 +375,12 @@ pub fn spawn_event_forwarders(shared: &Arc<Shared>) {
             );
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn empty_sha256_is_the_digest_of_no_bytes() {
+        assert_eq!(super::EMPTY_SHA256, crate::config::sha256_hex(b""));
+    }
 }

@@ -9,6 +9,9 @@ use super::units::{Dur, Size};
 pub const PROXY_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
 /// Admin listener: loopback only unless a token is set.
 pub const ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9901);
+/// `admin.token` when the file has no such key: `token = "${OPSGATE_ADMIN_TOKEN:-}"` (SPEC §2),
+/// so a token from a Kubernetes Secret protects the API without a line of config.
+pub const ADMIN_TOKEN_ENV: &str = "OPSGATE_ADMIN_TOKEN";
 /// Request line + headers above this get 431.
 pub const MAX_HEADER_BYTES: Size = Size(64 * 1024);
 /// A client that has not sent its whole header block by then is cut off (slowloris).

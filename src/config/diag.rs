@@ -119,6 +119,27 @@ pub fn span_of(root: &Spanned<DeTable<'_>>, path: &[Seg<'_>]) -> Range<usize> {
     span
 }
 
+/// Whether the file spells out the key at `path` (tables, then the key), e.g. `["admin", "token"]`.
+pub fn has_key(root: &Spanned<DeTable<'_>>, path: &[&str]) -> bool {
+    let Some((first, rest)) = path.split_first() else {
+        return true;
+    };
+    let mut value = match root.get_ref().iter().find(|(k, _)| k.get_ref() == first) {
+        Some((_, v)) => v.get_ref(),
+        None => return false,
+    };
+    for key in rest {
+        value = match value
+            .as_table()
+            .and_then(|t| t.iter().find(|(k, _)| k.get_ref() == key))
+        {
+            Some((_, v)) => v.get_ref(),
+            None => return false,
+        };
+    }
+    true
+}
+
 /// Appends "did you mean `x`?" to serde's unknown-field/variant messages.
 pub fn with_hint(message: &str) -> String {
     let Some(rest) = message

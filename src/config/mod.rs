@@ -57,6 +57,7 @@ pub fn load(
 ) -> Result<Config, ConfigError> {
     let Some(path) = path else {
         let mut file = ConfigFile::default();
+        file.admin.token = admin_token_default(env);
         apply_overrides(&mut file, overrides);
         return finish(file, None, String::new(), "<defaults>", "", None);
     };
@@ -114,8 +115,17 @@ pub fn parse_str(
             }],
         }
     })?;
+    if !diag::has_key(&for_spans, &["admin", "token"]) {
+        file.admin.token = admin_token_default(env);
+    }
     apply_overrides(&mut file, overrides);
     finish(file, None, String::new(), name, text, Some(&for_spans))
+}
+
+/// The `admin.token` of a file without that key: SPEC's `"${OPSGATE_ADMIN_TOKEN:-}"`. A key
+/// that is present wins, even `token = ""`, like any other value written in the file.
+fn admin_token_default(env: &dyn Fn(&str) -> Option<String>) -> String {
+    env(defaults::ADMIN_TOKEN_ENV).unwrap_or_default()
 }
 
 fn apply_overrides(file: &mut ConfigFile, o: &Overrides) {
@@ -299,6 +309,30 @@ mod tests {
         let e = parse("[admin]\nlisten = \"0.0.0.0:9901\"\n").unwrap_err();
         assert!(e.to_string().contains("set admin.token"), "{e}");
         assert!(parse("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken = \"s3cret\"\n").is_ok());
+    }
+
+    #[test]
+    fn admin_token_defaults_to_the_environment_when_the_file_has_no_key() {
+        let env = |name: &str| (name == "OPSGATE_ADMIN_TOKEN").then(|| "from-env".to_string());
+        let o = Overrides::default();
+        let without_key = "[admin]\nlisten = \"0.0.0.0:9901\"\n";
+        let c = parse_str(without_key, "t", &o, &env).unwrap();
+        assert_eq!(c.file.admin.token, "from-env");
+        let c = parse_str("", "t", &o, &env).unwrap();
+        assert_eq!(c.file.admin.token, "from-env");
+        // No file at all (`run --upstream`): the same default.
+        let c = load(None, &o, &env).unwrap();
+        assert_eq!(c.file.admin.token, "from-env");
+        // A key in the file wins, an empty one included.
+        let c = parse_str("[admin]\ntoken = \"from-file\"\n", "t", &o, &env).unwrap();
+        assert_eq!(c.file.admin.token, "from-file");
+        let c = parse_str("[admin]\ntoken = \"\"\n", "t", &o, &env).unwrap();
+        assert_eq!(c.file.admin.token, "");
+        // Unset or empty variable: no token.
+        assert_eq!(parse("").unwrap().file.admin.token, "");
+        let empty = |_: &str| Some(String::new());
+        assert_eq!(parse_str("", "t", &o, &empty).unwrap().file.admin.token, "");
+        assert!(parse_str(without_key, "t", &o, &empty).is_err());
     }
 
     #[test]

@@ -103,8 +103,10 @@ impl Metrics {
         });
     }
 
+    /// One series per status the aggregate can take, so a query never meets a series that
+    /// is always 0 (`status="unknown"` would be one: the aggregate is never unknown).
     pub fn set_overall(&self, current: Status) {
-        for s in Status::ALL {
+        for s in Status::OVERALL {
             self.overall
                 .get_or_create(&OverallLabel { status: s.as_str() })
                 .set(i64::from(s == current));

@@ -9,9 +9,10 @@
 //!   rise/fall). Between healthy and degraded the status follows each result at once.
 //! - Overall status (SPEC §3): a critical check unhealthy or unknown -> unhealthy; else any
 //!   check not healthy -> degraded; else healthy; no checks -> healthy.
-//! - Reload ([`Health::replace`]) diffs by name: an identical spec keeps its task and state; a
-//!   spec with the same target (kind) but other settings is restarted and keeps its state; a
-//!   changed target starts over as `unknown`; removed checks stop and leave the metrics.
+//! - Reload ([`Health::replace`]) diffs by name: an identical spec keeps its task, schedule and
+//!   state; a changed spec gets a new task and shows its last result until the new definition
+//!   has one (a changed target's first result then sets the status directly, thresholds apply
+//!   after); only a new name starts `unknown`; removed checks stop and leave the metrics.
 
 mod http;
 mod metrics;
@@ -172,12 +173,10 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 4] = [
-        Status::Healthy,
-        Status::Degraded,
-        Status::Unhealthy,
-        Status::Unknown,
-    ];
+    /// The statuses the aggregate can take (SPEC §3): `health_status` exports exactly these.
+    /// `unknown` belongs to single checks only: an unknown critical check makes the service
+    /// unhealthy, an unknown non-critical one degraded.
+    pub const OVERALL: [Status; 3] = [Status::Healthy, Status::Degraded, Status::Unhealthy];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -230,7 +229,7 @@ impl CheckResult {
     }
 }
 
-/// Aggregates check statuses as SPEC §3 says.
+/// Aggregates check statuses as SPEC §3 says; never `Unknown` (see [`Status::OVERALL`]).
 pub fn aggregate<'a>(checks: impl IntoIterator<Item = &'a CheckResult>) -> Status {
     let mut overall = Status::Healthy;
     for c in checks {
@@ -452,15 +451,23 @@ impl Health {
             let name = spec.name.clone();
             let entry = match old.remove(&name) {
                 Some(entry) if *entry.spec == spec => entry,
-                Some(mut entry) if entry.spec.kind == spec.kind => {
-                    // Same target, other settings: restart the task, keep what we know.
+                Some(mut entry) => {
+                    // Changed settings: a new task runs the new definition, and until its
+                    // first result the check shows its last one, so a reload (every pod at
+                    // once, for a ConfigMap) does not drop readiness for a run's duration.
                     if let Some(task) = entry.task.take() {
                         task.abort();
                     }
                     if entry.spec.critical != spec.critical {
                         self.shared.metrics.remove_check(&entry.spec);
                     }
+                    if entry.spec.kind != spec.kind {
+                        // Another target: its first result decides, not the old one's streak.
+                        entry.debounce = Debounce::new();
+                        entry.last_problem = None;
+                    }
                     entry.result.critical = spec.critical;
+                    entry.result.kind = spec.kind.label();
                     entry.generation = reg.bump();
                     entry.spec = Arc::new(spec);
                     entry.task = Some(scheduler::spawn(
@@ -473,10 +480,7 @@ impl Health {
                         .set_check(&entry.spec, entry.result.status);
                     entry
                 }
-                previous => {
-                    if let Some(prev) = previous {
-                        self.shared.metrics.remove_check(&prev.spec);
-                    }
+                None => {
                     let spec = Arc::new(spec);
                     let generation = reg.bump();
                     self.shared.metrics.set_check(&spec, Status::Unknown);
@@ -670,6 +674,54 @@ mod tests {
         assert_eq!(d.observe(Degraded, 2, 1), Degraded);
         assert_eq!(d.observe(Healthy, 2, 1), Healthy);
         assert_eq!(d.observe(Unhealthy, 2, 1), Unhealthy);
+    }
+
+    fn health_status_series(health: &Health) -> Vec<String> {
+        let mut registry = prometheus_client::registry::Registry::default();
+        health.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let mut series: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("health_status{"))
+            .map(str::to_owned)
+            .collect();
+        series.sort();
+        series
+    }
+
+    #[tokio::test]
+    async fn health_status_exports_exactly_the_three_overall_statuses() {
+        let unreachable = CheckKind::Tcp {
+            address: "127.0.0.1:1".into(),
+        };
+        // Before any run every check is unknown: a critical one makes the service unhealthy.
+        let health = Health::start(vec![CheckSpec::new("db", unreachable.clone())]);
+        assert_eq!(health.snapshot().status, Unhealthy);
+        assert_eq!(
+            health_status_series(&health),
+            [
+                r#"health_status{status="degraded"} 0"#,
+                r#"health_status{status="healthy"} 0"#,
+                r#"health_status{status="unhealthy"} 1"#,
+            ]
+        );
+        health.shutdown();
+
+        // Only non-critical checks, none run yet: degraded, still no `unknown` series.
+        let mut cache = CheckSpec::new("cache", unreachable);
+        cache.critical = false;
+        let health = Health::start(vec![cache]);
+        assert_eq!(health.snapshot().status, Degraded);
+        assert_eq!(
+            health_status_series(&health),
+            [
+                r#"health_status{status="degraded"} 1"#,
+                r#"health_status{status="healthy"} 0"#,
+                r#"health_status{status="unhealthy"} 0"#,
+            ]
+        );
+        health.shutdown();
     }
 
     #[test]

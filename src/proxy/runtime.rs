@@ -57,7 +57,7 @@ pub struct Runtime {
     pub metrics_path: Option<String>,
     pub reject_encoded_slashes: bool,
     pub trusted_proxies: Vec<IpNet>,
-    /// `None` when `access_log = false`.
+    /// `None` when `access_log = false` or `OPSGATE_LOG` filters target `access` out.
     pub access_log: Option<Arc<AccessLog>>,
     /// `[[metrics.classes]]`: (prefix, class) pairs, first match wins.
     pub classes: Vec<(String, Arc<str>)>,
@@ -230,7 +230,9 @@ impl Runtime {
             metrics_path: f.metrics.on_proxy_port.then(|| f.metrics.path.clone()),
             reject_encoded_slashes: f.proxy.encoded_slashes == EncodedSlashes::Reject,
             trusted_proxies: f.proxy.trusted_proxies.clone(),
-            access_log: f.proxy.access_log.then(|| deps.access_log.clone()),
+            // `OPSGATE_LOG` may filter the access log out: then no line is even formatted.
+            access_log: (f.proxy.access_log && deps.access_log.is_on())
+                .then(|| deps.access_log.clone()),
             system_metrics: Arc::new(RouteMetrics::new(http, SYSTEM.into(), SYSTEM.into())),
             unmatched_metrics: per_class(&Arc::from(UNMATCHED)),
             classes,

@@ -9,11 +9,13 @@ use std::time::{Duration, SystemTime};
 use tracing_appender::non_blocking::NonBlocking;
 
 /// Where access lines go. `Json` writes straight to the log writer (same stream and
-/// order as every other line); `Tracing` emits events for the human-readable format.
+/// order as every other line); `Tracing` emits events for the human-readable format;
+/// `Off` when `OPSGATE_LOG` filters target `access` at INFO out.
 #[derive(Clone)]
 pub enum AccessLog {
     Json(NonBlocking),
     Tracing,
+    Off,
 }
 
 /// One request, as the access line shows it.
@@ -37,8 +39,14 @@ thread_local! {
 }
 
 impl AccessLog {
+    /// Whether lines are written at all; `false` lets the runtime skip the access log.
+    pub fn is_on(&self) -> bool {
+        !matches!(self, AccessLog::Off)
+    }
+
     pub fn write(&self, e: &Entry<'_>) {
         match self {
+            AccessLog::Off => {}
             AccessLog::Json(writer) => LINE.with(|line| {
                 let mut line = line.borrow_mut();
                 line.clear();

@@ -81,8 +81,13 @@ impl Events {
         (missed, rx)
     }
 
-    pub fn last_id(&self) -> u64 {
-        self.next_id.load(Ordering::Relaxed).saturating_sub(1)
+    /// An id for a frame that is not an event of its own (a `status` snapshot): larger than
+    /// every event already sent to subscribers, smaller than every later one.
+    pub fn reserve_id(&self) -> u64 {
+        // Under the history lock, like `emit`: no event can hold a smaller id without
+        // having been sent already.
+        let _order = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 }
 

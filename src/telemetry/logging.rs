@@ -1,9 +1,20 @@
 //! Logging init: JSON lines (or pretty text) on stdout, level from `OPSGATE_LOG`.
-//! The access log is a tracing event with target `access` so it can be filtered apart.
+//! The access log is target `access` at INFO, so the same filter governs it: the
+//! hand-written JSON writer (see `access.rs`) asks the filter once, here.
 
 use std::io::IsTerminal;
 
+use tracing::callsite::{Callsite, Identifier};
+use tracing::field::FieldSet;
+use tracing::metadata::Kind;
+use tracing::subscriber::Interest;
+use tracing::{Level, Metadata};
 use tracing_subscriber::EnvFilter;
+
+/// The variable holding the log filter (tracing `EnvFilter` syntax).
+const LOG_ENV: &str = "OPSGATE_LOG";
+/// The filter when `OPSGATE_LOG` is unset or invalid.
+const DEFAULT_FILTER: &str = "info";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -19,7 +30,9 @@ pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
 /// lines waiting: under load one write(2) carries many access-log lines. If stdout
 /// cannot keep up, lines are dropped rather than slowing requests down.
 pub fn init(format: Option<LogFormat>) -> (LogGuard, super::access::AccessLog) {
-    let filter = EnvFilter::try_from_env("OPSGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let directives = std::env::var(LOG_ENV).ok();
+    let filter = env_filter(directives.as_deref());
+    let access_on = access_enabled(env_filter(directives.as_deref()));
     let format = format.unwrap_or(if std::io::stdout().is_terminal() {
         LogFormat::Pretty
     } else {
@@ -32,6 +45,7 @@ pub fn init(format: Option<LogFormat>) -> (LogGuard, super::access::AccessLog) {
         .buffered_lines_limit(8192)
         .finish(stdout);
     let access = match format {
+        _ if !access_on => super::access::AccessLog::Off,
         LogFormat::Json => super::access::AccessLog::Json(writer.clone()),
         LogFormat::Pretty => super::access::AccessLog::Tracing,
     };
@@ -48,4 +62,70 @@ pub fn init(format: Option<LogFormat>) -> (LogGuard, super::access::AccessLog) {
         LogFormat::Pretty => builder.try_init(),
     };
     (guard, access)
+}
+
+/// `OPSGATE_LOG`'s filter; unset or invalid gives `info`, as tracing's own `from_env` would.
+fn env_filter(directives: Option<&str>) -> EnvFilter {
+    directives
+        .and_then(|d| EnvFilter::try_new(d).ok())
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER))
+}
+
+/// Whether `filter` lets an access line (target `access`, level INFO) through: `error` and
+/// `info,access=off` do not, `warn,access=info` does. Asked once, so a request pays nothing.
+pub fn access_enabled(filter: EnvFilter) -> bool {
+    use tracing_subscriber::layer::SubscriberExt;
+    let subscriber = tracing_subscriber::registry().with(filter);
+    tracing::Subscriber::enabled(&subscriber, &ACCESS_EVENT)
+}
+
+/// The metadata an access line would have, to put to the filter without emitting anything.
+struct AccessCallsite;
+
+static ACCESS_CALLSITE: AccessCallsite = AccessCallsite;
+
+static ACCESS_EVENT: Metadata<'static> = Metadata::new(
+    "access",
+    "access",
+    Level::INFO,
+    None,
+    None,
+    None,
+    FieldSet::new(&[], Identifier(&ACCESS_CALLSITE)),
+    Kind::EVENT,
+);
+
+impl Callsite for AccessCallsite {
+    fn set_interest(&self, _: Interest) {}
+
+    fn metadata(&self) -> &Metadata<'_> {
+        &ACCESS_EVENT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(directives: &str) -> bool {
+        access_enabled(env_filter(Some(directives)))
+    }
+
+    #[test]
+    fn the_access_log_follows_the_filter_for_target_access_at_info() {
+        assert!(access("info"));
+        assert!(access("debug"));
+        assert!(access("warn,access=info"));
+        assert!(access("off,access=info"));
+        assert!(!access("error"));
+        assert!(!access("warn"));
+        assert!(!access("info,access=off"));
+        assert!(!access("info,access=warn"));
+        // Other targets' directives leave it alone.
+        assert!(access("info,opsgate=debug,hyper=off"));
+        assert!(!access("error,opsgate=debug"));
+        // Unset or unparsable: the `info` default.
+        assert!(access_enabled(env_filter(None)));
+        assert!(access("[[not a filter"));
+    }
 }

@@ -555,6 +555,142 @@ async fn configmap_symlink_swap_is_noticed_within_two_seconds() {
     assert!(logged(&og, "config reloaded", |l| l["trigger"] == "watch").await);
 }
 
+/// The sha256 `/_ops/status` reports for the running config.
+async fn running_sha(og: &Opsgate) -> String {
+    ops_json(og, "/_ops/status").await["config"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Waits until the running config is `text`; the watcher must get there on its own.
+async fn running_becomes(og: &Opsgate, text: &str, what: &str) {
+    let want = opsgate::config::sha256_hex(text.as_bytes());
+    eventually(Duration::from_secs(3), what, || async {
+        running_sha(og).await == want
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_file_beside_the_config_does_not_delay_a_reload() {
+    let up = Upstream::echo("app").await;
+    let og = Launch::new()
+        .config(&api_config(&up, "50ms", ""))
+        .loopback()
+        .start()
+        .await;
+    // Another program's file in the same directory, rewritten every 50 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, busy) = (stop.clone(), og.config_path().with_file_name("app.log"));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                std::fs::write(&busy, format!("line {n}\n")).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let changed = api_config(&up, "5s", "");
+    // Written aside and renamed over, as editors do: the reload sees the whole file.
+    let aside = og.config_path().with_file_name(".opsgate.toml.swp");
+    std::fs::write(&aside, &changed).unwrap();
+    std::fs::rename(&aside, og.config_path()).unwrap();
+    running_becomes(
+        &og,
+        &changed,
+        "the edit to load while app.log keeps changing",
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(slow_status(&og).await, 200);
+    let text = metrics(&og).await;
+    assert_eq!(
+        sample(&text, r#"config_reloads_total{result="success"}"#),
+        Some(1.0),
+        "app.log must not cause reloads: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_loads_an_edit_after_another_path_reloaded() {
+    let up = Upstream::echo("app").await;
+    let a = api_config(&up, "50ms", "");
+    let b = api_config(&up, "5s", "");
+    let og = Launch::new().config(&a).loopback().start().await;
+    og.write_config(&b);
+    running_becomes(&og, &b, "B from the watcher").await;
+    // Back to A through the admin API, right after the edit.
+    og.write_config(&a);
+    let r = ops(&og, "POST", "/_ops/reload", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        running_sha(&og).await,
+        opsgate::config::sha256_hex(a.as_bytes())
+    );
+    // B again: the watcher compares with what runs, not with what it tried last.
+    og.write_config(&b);
+    running_becomes(&og, &b, "B again from the watcher").await;
+    assert_eq!(slow_status(&og).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn putting_the_running_config_back_after_a_broken_edit_clears_the_error() {
+    let up = Upstream::echo("app").await;
+    let good = api_config(&up, "50ms", "");
+    let og = Launch::new().config(&good).loopback().start().await;
+    og.write_config(&format!("{good}\n[bogus]\n"));
+    eventually(
+        Duration::from_secs(3),
+        "the broken edit to fail",
+        || async {
+            ops_json(&og, "/_ops/status").await["config"]["last_reload"]["result"] == "failure"
+        },
+    )
+    .await;
+    og.write_config(&good);
+    eventually(Duration::from_secs(3), "the error to clear", || async {
+        ops_json(&og, "/_ops/status").await["config"]["last_reload"]["result"] == "success"
+    })
+    .await;
+    let status = ops_json(&og, "/_ops/status").await;
+    assert_eq!(
+        status["config"]["last_reload"]["error"],
+        Value::Null,
+        "{status}"
+    );
+    assert_eq!(
+        status["config"]["sha256"],
+        opsgate::config::sha256_hex(good.as_bytes())
+    );
+    assert_eq!(
+        slow_status(&og).await,
+        504,
+        "the running config never changed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_file_is_never_applied_on_reload() {
+    let up = Upstream::echo("app").await;
+    let (og, file) = start_detached(&api_config(&up, "10s", "")).await;
+    // What a reader sees between a writer's truncate and its write.
+    std::fs::write(&file, "").unwrap();
+    let a = ops(&og, "POST", "/_ops/reload", "").await;
+    assert_eq!(a.status, 422, "{}", a.text());
+    assert!(
+        a.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("empty")),
+        "{}",
+        a.text()
+    );
+    assert_eq!(get(&og.url("/api/x"), &[]).await.status, 200, "routes kept");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_edit_keeps_the_running_config_and_reports_the_error() {
     let up = Upstream::echo("app").await;
@@ -676,6 +812,84 @@ async fn breaker_of_an_unchanged_upstream_survives_a_reload() {
     assert_eq!(up.hits(), 0);
 }
 
+/// Two critical checks on the app: `steady` (slow: each run takes 300 ms), and `moved`,
+/// whose definition is `moved`.
+fn checks_config(up: &Upstream, moved: &str) -> String {
+    api_config(
+        up,
+        "10s",
+        &format!(
+            r#"[[health.checks]]
+name = "steady"
+type = "http"
+url = "{url}/health?sleep_ms=300"
+interval = "400ms"
+timeout = "3s"
+
+[[health.checks]]
+name = "moved"
+interval = "400ms"
+timeout = "3s"
+{moved}
+"#,
+            url = up.url()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_stays_up_through_a_reload_that_changes_a_check() {
+    let up = Upstream::echo("app").await;
+    let before = format!("type = \"tcp\"\naddress = \"{}\"", up.addr);
+    let (og, file) = start_detached(&checks_config(&up, &before)).await;
+    let ready_url = og.url("/_health/ready");
+    eventually(Duration::from_secs(5), "readiness", || async {
+        get(&ready_url, &[]).await.status == 200
+    })
+    .await;
+
+    // Probe readiness without pause through the reload, as a kubelet on every pod would.
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (stop, url) = (stop.clone(), ready_url.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let a = get(&url, &[]).await;
+                answers.push((a.status.as_u16(), a.text()));
+            }
+            answers
+        })
+    };
+    // `steady` is unchanged; `moved` now probes another target, slow too.
+    let after = format!("type = \"http\"\nurl = \"{}/moved?sleep_ms=300\"", up.url());
+    std::fs::write(&file, checks_config(&up, &after)).unwrap();
+    let a = ops(&og, "POST", "/_ops/reload", "").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    // The new definition has a result once `moved` reports a run as slow as the new target.
+    let moved_url = og.url("/_health/checks/moved");
+    eventually(
+        Duration::from_secs(5),
+        "the new definition to run",
+        || async {
+            get(&moved_url, &[]).await.json()["latency_ms"]
+                .as_f64()
+                .is_some_and(|ms| ms >= 300.0)
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let answers = poller.await.unwrap();
+    assert!(answers.len() > 5, "too few probes: {answers:?}");
+    let failed: Vec<_> = answers.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "readiness dropped during the reload: {failed:?}"
+    );
+    let moved = get(&moved_url, &[]).await.json();
+    assert_eq!(moved["status"], "healthy", "{moved}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_address_change_warns_and_keeps_serving() {
     let up = Upstream::echo("app").await;
@@ -786,6 +1000,45 @@ async fn token_guards_the_api_but_not_metrics_health_or_the_page_shell() {
             .header("content-type")
             .is_some_and(|c| c.starts_with("text/html"))
     );
+}
+
+/// 401 without the token, 200 with it, on `/_ops/status`.
+async fn assert_token_required(og: &Opsgate) {
+    let a = ops(og, "GET", "/_ops/status", "").await;
+    assert_eq!(a.status, 401, "open without a token: {}", a.text());
+    assert_eq!(a.json(), json!({"detail": "unauthorized"}));
+    assert_eq!(ops_auth(og, "GET", "/_ops/status", "").await.status, 200);
+    let a = ops(og, "PUT", "/_ops/maintenance", r#"{"enabled":true}"#).await;
+    assert_eq!(a.status, 401, "{}", a.text());
+    assert_eq!(
+        post_status(og).await,
+        200,
+        "an unauthorized PUT took effect"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_comes_from_the_environment_when_the_file_has_none() {
+    let up = Upstream::echo("app").await;
+    let og = Launch::new()
+        .config(&api_config(&up, "10s", ""))
+        .loopback()
+        .env("OPSGATE_ADMIN_TOKEN", TOKEN)
+        .start()
+        .await;
+    assert_token_required(&og).await;
+    let config = ops_auth(&og, "GET", "/_ops/config", "").await.json();
+    assert_eq!(config["admin"]["token"], "<redacted>");
+
+    // No config file at all: `run --upstream` on built-in defaults.
+    let og = Launch::new()
+        .arg("--upstream")
+        .arg(up.url())
+        .loopback()
+        .env("OPSGATE_ADMIN_TOKEN", TOKEN)
+        .start()
+        .await;
+    assert_token_required(&og).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -667,3 +667,74 @@ async fn reload_keeps_unchanged_checks_and_swaps_the_rest() {
     );
     health.shutdown();
 }
+
+#[tokio::test]
+async fn a_changed_check_keeps_its_last_result_until_the_new_definition_has_run() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let live = tcp(listener.local_addr().unwrap());
+    let optional = |name: &str, kind: CheckKind| CheckSpec {
+        critical: false,
+        ..spec(name, kind)
+    };
+    let health = Health::start(vec![
+        spec("moved", live.clone()),
+        optional("back", tcp(refused_addr())),
+    ]);
+    all_checked(&health).await;
+    let overall = health.snapshot().status;
+    assert_eq!(overall, Status::Degraded);
+    let before = health.snapshot().get("moved").unwrap().clone();
+    assert_eq!(before.status, Status::Healthy);
+    assert_eq!(
+        health.snapshot().get("back").unwrap().status,
+        Status::Unhealthy
+    );
+
+    // "moved" now probes a server that never answers: its first run takes the whole
+    // timeout. "back" now probes a live target, with a rise threshold.
+    let silent = SilentServer::start().await;
+    let mut moved = spec(
+        "moved",
+        http(&format!("http://{}/health", silent.addr), "200", None),
+    );
+    moved.timeout = Duration::from_millis(600);
+    let mut back = optional("back", live);
+    back.healthy_threshold = 3;
+    // One run in this test's time: only a first result that decides can make it healthy.
+    back.interval = Duration::from_secs(30);
+    health.replace(vec![moved, back, optional("new", tcp(refused_addr()))]);
+
+    let snap = health.snapshot();
+    let kept = snap.get("moved").unwrap();
+    assert_eq!(
+        kept.status,
+        Status::Healthy,
+        "a changed check keeps its last result"
+    );
+    assert_eq!(kept.checked_at, before.checked_at);
+    assert_eq!(kept.kind, "http");
+    assert_eq!(
+        snap.status, overall,
+        "the reload must not move the overall status"
+    );
+    assert_eq!(
+        snap.get("new").unwrap().status,
+        Status::Unknown,
+        "only a new check starts unknown"
+    );
+
+    // Until the new definition's first run ends (its whole timeout), the old result stays.
+    while health.snapshot().get("moved").unwrap().checked_at == before.checked_at {
+        assert_eq!(
+            health.snapshot().get("moved").unwrap().status,
+            Status::Healthy
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = health.snapshot().get("moved").unwrap().clone();
+    assert_eq!(after.status, Status::Unhealthy);
+    assert!(message(&after).contains("timed out"), "{after:?}");
+    // A new target's first result decides at once, whatever the old target's streak.
+    status_becomes(&health, "back", Status::Healthy, Duration::from_secs(2)).await;
+    health.shutdown();
+}

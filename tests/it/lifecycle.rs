@@ -330,3 +330,59 @@ async fn second_signal_during_the_delay_exits_1() {
         signalled.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opsgate_log_governs_the_access_log() {
+    let app = Upstream::echo("app").await;
+    // (OPSGATE_LOG, whether access lines are written)
+    let cases = [
+        (None, true),
+        (Some("warn,access=info"), true),
+        (Some("error"), false),
+        (Some("info,access=off"), false),
+    ];
+    for (filter, written) in cases {
+        let mut launch = Launch::new().config(&shorthand(&app.url(), "")).loopback();
+        if let Some(f) = filter {
+            launch = launch.env("OPSGATE_LOG", f);
+        }
+        let og = launch.start().await;
+        assert_eq!(get(&og.url("/seen"), &[]).await.status, StatusCode::OK);
+        // An ERROR line every one of these filters lets through, written after the request's
+        // access line (one ordered log stream): once it is in, the access line is too, or never.
+        og.write_config("[proxy]\nbogus = 1\n");
+        let reload = crate::support::opsgate::request(
+            "POST",
+            &format!("http://{}/_ops/reload", og.admin_addr()),
+            &[],
+            "",
+        )
+        .await;
+        assert_eq!(reload.status, StatusCode::UNPROCESSABLE_ENTITY);
+        let failed = og
+            .wait_for_log(Duration::from_secs(5), |l| {
+                l["level"] == "ERROR"
+                    && l["message"] == "config reload failed; keeping the running config"
+            })
+            .await;
+        assert!(
+            failed,
+            "{filter:?}: no reload error logged: {:?}",
+            og.logs()
+        );
+        let logs = og.json_logs();
+        let access = logs
+            .iter()
+            .any(|l| l["target"] == "access" && l["path"] == "/seen");
+        assert_eq!(
+            access, written,
+            "{filter:?}: access line written: {access}; {logs:?}"
+        );
+        if filter == Some("warn,access=info") {
+            assert!(
+                !logs.iter().any(|l| l["message"] == "opsgate started"),
+                "warn keeps INFO lines of other targets out: {logs:?}"
+            );
+        }
+    }
+}

@@ -7,12 +7,16 @@ restarted on another one if it was taken in between. Every wait polls a conditio
 deadline. Every child runs in its own process group, and that group is killed at teardown.
 """
 
+import glob
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -197,6 +201,17 @@ def procs(tmp_path, request):
     ps.close()
 
 
+@pytest.fixture(scope="module")
+def module_procs(tmp_path_factory, request):
+    """Like `procs`, for peers shared by the tests of one module (they must not change them)."""
+    ps = Procs(tmp_path_factory.mktemp(request.module.__name__))
+    failed_before = request.session.testsfailed
+    yield ps
+    if request.session.testsfailed > failed_before:
+        print(ps.dump())
+    ps.close()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -331,6 +346,92 @@ def start_asgi(procs, name="hypercorn", extra_env=None):
 def asgi(procs):
     """(process, port) of a running hypercorn serving peers/asgi_app.py."""
     return start_asgi(procs)
+
+
+class PgServer:
+    """A throwaway PostgreSQL cluster (trust auth, user `postgres`) in a temp dir under /tmp,
+    run as the `postgres` OS user when we are root (PostgreSQL refuses to run as root)."""
+
+    def __init__(self, procs):
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not bins:
+            pytest.fail("no PostgreSQL server binaries under /usr/lib/postgresql (ci/interop.sh installs them)")
+        self.bin = Path(bins[-1]).parent
+        self.procs = procs
+        self.dir = Path(tempfile.mkdtemp(prefix="opsgate-interop-pg-", dir="/tmp"))
+        self.user = None
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self.user = "postgres"
+        self.data = self.dir / "data"
+        out = subprocess.run(
+            [self.bin / "initdb", "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8",
+             "--locale", "C", "-D", self.data],
+            env=clean_env({"LC_ALL": "C"}), user=self.user, capture_output=True, text=True,
+        )
+        assert out.returncode == 0, f"initdb failed: {out.stdout}{out.stderr}"
+        self.port = None
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self):
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self):
+        """Starts (again) on the same port, or on a fresh one the first time; waits until it
+        accepts connections."""
+        fixed = self.port is not None
+        for attempt in range(4):
+            port = self.port if fixed else free_port()
+            self.proc = self.procs.start(
+                f"postgres-{port}-{attempt}",
+                [self.bin / "postgres", "-D", self.data, "-p", port, "-k", self.dir,
+                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                env=clean_env({"LC_ALL": "C"}), user=self.user,
+            )
+            deadline = time.monotonic() + START_LIMIT
+            while self.proc.alive() and not port_open(port) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if self.proc.alive() and port_open(port):
+                self.port = port
+                wait_until(self.answers, "PostgreSQL to accept queries", limit=START_LIMIT)
+                return
+            self.proc.kill()
+            if fixed or "already in use" not in self.proc.log():
+                break
+        pytest.fail(f"PostgreSQL did not start:\n{self.proc.log()}")
+
+    def answers(self):
+        import psycopg2
+
+        try:
+            conn = psycopg2.connect(self.url, connect_timeout=2)
+        except psycopg2.OperationalError:
+            return False
+        conn.close()
+        return True
+
+    def kill(self):
+        """Immediate shutdown (SIGQUIT): clients are dropped at once, like a crash."""
+        self.proc.signal(signal.SIGQUIT)
+        self.proc.popen.wait(timeout=10)
+        wait_until(lambda: not port_open(self.port), "PostgreSQL's port to close")
+
+    def close(self):
+        if self.proc is not None:
+            # Immediate shutdown: a throwaway cluster needs no checkpoint.
+            self.proc.signal(signal.SIGQUIT)
+            self.proc.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres(procs):
+    pg = PgServer(procs)
+    yield pg
+    pg.close()
 
 
 def curl(*args, data=None, timeout=20):

@@ -5,13 +5,14 @@ a WebSocket upgrade, chunked uploads. Each check runs against hypercorn directly
 import hashlib
 import json
 import socket
+import subprocess
 import uuid
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from conftest import Opsgate, curl_status, start_asgi
+from conftest import Opsgate, curl_status, start_asgi, wait_until
 
 CONFIG = """
 [upstreams.app]
@@ -143,3 +144,29 @@ def test_websocket_echo_and_close(bases):
                 ws.recv(timeout=10)
             assert closed.value.rcvd is not None, label
             assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4001, "bye"), label
+
+
+@pytest.mark.parametrize("client", ["--http1.1", "--http2-prior-knowledge"])
+def test_upstream_dying_mid_body_is_not_a_clean_end(procs, opsgate, tmp_path, client):
+    """The app sends part of a streamed body and dies. The client must see a broken
+    transfer (as it does talking to the app directly), never a short body that looks
+    complete."""
+    proc, port = start_asgi(procs)
+    og = opsgate(CONFIG.format(port=port))
+    key = uuid.uuid4().hex
+    runs = {}
+    for label, base, flag in (("direct", f"127.0.0.1:{port}", "--http1.1"), ("opsgate", og.addr, client)):
+        out = tmp_path / f"{label}.body"
+        with out.open("wb") as sink:
+            runs[label] = (out, subprocess.Popen(
+                ["curl", "--silent", "--show-error", "--no-buffer", "--max-time", "20", flag,
+                 f"http://{base}/stream?n=3&id={key}"],
+                stdout=sink, stderr=subprocess.PIPE))
+    for label, (out, _) in runs.items():
+        wait_until(lambda: out.read_bytes() == b"chunk 0\n", f"the first chunk ({label})")
+    proc.kill()
+    for label, (out, curl_proc) in runs.items():
+        rc = curl_proc.wait(timeout=30)
+        err = curl_proc.stderr.read().decode()
+        assert rc != 0, f"{label}: a truncated body ended cleanly: {out.read_bytes()!r}"
+        assert out.read_bytes() == b"chunk 0\n", (label, rc, err)

@@ -5,6 +5,7 @@ control), then through opsgate."""
 import hashlib
 import queue
 import re
+import signal
 import time
 import uuid
 
@@ -176,3 +177,40 @@ def test_server_killed_opens_breaker_and_fails_fast(grpc_setup):
     assert elapsed < CALL_TIMEOUT / 2, elapsed
     assert "503" in (err.value.details() or "") + repr(err.value), err.value
     assert og.breaker("grpc")["rejected_calls"] == rejected_before + 1
+
+
+def test_server_killed_mid_stream_is_an_error(grpc_setup):
+    """The server dies after the first message: the client must get a non-OK status, as it
+    does directly, not a stream that ends OK with messages missing."""
+    server, direct, og, channel = grpc_setup
+    calls = []
+    for label, ch in (("direct", channel(direct)), ("opsgate", channel(og.addr))):
+        key = uuid.uuid4().hex
+        call = stub(ch, "Stream", "unary_stream")(f"{key}:3".encode(), timeout=CALL_TIMEOUT + 5)
+        messages = iter(call)
+        assert next(messages) == b"0", label
+        calls.append((label, call, messages))
+    server.kill()
+    for label, call, messages in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            list(messages)
+        assert err.value.code() != grpc.StatusCode.OK, label
+        assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
+                                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED), (label, err.value)
+
+
+def test_sigterm_drains_an_open_stream(grpc_setup):
+    """SIGTERM while a server stream is open: opsgate stops accepting, lets the stream
+    finish (grpcio must honour the GOAWAY), then exits 0."""
+    server, direct, og, channel = grpc_setup
+    og_ch, direct_ch = channel(og.addr), channel(direct)
+    key = uuid.uuid4().hex
+    call = stub(og_ch, "Stream", "unary_stream")(f"{key}:3".encode(), timeout=CALL_TIMEOUT + 5)
+    messages = iter(call)
+    assert next(messages) == b"0"
+    og.proc.popen.send_signal(signal.SIGTERM)
+    wait_until(lambda: "draining" in og.log(), "opsgate to start draining")
+    stub(direct_ch, "Release")(key.encode(), timeout=CALL_TIMEOUT)
+    assert list(messages) == [b"1:released", b"2:released"]
+    assert call.code() == grpc.StatusCode.OK
+    assert og.proc.popen.wait(timeout=15) == 0, og.log()

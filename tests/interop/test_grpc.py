@@ -214,3 +214,19 @@ def test_sigterm_drains_an_open_stream(grpc_setup):
     assert list(messages) == [b"1:released", b"2:released"]
     assert call.code() == grpc.StatusCode.OK
     assert og.proc.popen.wait(timeout=15) == 0, og.log()
+
+
+def test_maintenance_answers_unavailable(grpc_setup):
+    """Every gRPC method is a POST, so maintenance (mode "writes") holds every call; the
+    client sees UNAVAILABLE, which gRPC clients treat as retryable, and OK once it is off."""
+    _, _, og, channel = grpc_setup
+    ch = channel(og.addr)
+    status, body = og.admin("PUT", "/_ops/maintenance", {"enabled": True, "reason": "interop"})
+    assert status == 200 and body["enabled"], body
+    with pytest.raises(grpc.RpcError) as err:
+        stub(ch, "Unary")(b"x", timeout=CALL_TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    assert "503" in (err.value.details() or ""), err.value
+    status, body = og.admin("PUT", "/_ops/maintenance", {"enabled": None})
+    assert status == 200 and not body["enabled"], body
+    assert stub(ch, "Unary")(b"x", timeout=CALL_TIMEOUT) == b"echo:x"

@@ -133,7 +133,9 @@ def test_chunked_upload(bases, size):
 def test_websocket_echo_and_close(bases):
     big = bytes(range(256)) * 4096
     for label, base in bases:
-        with ws_connect(f"ws://{base}/ws", open_timeout=10, close_timeout=5, max_size=None) as ws:
+        with ws_connect(f"ws://{base}/ws", open_timeout=10, close_timeout=5, max_size=None,
+                        subprotocols=["chat.v1", "chat.v2"]) as ws:
+            assert ws.subprotocol == "chat.v2", label
             ws.send("hello")
             assert ws.recv(timeout=10) == "hello", label
             ws.send(big)

@@ -82,6 +82,14 @@ def test_unary_with_metadata_and_trailers(grpc_setup):
         assert trailers.get("x-checksum-bin") == hashlib.sha256(payload).digest(), label
 
 
+def test_gzip_compressed_calls(grpc_setup):
+    """grpc-encoding / grpc-accept-encoding pass through: gzip both ways."""
+    payload = b"compressible " * 10000
+    for label, ch in targets(grpc_setup):
+        reply = stub(ch, "Unary")(payload, timeout=CALL_TIMEOUT, compression=grpc.Compression.Gzip)
+        assert reply == b"echo:" + payload, label
+
+
 def test_large_unary_message(grpc_setup):
     """A 3 MiB message each way: HTTP/2 flow control across opsgate's two connections."""
     payload = bytes(range(256)) * (3 * 4096)

@@ -234,6 +234,11 @@ def test_alerts_fire_and_dashboard_has_data(stack):
     for name, labels in expected:
         wait_until(lambda: prom.firing(name, **labels), f"alert {name} {labels} to fire "
                    f"(firing: {[a['labels'] for a in prom.alerts()]})", limit=ALERT_LIMIT, every=0.25)
+    # The annotations' templates render with real labels and values.
+    for alert in prom.alerts():
+        for key, text in alert["annotations"].items():
+            assert "error expanding template" not in text, (alert["labels"], key, text)
+            assert "<no value>" not in text, (alert["labels"], key, text)
     assert not prom.firing("DependencyUnhealthy", check="app-port")
     assert not prom.firing("HighErrorRate", route="app")
     assert not prom.firing("MaintenanceModeOn")

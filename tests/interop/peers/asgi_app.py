@@ -6,7 +6,8 @@ stream and a WebSocket echo. No framework: the raw ASGI protocol.
   GET  /stream?n=N   -> N chunks; chunk i>0 is sent only after GET /release?id=ID arrived
                         (or 10 s passed): its text says which
   GET  /release?id=  -> lets /stream?id= go on
-  WS   /ws           -> echoes text and bytes; the text "close" closes with 4001 "bye"
+  WS   /ws           -> echoes text and bytes; the text "close" closes with 4001 "bye";
+                        picks the subprotocol "chat.v2" when offered
 """
 
 import asyncio
@@ -107,7 +108,10 @@ async def _http(scope, receive, send):
 async def _websocket(scope, receive, send):
     msg = await receive()
     assert msg["type"] == "websocket.connect"
-    await send({"type": "websocket.accept"})
+    accept = {"type": "websocket.accept"}
+    if "chat.v2" in scope.get("subprotocols", []):
+        accept["subprotocol"] = "chat.v2"
+    await send(accept)
     while True:
         msg = await receive()
         if msg["type"] == "websocket.disconnect":

@@ -35,10 +35,10 @@ def header(info, name):
     return values[0] if values else None
 
 
-def exchange(base, flag):
+def exchange(base, flag, og=None):
     """GET /info and POST /upload with a Host of our own; returns the app's two answers."""
     status, _, body = curl_status(flag, "-H", f"host: {CLIENT_HOST}", f"{base}/info?x=1")
-    assert status == 200, body
+    assert status == 200, (body, og.log()[-1000:] if og else "")
     info = json.loads(body)
     status, _, body = curl_status(
         flag, "-H", f"host: {CLIENT_HOST}", "-H", "content-type: application/octet-stream",
@@ -68,5 +68,5 @@ def test_control_h2c_to_hypercorn_directly(asgi):
 def test_h2_upstream_through_opsgate(asgi, opsgate, client, preserve_host):
     _, port = asgi
     og = opsgate(CONFIG.format(port=port, preserve_host=str(preserve_host).lower()))
-    info, upload = exchange(og.url("").rstrip("/"), CLIENT_FLAGS[client])
+    info, upload = exchange(og.url("").rstrip("/"), CLIENT_FLAGS[client], og)
     check(info, upload, CLIENT_HOST if preserve_host else f"127.0.0.1:{port}")

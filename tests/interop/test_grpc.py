@@ -6,7 +6,6 @@ import hashlib
 import queue
 import re
 import signal
-import time
 import uuid
 
 import grpc
@@ -175,15 +174,13 @@ def test_server_killed_opens_breaker_and_fails_fast(grpc_setup):
     wait_until(breaker_open, "breaker `grpc` to open", limit=15)
     assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, codes
 
+    # The open breaker answers itself (503, counted as rejected, the upstream not tried):
+    # UNAVAILABLE at once rather than DEADLINE_EXCEEDED.
     rejected_before = og.breaker("grpc")["rejected_calls"]
-    started = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         stub(og_ch, "Unary")(b"x", timeout=CALL_TIMEOUT)
-    elapsed = time.monotonic() - started
-    # Not a timeout: the open breaker answers at once, well inside the deadline.
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
-    assert elapsed < CALL_TIMEOUT / 2, elapsed
-    assert "503" in (err.value.details() or "") + repr(err.value), err.value
+    assert "503" in (err.value.details() or ""), err.value
     assert og.breaker("grpc")["rejected_calls"] == rejected_before + 1
 
 

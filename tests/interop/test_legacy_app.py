@@ -8,7 +8,7 @@ import json
 import psycopg2
 import pytest
 
-from conftest import PEERS, PYTHON, clean_env, http, http_json, listening_socket, wait_until
+from conftest import PEERS, PYTHON, clean_env, curl_status, http, http_json, listening_socket, wait_until
 
 CONFIG = """
 [upstreams.app]
@@ -78,6 +78,17 @@ def test_reads_and_writes_pass(legacy):
         status, _, _ = http("DELETE", f"{base}/items/{body['items'][-1]['id']}")
         assert status == 204, label
     assert rows(pg) == []
+
+
+def test_http2_client_write_reaches_the_wsgi_app(legacy):
+    """An HTTP/2 client's POST, sent on over HTTP/1.1: the WSGI app reads the body by its
+    Content-Length, as legacy apps do."""
+    _, og, pg = legacy
+    status, version, body = curl_status(
+        "--http2-prior-knowledge", "-H", "content-type: application/json",
+        "--data-binary", json.dumps({"name": "over h2"}), og.url("/items"))
+    assert (status, version) == (201, "2"), body
+    assert rows(pg) == ["over h2"]
 
 
 def test_maintenance_blocks_writes_only(legacy):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import socket
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -172,3 +173,27 @@ def test_upstream_dying_mid_body_is_not_a_clean_end(procs, opsgate, tmp_path, cl
         err = curl_proc.stderr.read().decode()
         assert rc != 0, f"{label}: a truncated body ended cleanly: {out.read_bytes()!r}"
         assert out.read_bytes() == b"chunk 0\n", (label, rc, err)
+
+
+def test_idle_tunnel_and_slow_body_outlive_the_route_timeout(procs, opsgate, tmp_path):
+    """`timeout` bounds the wait for response headers only: a WebSocket idle for longer,
+    and a streamed body whose next chunk comes later, go on."""
+    _, port = start_asgi(procs)
+    og = opsgate(CONFIG.format(port=port).replace('timeout = "10s"', 'timeout = "1s"'))
+    key = uuid.uuid4().hex
+    out = tmp_path / "stream.body"
+    with out.open("wb") as sink:
+        stream = subprocess.Popen(
+            ["curl", "--silent", "--show-error", "--no-buffer", "--max-time", "20",
+             og.url(f"/stream?n=2&id={key}")], stdout=sink, stderr=subprocess.PIPE)
+    with ws_connect(f"ws://{og.addr}/ws", open_timeout=10, close_timeout=5) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=10) == "before"
+        wait_until(lambda: out.read_bytes() == b"chunk 0\n", "the first chunk")
+        # The scenario itself: both stay idle past the 1 s route timeout.
+        time.sleep(1.5)
+        ws.send("after")
+        assert ws.recv(timeout=10) == "after"
+    assert curl_status(og.url(f"/release?id={key}"))[0] == 200
+    assert stream.wait(timeout=20) == 0, stream.stderr.read()
+    assert out.read_bytes() == b"chunk 0\nchunk 1 released\n"

@@ -1,6 +1,8 @@
 """Third-party clients through opsgate in front of an HTTP/1.1 app (the ASGI app under
 hypercorn): curl over h2c prior knowledge and over HTTP/1.0, a `websockets` client through
-a WebSocket upgrade, chunked uploads. Each check runs against hypercorn directly first."""
+a WebSocket upgrade, chunked uploads; then a body cut short by a dying app, and a tunnel
+and a body idle past the route timeout. Each check runs against hypercorn directly first
+where the app alone can show the behaviour."""
 
 import hashlib
 import json

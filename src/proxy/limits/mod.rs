@@ -6,3 +6,4 @@ pub mod adaptive;
 pub mod fleet;
 pub mod keyed;
 pub mod lease;
+pub mod rate;

@@ -67,6 +67,9 @@ fi
 
 OUT="${SOAK_OUT:-$REPO/bench/out/soak-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$OUT"
+# A rebuild during the run must not change the binary under test.
+cp "$OPSGATE_BIN" "$OUT/opsgate"
+OPSGATE_BIN="$OUT/opsgate"
 
 # soak.py cleans up after itself; this catches what it cannot (killed hard).
 tag="$$"

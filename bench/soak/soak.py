@@ -651,6 +651,17 @@ poll_interval = "1s"
                 return True
         return False
 
+    def coverage(self, target):
+        """Share of the load's time that lay inside `target`'s fault windows (with grace)."""
+        spans = sorted((a - 0.05, b + GRACE) for tg, a, b, _ in self.windows if tg == target)
+        covered, end = 0.0, self.t0
+        for a, b in spans:
+            a, b = max(a, end), min(b, self.t_term)
+            if b > a:
+                covered += b - a
+                end = b
+        return covered / max(1e-9, self.t_term - self.t0)
+
     def account(self):
         acc = {"sent": 0, "2xx": 0, "fault_answers": 0, "fault_by_status": {}, "lost_outside": 0,
                "lost_in_fault": 0, "cut_at_shutdown": 0, "after_listener_closed": 0, "after_exit": 0}
@@ -802,6 +813,8 @@ poll_interval = "1s"
         print(f"fault windows                        {len(self.windows)}: "
               + ", ".join(f"{k}x{sum(1 for w in self.windows if w[3] == k)}"
                           for k in sorted({w[3] for w in self.windows})))
+        print(f"time inside fault windows (+{GRACE:.0f} s grace)  /api {self.coverage('api'):.0%}, "
+              f"/ns {self.coverage('ns'):.0%} (outside them only 2xx is right)")
         print(f"reloads                              {self.reload_n}: {self.reload_results['valid_ok']} valid applied, "
               f"{self.reload_results['invalid_rejected']} invalid rejected, "
               f"{len(self.reload_results['unexpected'])} unexpected")

@@ -183,9 +183,51 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// fred's text for an I/O error is the `Debug` of `std::io::Error`
+/// (`IO Error: Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }`); a
+/// health body or log line wants the readable part alone: `IO Error: Connection refused`.
+pub fn fred_error_text(err: &fred::error::Error) -> String {
+    let details = err.details();
+    if *err.kind() != fred::error::ErrorKind::IO {
+        return err.to_string();
+    }
+    let quoted = |after: &str| {
+        let start = details.find(after)? + after.len();
+        let rest = &details[start..];
+        rest.find('"').map(|end| &rest[..end])
+    };
+    let readable = quoted("message: \"")
+        .or_else(|| quoted("error: \""))
+        .or_else(|| {
+            details
+                .strip_prefix("Kind(")
+                .and_then(|k| k.strip_suffix(')'))
+        });
+    match readable {
+        Some(text) => format!("{}: {text}", err.kind().to_str()),
+        None => err.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fred_io_errors_read_as_text_not_debug() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let os = std::io::Error::from_raw_os_error(111);
+        let custom = std::io::Error::other("tls handshake eof");
+        let e = |io| fred_error_text(&fred::error::Error::from(io));
+        assert_eq!(e(os), "IO Error: Connection refused");
+        assert_eq!(e(refused), "IO Error: ConnectionRefused");
+        assert_eq!(e(custom), "IO Error: tls handshake eof");
+        let other = fred::error::Error::new(fred::error::ErrorKind::Auth, "WRONGPASS bad");
+        assert_eq!(
+            fred_error_text(&other),
+            "Authentication Error: WRONGPASS bad"
+        );
+    }
 
     #[test]
     fn redis_lone_userinfo_is_a_password() {

@@ -352,6 +352,24 @@ async fn redis_death_and_recovery_show_in_readiness() {
     let ready = get(&og.url("/_health/ready"), &[]).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     let down_after = killed.elapsed();
+    // The reason reads as text, not as the Debug of an io::Error.
+    let message = ready.json()["checks"][0]["message"].to_string();
+    assert!(message.contains("Connection refused"), "{message}");
+    assert!(!message.contains("Os {"), "{message}");
+    // The flip's log line keeps its own `message`; the check's reason rides in `error`.
+    let logged = og
+        .wait_for_log(Duration::from_secs(2), |l| {
+            l["message"] == "health check changed"
+                && l["check"] == "cache"
+                && l["to"] == "unhealthy"
+                && l["error"].as_str().is_some_and(|e| !e.is_empty())
+        })
+        .await;
+    assert!(
+        logged,
+        "no flip line with its reason in `error`: {:?}",
+        og.logs()
+    );
 
     redis.restart();
     let restarted = Instant::now();

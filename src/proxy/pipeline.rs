@@ -209,6 +209,11 @@ impl Proxy {
         } else if let Some(h) = host_header {
             parts.headers.insert(header::HOST, h);
         }
+        // Credentials in the upstream URL are opsgate's identity towards the upstream: they
+        // replace any the client sent, as nginx's `proxy_set_header Authorization` does.
+        if let Some(auth) = &target.authorization {
+            parts.headers.insert(header::AUTHORIZATION, auth.clone());
+        }
         parts.uri = uri;
         parts.version = if upstream.section.http2 {
             Version::HTTP_2

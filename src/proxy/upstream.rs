@@ -27,6 +27,9 @@ pub struct Target {
     base_path: Option<String>,
     /// `Host` to send when `preserve_host = false`.
     pub host_header: HeaderValue,
+    /// `Authorization: Basic` from the URL's userinfo, which is kept out of the URI (and so
+    /// out of the pool key and every line a library may log about it).
+    pub authorization: Option<HeaderValue>,
     pub preserve_host: bool,
     pub timeout: Duration,
     client: HttpClient,
@@ -47,10 +50,11 @@ impl Target {
             .parse()
             .map_err(|e: http::uri::InvalidUri| BuildError::Url(name.into(), e.to_string()))?;
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-        let authority = uri
+        let full_authority = uri
             .authority()
-            .cloned()
             .ok_or_else(|| BuildError::Url(name.into(), "no host".into()))?;
+        let (authority, authorization) =
+            split_userinfo(full_authority).map_err(|m| BuildError::Url(name.into(), m.into()))?;
         let base_path = match uri.path().trim_end_matches('/') {
             "" => None,
             p => Some(p.to_string()),
@@ -63,6 +67,7 @@ impl Target {
             authority,
             base_path,
             host_header,
+            authorization,
             preserve_host: s.preserve_host,
             timeout: s.timeout.get(),
             client: build_client(name, s)?,
@@ -120,6 +125,45 @@ impl Target {
             }
         }
     }
+}
+
+/// Splits `user:password@host:port` into the bare authority and a sensitive
+/// `Authorization: Basic` value (userinfo is percent-decoded first, as URL parsers do).
+fn split_userinfo(a: &Authority) -> Result<(Authority, Option<HeaderValue>), &'static str> {
+    let Some((userinfo, host)) = a.as_str().rsplit_once('@') else {
+        return Ok((a.clone(), None));
+    };
+    let bare: Authority = host.parse().map_err(|_| "invalid host")?;
+    let decoded = percent_decode(userinfo.as_bytes());
+    use base64::Engine as _;
+    let mut value = b"Basic ".to_vec();
+    value.extend_from_slice(
+        base64::engine::general_purpose::STANDARD
+            .encode(decoded)
+            .as_bytes(),
+    );
+    let mut value = HeaderValue::from_bytes(&value).map_err(|_| "invalid userinfo")?;
+    value.set_sensitive(true);
+    Ok((bare, Some(value)))
+}
+
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%'
+            && i + 2 < s.len()
+            && let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2]))
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
 }
 
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -205,4 +249,22 @@ pub fn tls_config(name: &str, s: &UpstreamSection) -> Result<rustls::ClientConfi
     };
     // ALPN is left empty: hyper-rustls sets it from the enabled HTTP versions.
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_leaves_the_authority_and_becomes_basic_auth() {
+        let a: Authority = "us%65r:p%40ss@127.0.0.1:8080".parse().unwrap();
+        let (bare, auth) = split_userinfo(&a).unwrap();
+        assert_eq!(bare.as_str(), "127.0.0.1:8080");
+        let auth = auth.unwrap();
+        // base64("user:p@ss")
+        assert_eq!(auth, "Basic dXNlcjpwQHNz");
+        assert!(auth.is_sensitive());
+        let plain: Authority = "example.com".parse().unwrap();
+        assert_eq!(split_userinfo(&plain).unwrap(), (plain, None));
+    }
 }

@@ -64,6 +64,11 @@ impl Record {
 
 impl Drop for Record {
     fn drop(&mut self) {
+        // Dropped before any answer was decided: the client went away while we waited.
+        if self.status == 0 {
+            self.status = super::pipeline::CLIENT_CLOSED;
+            self.error = self.error.or(Some("client_abort"));
+        }
         let elapsed = self.start.elapsed();
         self.metrics.finish(
             method_index(&self.method),

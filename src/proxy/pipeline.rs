@@ -61,6 +61,9 @@ pub struct Proxy {
     pub resilience: crate::telemetry::metrics::ResilienceMetrics,
 }
 
+/// What the access log and metrics say when the client left before its answer (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
+
 /// How long a client is asked to wait while critical checks hold traffic at startup.
 const STARTING_RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -341,6 +344,7 @@ fn respond_err(
     request_id: Option<HeaderValue>,
 ) -> Response<ObservedBody> {
     rec.error = Some(e.label());
+    let client_abort = e == ProxyError::ClientAbort;
     let mut resp = match (&route.fallback, e.takes_fallback()) {
         (Some(fb), true) => {
             let mut r = Response::new(Body::Full(Some(fb.body.clone())));
@@ -354,7 +358,11 @@ fn respond_err(
     if let Some(id) = request_id {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
     }
-    rec.status = resp.status().as_u16();
+    rec.status = if client_abort {
+        CLIENT_CLOSED
+    } else {
+        resp.status().as_u16()
+    };
     with_record_status(resp, rec, None)
 }
 

@@ -4,9 +4,14 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
-use crate::support::opsgate::{Launch, get};
+use crate::support::opsgate::{Launch, Opsgate, get, raw_exchange, raw_status};
 use crate::support::upstream::Upstream;
+
+/// Upper bound for any condition awaited below; the configs use far shorter timeouts.
+const LIMIT: Duration = Duration::from_secs(5);
 
 /// The values the echo upstream saw for header `name`.
 fn seen(echo: &Value, name: &str) -> Vec<String> {
@@ -59,4 +64,78 @@ async fn upstream_url_credentials_are_sent_as_basic_auth_and_never_logged() {
         .filter(|l| l.contains("s3cretPW") || l.contains("b3BzdXNlcjpzM2NyZXRQVw"))
         .collect();
     assert!(leaks.is_empty(), "credential in log lines: {leaks:#?}");
+}
+
+/// `[upstreams.app]` at `url` with a 3-failure breaker and retries, one catch-all route.
+fn guarded(url: &str, upstream_extra: &str) -> String {
+    format!(
+        "[upstreams.app]\nurl = \"{url}\"\n{upstream_extra}\n\
+         [upstreams.app.breaker]\nfailure_threshold = 3\n\
+         [upstreams.app.retry]\nattempts = 3\nbase_delay = \"1ms\"\n\
+         on = [\"connect-failure\", \"timeout\", \"reset\", \"502\", \"503\", \"504\"]\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n"
+    )
+}
+
+/// The `/_ops/breakers` entry of breaker `name`.
+async fn breaker(og: &Opsgate, name: &str) -> Value {
+    let answer = get(&og.admin_url("/_ops/breakers"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    answer.json()["breakers"]
+        .as_array()
+        .expect("a breakers list")
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no breaker {name} in {}", answer.text()))
+        .clone()
+}
+
+#[tokio::test]
+async fn client_body_faults_never_count_against_the_upstream() {
+    let app = Upstream::echo("app").await;
+    let og = Launch::new()
+        .config(&guarded(&app.url(), ""))
+        .loopback()
+        .start()
+        .await;
+    let head = "PUT /up HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n";
+    // Chunk-size overflow, then a bare-LF chunk line: both malformed, both 400.
+    for body in [
+        "FFFFFFFFFFFFFFFFFFFFFF\r\nx\r\n0\r\n\r\n",
+        "5\nhello\r\n0\r\n\r\n",
+    ] {
+        let resp = raw_exchange(og.addr(), format!("{head}{body}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(raw_status(&resp), 400, "{}", String::from_utf8_lossy(&resp));
+    }
+    // A hang-up in the middle of an announced body (too large to buffer for a retry, so it
+    // streams): a client abort, logged as 499.
+    let mut sock = TcpStream::connect(og.addr()).await.unwrap();
+    sock.write_all(b"PUT /up HTTP/1.1\r\nhost: t\r\ncontent-length: 100000000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    drop(sock);
+    let aborted = og
+        .wait_for_log(LIMIT, |l| {
+            l["status"] == 499 && l["error"] == "client_abort"
+        })
+        .await;
+    assert!(aborted, "no 499 client_abort access line: {:#?}", og.logs());
+    let malformed = og
+        .json_logs()
+        .iter()
+        .filter(|l| l["status"] == 400 && l["error"] == "bad_request_body")
+        .count();
+    assert_eq!(malformed, 2, "{:#?}", og.logs());
+    assert!(
+        app.hits() <= 3,
+        "a client fault was retried: {} hits",
+        app.hits()
+    );
+    let b = breaker(&og, "app").await;
+    assert_eq!(b["state"], "closed", "{b}");
+    assert_eq!(b["failed_calls"], 0, "{b}");
+    let answer = get(&og.url("/after"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
 }

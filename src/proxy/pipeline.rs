@@ -257,6 +257,10 @@ impl Proxy {
             return with_record_status(Response::from_parts(parts, Body::Empty), rec, Some(permit));
         }
         let (mut parts, body) = resp.into_parts();
+        // An intermediary speaks its own version (RFC 9110 §2.5): an HTTP/1.0 upstream must
+        // not turn the client's answer into HTTP/1.0 and cost it keep-alive. hyper's h2
+        // server ignores the field.
+        parts.version = Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers, Upgrade::None);
         parts.headers.insert(X_REQUEST_ID.clone(), request_id);
         rec.status = parts.status.as_u16();

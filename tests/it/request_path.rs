@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::opsgate::{Launch, Opsgate, get, raw_exchange, raw_status};
@@ -138,4 +138,88 @@ async fn client_body_faults_never_count_against_the_upstream() {
     assert_eq!(b["failed_calls"], 0, "{b}");
     let answer = get(&og.url("/after"), &[]).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+/// An HTTP/1.0 app: reads one request head per connection, answers `HTTP/1.0 200` with a
+/// body and closes, as Python's `http.server` does.
+async fn http10_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = sock
+                    .write_all(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello")
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Reads one response with a `content-length` body from `sock`; returns its head and body.
+async fn read_response(sock: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tokio::time::timeout(LIMIT, sock.read(&mut buf))
+            .await
+            .expect("a response within 5s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a response: {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        data.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    while data.len() < head_end + len {
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed mid-body");
+        data.extend_from_slice(&buf[..n]);
+    }
+    (head, data[head_end..head_end + len].to_vec())
+}
+
+#[tokio::test]
+async fn an_http10_upstream_still_gives_http11_clients_keep_alive() {
+    let (app, _task) = http10_upstream().await;
+    let og = Launch::new()
+        .config(&format!("[proxy]\nupstream = \"http://{app}\"\n"))
+        .loopback()
+        .start()
+        .await;
+    let mut sock = TcpStream::connect(og.addr()).await.unwrap();
+    for i in 0..2 {
+        sock.write_all(b"GET /legacy HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut sock).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "request {i}: {head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "request {i}: {head}"
+        );
+        assert_eq!(body, b"hello");
+    }
 }

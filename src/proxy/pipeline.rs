@@ -217,12 +217,14 @@ impl Proxy {
         if let Some(auth) = &target.authorization {
             parts.headers.insert(header::AUTHORIZATION, auth.clone());
         }
-        parts.uri = uri;
-        parts.version = if upstream.section.http2 {
-            Version::HTTP_2
+        if upstream.section.http2 {
+            let host = parts.headers.remove(header::HOST);
+            parts.uri = target.h2_uri(uri, host.as_ref());
+            parts.version = Version::HTTP_2;
         } else {
-            Version::HTTP_11
-        };
+            parts.uri = uri;
+            parts.version = Version::HTTP_11;
+        }
         let outgoing = Outgoing {
             method: parts.method,
             uri: parts.uri,

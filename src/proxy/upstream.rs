@@ -16,7 +16,33 @@ use super::body::Body;
 use super::respond::ProxyError;
 use crate::config::UpstreamSection;
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type HttpClient = Client<FixedDst<HttpsConnector<HttpConnector>>, Body>;
+
+/// Connects to the upstream's own address whatever the request URI says: with
+/// `http2 = true` the URI's authority is the `:authority` to send (the client's Host),
+/// not where to connect. TLS names (SNI, certificate check) stay the configured host.
+#[derive(Clone)]
+pub struct FixedDst<C> {
+    inner: C,
+    dst: Uri,
+}
+
+impl<C: tower_service::Service<Uri>> tower_service::Service<Uri> for FixedDst<C> {
+    type Response = C::Response;
+    type Error = C::Error;
+    type Future = C::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, _requested: Uri) -> Self::Future {
+        self.inner.call(self.dst.clone())
+    }
+}
 
 /// An upstream's target and client. Built at config load; shared by every route to it.
 pub struct Target {
@@ -61,6 +87,7 @@ impl Target {
         };
         let host_header = HeaderValue::from_str(authority.as_str())
             .map_err(|e| BuildError::Url(name.into(), e.to_string()))?;
+        let client = build_client(name, s, &scheme, &authority)?;
         Ok(Self {
             name: name.into(),
             scheme,
@@ -70,8 +97,26 @@ impl Target {
             authorization,
             preserve_host: s.preserve_host,
             timeout: s.timeout.get(),
-            client: build_client(name, s)?,
+            client,
         })
+    }
+
+    /// The URI for an HTTP/2 upstream: its authority becomes `:authority`, so it is the
+    /// Host opsgate would send on HTTP/1.1 (`preserve_host` decides), and no separate
+    /// `Host` may go with it (RFC 9113 §8.3.1). `host` is the client's Host.
+    pub fn h2_uri(&self, uri: Uri, host: Option<&HeaderValue>) -> Uri {
+        let authority = match host {
+            Some(h) if self.preserve_host && !h.as_bytes().contains(&b'@') => {
+                Authority::try_from(h.as_bytes()).ok()
+            }
+            _ => None,
+        };
+        let Some(authority) = authority else {
+            return uri;
+        };
+        let mut parts = uri.clone().into_parts();
+        parts.authority = Some(authority);
+        Uri::from_parts(parts).unwrap_or(uri)
     }
 
     /// The upstream URI for an already-normalized path. `original` is the client's
@@ -192,7 +237,12 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-fn build_client(name: &str, s: &UpstreamSection) -> Result<HttpClient, BuildError> {
+fn build_client(
+    name: &str,
+    s: &UpstreamSection,
+    scheme: &Scheme,
+    authority: &Authority,
+) -> Result<HttpClient, BuildError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -207,6 +257,16 @@ fn build_client(name: &str, s: &UpstreamSection) -> Result<HttpClient, BuildErro
         builder.enable_http2().wrap_connector(http)
     } else {
         builder.wrap_connector(http)
+    };
+    let dst = Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()
+        .map_err(|e| BuildError::Url(name.into(), e.to_string()))?;
+    let connector = FixedDst {
+        inner: connector,
+        dst,
     };
     let mut b = Client::builder(TokioExecutor::new());
     b.timer(TokioTimer::new())

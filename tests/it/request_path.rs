@@ -1,14 +1,19 @@
 //! The request path against real peers and hostile clients: credentials in upstream URLs,
 //! HTTP/2 translation, HTTP versions, client faults, resets, deadlines and abandoned calls.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::opsgate::{Launch, Opsgate, get, raw_exchange, raw_status};
-use crate::support::upstream::Upstream;
+use crate::support::upstream::{Upstream, full};
 
 /// Upper bound for any condition awaited below; the configs use far shorter timeouts.
 const LIMIT: Duration = Duration::from_secs(5);
@@ -222,4 +227,94 @@ async fn an_http10_upstream_still_gives_http11_clients_keep_alive() {
         );
         assert_eq!(body, b"hello");
     }
+}
+
+/// An h2c-only app (hyper's server, prior knowledge) answering with what it saw:
+/// `{"authority": ..., "host": [...]}`, and counting the TCP connections it accepted.
+struct H2App {
+    addr: std::net::SocketAddr,
+    conns: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl H2App {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counter = conns.clone();
+        let task = tokio::spawn(async move {
+            let mut set = tokio::task::JoinSet::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    if let Some(ms) = req.uri().query().and_then(|q| q.strip_prefix("sleep_ms=")) {
+                        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+                    }
+                    let hosts: Vec<String> = req
+                        .headers()
+                        .get_all("host")
+                        .iter()
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .collect();
+                    let echo = serde_json::json!({
+                        "authority": req.uri().authority().map(|a| a.as_str()),
+                        "host": hosts,
+                    });
+                    Ok::<_, std::convert::Infallible>(http::Response::new(full(echo.to_string())))
+                });
+                set.spawn(async move {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(sock), service)
+                        .await;
+                });
+            }
+        });
+        H2App { addr, conns, task }
+    }
+
+    fn connections(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for H2App {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn http2_upstreams_get_the_host_as_authority_and_no_host_header() {
+    let app = H2App::start().await;
+    for (preserve_host, want) in [
+        (true, "shop.example.com".to_owned()),
+        (false, app.addr.to_string()),
+    ] {
+        let og = Launch::new()
+            .config(&format!(
+                "[upstreams.app]\nurl = \"http://{}\"\nhttp2 = true\npreserve_host = {preserve_host}\n\
+                 [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+                app.addr
+            ))
+            .loopback()
+            .start()
+            .await;
+        // The request arrives over HTTP/1.1 with its own Host.
+        let answer = get(&og.url("/grpc"), &[("host", "shop.example.com")]).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let echo = answer.json();
+        assert_eq!(
+            echo["authority"],
+            want.as_str(),
+            "preserve_host = {preserve_host}: {echo}"
+        );
+        assert_eq!(
+            echo["host"],
+            serde_json::json!([]),
+            "preserve_host = {preserve_host}: {echo}"
+        );
+    }
+    // Wherever `:authority` points, opsgate connected to the configured address.
+    assert_eq!(app.connections(), 2);
 }

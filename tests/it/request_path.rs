@@ -229,8 +229,9 @@ async fn an_http10_upstream_still_gives_http11_clients_keep_alive() {
     }
 }
 
-/// An h2c-only app (hyper's server, prior knowledge) answering with what it saw:
-/// `{"authority": ..., "host": [...]}`, and counting the TCP connections it accepted.
+/// An app speaking HTTP/1.1 and h2c (prior knowledge) answering with what it saw:
+/// `{"authority": ..., "host": [...]}` (`?sleep_ms=N` first waits), and counting the TCP
+/// connections it accepted.
 struct H2App {
     addr: std::net::SocketAddr,
     conns: Arc<AtomicUsize>,
@@ -264,7 +265,7 @@ impl H2App {
                     Ok::<_, std::convert::Infallible>(http::Response::new(full(echo.to_string())))
                 });
                 set.spawn(async move {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(sock), service)
                         .await;
                 });
@@ -317,4 +318,108 @@ async fn http2_upstreams_get_the_host_as_authority_and_no_host_header() {
     }
     // Wherever `:authority` points, opsgate connected to the configured address.
     assert_eq!(app.connections(), 2);
+}
+
+/// Reads until the server closes the connection; panics if it is still open after `LIMIT`.
+async fn closed_by_server(sock: &mut TcpStream, what: &str) {
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(LIMIT, sock.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "{what}: connection still open after {LIMIT:?}"
+    );
+}
+
+/// The client connection preface and an empty SETTINGS frame.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+#[tokio::test]
+async fn header_read_timeout_covers_h2_preface_headers_and_idle_connections() {
+    let app = Upstream::echo("app").await;
+    let og = Launch::new()
+        .config(&format!(
+            "[proxy]\nupstream = \"{}\"\nheader_read_timeout = \"1s\"\n",
+            app.url()
+        ))
+        .loopback()
+        .start()
+        .await;
+
+    // A partial connection preface: protocol detection must not wait forever.
+    let mut sock = TcpStream::connect(og.addr()).await.unwrap();
+    sock.write_all(&H2_PREFACE[..16]).await.unwrap();
+    closed_by_server(&mut sock, "partial preface").await;
+
+    // A HEADERS frame announcing 100 bytes that sends 10.
+    let mut sock = TcpStream::connect(og.addr()).await.unwrap();
+    sock.write_all(H2_PREFACE).await.unwrap();
+    sock.write_all(&[0, 0, 100, 1, 0x4, 0, 0, 0, 1])
+        .await
+        .unwrap();
+    sock.write_all(&[0x82; 10]).await.unwrap();
+    closed_by_server(&mut sock, "partial HEADERS").await;
+
+    // An h2 connection that served a request, then stays idle.
+    let tcp = TcpStream::connect(og.addr()).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(og.url("/idle")).body(()).unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    drop(client);
+    let ended = tokio::time::timeout(LIMIT, conn).await;
+    assert!(
+        ended.is_ok(),
+        "idle h2 connection still open after {LIMIT:?}"
+    );
+    assert_eq!(app.hits(), 1);
+}
+
+#[tokio::test]
+async fn h2_rapid_reset_gets_goaway_and_does_not_churn_upstream_connections() {
+    let app = H2App::start().await;
+    let og = Launch::new()
+        .config(&format!(
+            "[proxy]\nupstream = \"http://{}\"\naccess_log = false\n",
+            app.addr
+        ))
+        .loopback()
+        .start()
+        .await;
+    let tcp = TcpStream::connect(og.addr()).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut sent = 0;
+    let mut goaway = false;
+    // HEADERS, then RST_STREAM a moment later: each stream is accepted and dispatched first.
+    while sent < 1000 {
+        let ready = tokio::time::timeout(LIMIT, client.clone().ready()).await;
+        let Ok(Ok(ready)) = ready else {
+            goaway = true;
+            break;
+        };
+        client = ready;
+        let req = http::Request::get(og.url("/slow?sleep_ms=500"))
+            .body(())
+            .unwrap();
+        let Ok((_resp, mut stream)) = client.send_request(req, true) else {
+            goaway = true;
+            break;
+        };
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    assert!(goaway, "{sent} reset streams and no GOAWAY");
+    let ended = tokio::time::timeout(LIMIT, conn).await;
+    assert!(ended.is_ok(), "the abusive connection is still open");
+    let conns = app.connections();
+    println!("{sent} streams reset before GOAWAY; the upstream saw {conns} connections");
+    assert!(
+        conns <= 150,
+        "{sent} resets made {conns} upstream connections"
+    );
+    // Everyone else is still served.
+    let answer = get(&og.url("/after"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
 }

@@ -1,16 +1,24 @@
 //! Pooled clients to upstreams (http and https over rustls), URI rewriting and the
 //! per-attempt timeout. One client (and pool) per configured upstream.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::{
+    CaptureConnection, Connected, Connection, capture_connection,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::Body;
 use super::respond::ProxyError;
@@ -18,29 +26,206 @@ use crate::config::UpstreamSection;
 
 pub type HttpClient = Client<FixedDst<HttpsConnector<HttpConnector>>, Body>;
 
+type Stream = hyper_rustls::MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+
 /// Connects to the upstream's own address whatever the request URI says: with
 /// `http2 = true` the URI's authority is the `:authority` to send (the client's Host),
 /// not where to connect. TLS names (SNI, certificate check) stay the configured host.
+/// Every connection it makes can be reset by the call that gave up on it ([`Abort`]).
 #[derive(Clone)]
 pub struct FixedDst<C> {
     inner: C,
     dst: Uri,
+    /// HTTP/1.1: a connection closed in the middle of a request is reset (see `UpstreamIo`).
+    reset_mid_request: bool,
 }
 
-impl<C: tower_service::Service<Uri>> tower_service::Service<Uri> for FixedDst<C> {
-    type Response = C::Response;
+impl<C> tower_service::Service<Uri> for FixedDst<C>
+where
+    C: tower_service::Service<Uri, Response = Stream>,
+    C::Future: Send + 'static,
+{
+    type Response = UpstreamIo;
     type Error = C::Error;
-    type Future = C::Future;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, C::Error>> + Send>>;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, _requested: Uri) -> Self::Future {
-        self.inner.call(self.dst.clone())
+        let connecting = self.inner.call(self.dst.clone());
+        let reset_mid_request = self.reset_mid_request;
+        Box::pin(async move {
+            Ok(UpstreamIo {
+                inner: connecting.await?,
+                abort: Abort::default(),
+                reset_mid_request,
+                mid_request: false,
+            })
+        })
+    }
+}
+
+/// Resets one upstream connection at once. A call that gave up (timeout, client gone)
+/// uses it: a connection stuck writing a body the upstream never reads would otherwise
+/// stay open until the upstream closes it, and a plain close would queue its FIN behind
+/// the unsent body.
+#[derive(Clone, Default)]
+pub struct Abort(Arc<AbortInner>);
+
+#[derive(Default)]
+struct AbortInner {
+    aborted: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Abort {
+    pub fn abort(&self) {
+        self.0.aborted.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
+}
+
+/// An upstream connection that its [`Abort`] can reset. On HTTP/1.1 it is also reset when
+/// closed after writing with nothing read since (a call cut mid-request, e.g. its client's
+/// body broke off): a FIN would wait behind the unsent body of an upstream that is not
+/// reading, and the upstream would hold its socket until its own timeout.
+pub struct UpstreamIo {
+    inner: Stream,
+    abort: Abort,
+    reset_mid_request: bool,
+    mid_request: bool,
+}
+
+impl UpstreamIo {
+    /// After an abort: every operation fails, and the close that follows is a reset.
+    fn aborted(&mut self, cx: &mut Context<'_>) -> bool {
+        self.abort.0.waker.register(cx.waker());
+        if !self.abort.0.aborted.load(Ordering::Acquire) {
+            return false;
+        }
+        let _ = self.tcp().set_zero_linger();
+        true
+    }
+
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        match &self.inner {
+            hyper_rustls::MaybeHttpsStream::Http(s) => s.inner(),
+            hyper_rustls::MaybeHttpsStream::Https(s) => s.inner().get_ref().0.inner().inner(),
+        }
+    }
+}
+
+fn aborted_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "call abandoned")
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.aborted(cx) {
+            return Poll::Ready(Err(aborted_error()));
+        }
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.mid_request = false;
+        }
+        r
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.aborted(cx) {
+            return Poll::Ready(Err(aborted_error()));
+        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.mid_request |= n > 0;
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.aborted(cx) {
+            return Poll::Ready(Err(aborted_error()));
+        }
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.mid_request |= n > 0;
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.aborted(cx) {
+            return Poll::Ready(Err(aborted_error()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl Drop for UpstreamIo {
+    fn drop(&mut self) {
+        // hyper may close the connection itself once the call is gone: still a reset.
+        let cut = self.reset_mid_request && self.mid_request;
+        if cut || self.abort.0.aborted.load(Ordering::Acquire) {
+            let _ = self.tcp().set_zero_linger();
+        }
+    }
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        self.inner.connected().extra(self.abort.clone())
+    }
+}
+
+/// Resets the connection a call is using if the call ends without its response (timeout,
+/// or the future dropped because the client went away). Disarmed by a response.
+struct AbortOnDrop(Option<CaptureConnection>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.fire();
+    }
+}
+
+impl AbortOnDrop {
+    fn fire(&mut self) {
+        let Some(capture) = self.0.take() else { return };
+        let meta = capture.connection_metadata();
+        if let Some(connected) = meta.as_ref() {
+            let mut ext = http::Extensions::new();
+            connected.get_extras(&mut ext);
+            if let Some(abort) = ext.get::<Abort>() {
+                abort.abort();
+            }
+        }
     }
 }
 
@@ -57,6 +242,8 @@ pub struct Target {
     /// out of the pool key and every line a library may log about it).
     pub authorization: Option<HeaderValue>,
     pub preserve_host: bool,
+    /// h2 connections carry many calls: one call giving up resets its stream, not them.
+    http2: bool,
     pub timeout: Duration,
     client: HttpClient,
 }
@@ -96,6 +283,7 @@ impl Target {
             host_header,
             authorization,
             preserve_host: s.preserve_host,
+            http2: s.http2,
             timeout: s.timeout.get(),
             client,
         })
@@ -150,12 +338,26 @@ impl Target {
     /// One attempt: send and wait for response headers for at most `timeout`.
     pub async fn send(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Err(_) => Err(ProxyError::UpstreamTimeout),
-            Ok(Ok(resp)) => Ok(resp),
+        // Only an HTTP/1.1 call with a body can leave its connection stuck mid-request: a
+        // bodiless one that is dropped lets hyper close the connection on its own.
+        let stuck_if_dropped = !self.http2 && !http_body::Body::is_end_stream(req.body());
+        let capture = stuck_if_dropped.then(|| capture_connection(&mut req));
+        let mut call = std::pin::pin!(tokio::time::timeout(timeout, self.client.request(req)));
+        // Declared after `call`, so dropped before it: the abort is raised before hyper
+        // learns the call is gone and closes the connection its own (FIN-queued) way.
+        let mut guard = AbortOnDrop(capture);
+        match call.as_mut().await {
+            Err(_) => {
+                guard.fire();
+                Err(ProxyError::UpstreamTimeout)
+            }
+            Ok(Ok(resp)) => {
+                guard.0 = None;
+                Ok(resp)
+            }
             Ok(Err(e)) if e.is_connect() => {
                 if is_timeout(&e) {
                     Err(ProxyError::UpstreamConnect)
@@ -267,6 +469,7 @@ fn build_client(
     let connector = FixedDst {
         inner: connector,
         dst,
+        reset_mid_request: !s.http2,
     };
     let mut b = Client::builder(TokioExecutor::new());
     b.timer(TokioTimer::new())

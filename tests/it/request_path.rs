@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::support::eventually;
 use crate::support::opsgate::{Launch, Opsgate, get, raw_exchange, raw_status};
 use crate::support::upstream::{Upstream, full};
 
@@ -422,4 +423,87 @@ async fn h2_rapid_reset_gets_goaway_and_does_not_churn_upstream_connections() {
     // Everyone else is still served.
     let answer = get(&og.url("/after"), &[]).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+/// An app that accepts connections, reads nothing and never answers, holding each socket
+/// until the test ends (as an app stuck before reading an upload does).
+async fn never_reads() -> (
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(sock);
+        }
+    });
+    (addr, accepted, task)
+}
+
+/// TCP connections in state ESTABLISHED whose local port is `port`, from /proc/net/tcp.
+fn established_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f[1].rsplit(':').next().unwrap();
+            u16::from_str_radix(local_port, 16).unwrap() == port && f[3] == "01"
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn an_abandoned_upload_releases_its_upstream_connection_at_once() {
+    let (app, accepted, _task) = never_reads().await;
+    let og = Launch::new()
+        .config(&format!(
+            "[upstreams.app]\nurl = \"http://{app}\"\ntimeout = \"1s\"\n\
+             [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n"
+        ))
+        .loopback()
+        .start()
+        .await;
+    // Uploads the app never reads: one that waits for its 504, one that hangs up first.
+    for hang_up in [false, true] {
+        let mut sock = TcpStream::connect(og.addr()).await.unwrap();
+        sock.write_all(b"PUT /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 1000000000\r\n\r\n")
+            .await
+            .unwrap();
+        let before = accepted.load(Ordering::SeqCst);
+        let (mut rd, mut wr) = sock.into_split();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            while wr.write_all(&chunk).await.is_ok() {}
+        });
+        eventually(LIMIT, "the upload to reach the app", || async {
+            accepted.load(Ordering::SeqCst) > before
+        })
+        .await;
+        if hang_up {
+            writer.abort();
+            drop(rd);
+        } else {
+            let mut head = [0u8; 12];
+            tokio::time::timeout(LIMIT, rd.read_exact(&mut head))
+                .await
+                .expect("an answer within 5s")
+                .unwrap();
+            assert_eq!(&head, b"HTTP/1.1 504", "{}", String::from_utf8_lossy(&head));
+            writer.abort();
+        }
+        let what = if hang_up {
+            "opsgate to release the app's connection after the client hung up"
+        } else {
+            "opsgate to release the app's connection after the 504"
+        };
+        eventually(LIMIT, what, || async { established_on(app.port()) == 0 }).await;
+    }
 }

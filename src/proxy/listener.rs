@@ -42,6 +42,11 @@ pub fn http_builder(limits: Limits) -> auto::Builder<TokioExecutor> {
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid-reset limits of the h2 layer, pinned so an upgrade cannot loosen them:
+        // streams reset before they were accepted, and streams we had to reset for errors.
+        // Accepted-then-reset streams are bounded by `InFlight` below.
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     b
 }

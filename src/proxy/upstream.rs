@@ -246,6 +246,8 @@ pub struct Target {
     http2: bool,
     pub timeout: Duration,
     client: HttpClient,
+    /// `http2 = true`: calls go over this one shared connection instead of `client`.
+    h2: Option<H2Upstream>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,7 +276,7 @@ impl Target {
         };
         let host_header = HeaderValue::from_str(authority.as_str())
             .map_err(|e| BuildError::Url(name.into(), e.to_string()))?;
-        let client = build_client(name, s, &scheme, &authority)?;
+        let (client, h2) = build_client(name, s, &scheme, &authority)?;
         Ok(Self {
             name: name.into(),
             scheme,
@@ -286,6 +288,7 @@ impl Target {
             http2: s.http2,
             timeout: s.timeout.get(),
             client,
+            h2,
         })
     }
 
@@ -341,6 +344,13 @@ impl Target {
         mut req: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
+        if let Some(h2) = &self.h2 {
+            // A timed-out or dropped call resets its stream; the connection stays.
+            return match tokio::time::timeout(timeout, h2.send(req, &self.name)).await {
+                Err(_) => Err(ProxyError::UpstreamTimeout),
+                Ok(r) => r,
+            };
+        }
         // Only an HTTP/1.1 call with a body can leave its connection stuck mid-request: a
         // bodiless one that is dropped lets hyper close the connection on its own.
         let stuck_if_dropped = !self.http2 && !http_body::Body::is_end_stream(req.body());
@@ -444,7 +454,7 @@ fn build_client(
     s: &UpstreamSection,
     scheme: &Scheme,
     authority: &Authority,
-) -> Result<HttpClient, BuildError> {
+) -> Result<(HttpClient, Option<H2Upstream>), BuildError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -476,7 +486,92 @@ fn build_client(
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .http2_only(s.http2);
-    Ok(b.build(connector))
+    let h2 = s.http2.then(|| H2Upstream::new(connector.clone()));
+    Ok((b.build(connector), h2))
+}
+
+/// The one multiplexed connection to an `http2 = true` upstream, shared by every call and
+/// remade when it closes. hyper-util's pool keys connections by the request's authority,
+/// which on h2 is the client's Host: it would open a connection per Host value a client
+/// cares to invent.
+struct H2Upstream {
+    connector: FixedDst<HttpsConnector<HttpConnector>>,
+    current: arc_swap::ArcSwapOption<hyper::client::conn::http2::SendRequest<Body>>,
+    /// Held while connecting, so concurrent calls wait for one new connection.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl H2Upstream {
+    fn new(connector: FixedDst<HttpsConnector<HttpConnector>>) -> Self {
+        Self {
+            connector,
+            current: arc_swap::ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn open(&self) -> Option<hyper::client::conn::http2::SendRequest<Body>> {
+        self.current
+            .load()
+            .as_deref()
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
+
+    async fn sender(
+        &self,
+        upstream: &str,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError> {
+        if let Some(s) = self.open() {
+            return Ok(s);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(s) = self.open() {
+            return Ok(s);
+        }
+        let mut connector = self.connector.clone();
+        let connected = async {
+            std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut connector, cx))
+                .await?;
+            tower_service::Service::call(&mut connector, self.connector.dst.clone()).await
+        };
+        let io = connected.await.map_err(|e| {
+            tracing::debug!(upstream, error = %ErrorChain(&*e), "upstream connect failed");
+            ProxyError::UpstreamConnect
+        })?;
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|e| {
+                tracing::debug!(upstream, error = %ErrorChain(&e), "upstream h2 handshake failed");
+                ProxyError::UpstreamConnect
+            })?;
+        let name: Arc<str> = upstream.into();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %name, error = %ErrorChain(&e), "upstream h2 connection closed");
+            }
+        });
+        self.current.store(Some(Arc::new(send.clone())));
+        Ok(send)
+    }
+
+    async fn send(
+        &self,
+        req: Request<Body>,
+        upstream: &str,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut send = self.sender(upstream).await?;
+        let sent = async {
+            send.ready().await?;
+            send.send_request(req).await
+        };
+        sent.await.map_err(|e| {
+            tracing::debug!(upstream, error = %ErrorChain(&e), "upstream request failed");
+            ProxyError::UpstreamReset
+        })
+    }
 }
 
 /// rustls client config: webpki roots plus the optional CA file and client certificate.

@@ -241,7 +241,11 @@ struct H2App {
 
 impl H2App {
     async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    async fn start_on(addr: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = Arc::new(AtomicUsize::new(0));
         let counter = conns.clone();
@@ -504,4 +508,48 @@ async fn an_abandoned_upload_releases_its_upstream_connection_at_once() {
         };
         eventually(LIMIT, what, || async { established_on(app.port()) == 0 }).await;
     }
+}
+
+#[tokio::test]
+async fn an_http2_upstream_that_restarts_is_reconnected() {
+    let app = H2App::start().await;
+    let addr = app.addr;
+    let og = Launch::new()
+        .config(&format!(
+            "[upstreams.app]\nurl = \"http://{addr}\"\nhttp2 = true\nconnect_timeout = \"500ms\"\n\
+             [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n"
+        ))
+        .loopback()
+        .start()
+        .await;
+    assert_eq!(get(&og.url("/one"), &[]).await.status, 200);
+    drop(app);
+    eventually(LIMIT, "a 502 while the upstream is down", || async {
+        let answer = get(&og.url("/down"), &[]).await;
+        answer.status == 502 && answer.text() == r#"{"detail":"upstream unavailable"}"#
+    })
+    .await;
+    let app = H2App::start_on(addr).await;
+    eventually(LIMIT, "a 200 once the upstream is back", || async {
+        get(&og.url("/two"), &[]).await.status == 200
+    })
+    .await;
+    assert_eq!(app.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_timed_out_call_to_an_http2_upstream_resets_only_its_stream() {
+    let app = H2App::start().await;
+    let og = Launch::new()
+        .config(&format!(
+            "[upstreams.app]\nurl = \"http://{}\"\nhttp2 = true\ntimeout = \"300ms\"\n\
+             [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+            app.addr
+        ))
+        .loopback()
+        .start()
+        .await;
+    assert_eq!(get(&og.url("/slow?sleep_ms=3000"), &[]).await.status, 504);
+    assert_eq!(get(&og.url("/fast"), &[]).await.status, 200);
+    assert_eq!(app.connections(), 1, "the 504 cost the shared connection");
 }

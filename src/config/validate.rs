@@ -605,8 +605,10 @@ pub fn segment_prefix(path: &str, prefix: &str) -> bool {
     }
 }
 
-fn check_upstream_url(url: &str) -> Result<(), String> {
-    let uri: http::Uri = url
+fn check_upstream_url(raw: &str) -> Result<(), String> {
+    // Errors quote the URL: never with its password.
+    let url = crate::telemetry::redact::redact_url(raw);
+    let uri: http::Uri = raw
         .parse()
         .map_err(|e| format!("invalid upstream url `{url}`: {e}"))?;
     match uri.scheme_str() {

@@ -78,6 +78,9 @@ pub enum Command {
         /// Proxy listen address for the demo.
         #[arg(long, default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
+        /// Admin listen address for the demo.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
     },
 }
 

@@ -95,7 +95,7 @@ async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLo
                 ExitCode::from(1)
             }
         },
-        Command::Demo { listen } => {
+        Command::Demo { listen, admin } => {
             let app_listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
                 Ok(l) => l,
                 Err(e) => {
@@ -107,7 +107,7 @@ async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLo
                 .local_addr()
                 .expect("bound listener has an address");
             tokio::spawn(opsgate::demo::serve_app(app_listener));
-            let text = opsgate::demo::demo_config(listen, app_addr);
+            let text = opsgate::demo::demo_config(listen, admin, app_addr);
             let cfg =
                 match config::parse_str(&text, "<demo>", &Overrides::default(), &app::env_lookup) {
                     Ok(c) => c,
@@ -116,7 +116,20 @@ async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLo
                         return ExitCode::from(2);
                     }
                 };
-            println!("{}", opsgate::demo::banner(listen));
+            // Fail on a busy port before printing a banner of commands that would not work.
+            let opsgate = opsgate::demo::invocation();
+            for (what, flag, addr) in [("proxy", "--listen", listen), ("admin", "--admin", admin)] {
+                if let Err(e) = std::net::TcpListener::bind(addr) {
+                    let mut other = addr;
+                    other.set_port(addr.port().wrapping_add(1).max(1));
+                    eprintln!(
+                        "opsgate demo: cannot listen on {addr} (the {what} port): {e}\n\
+                         is another opsgate or demo running? stop it, or try: {opsgate} demo {flag} {other}"
+                    );
+                    return ExitCode::from(1);
+                }
+            }
+            println!("{}", opsgate::demo::banner(listen, admin, &opsgate));
             let source = ConfigSource {
                 path: None,
                 overrides: Overrides::default(),
@@ -179,7 +192,12 @@ fn exit_for(r: Result<(), app::RunError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "opsgate failed");
+            // On a terminal the log line and the stderr line would say the same thing twice;
+            // log collectors (stdout not a terminal) still get the event.
+            use std::io::IsTerminal;
+            if !(std::io::stdout().is_terminal() && std::io::stderr().is_terminal()) {
+                tracing::error!(error = %e, "opsgate failed");
+            }
             eprintln!("opsgate: {e}");
             ExitCode::from(1)
         }

@@ -115,6 +115,9 @@ recovery_timeout = "10s"
 [upstreams.app.retry]
 attempts = 2
 base_delay = "50ms"
+# A timed-out call is not retried, so /api/slow answers 504 after one 1s timeout
+# (the default list also retries "timeout" and "504").
+on = ["connect-failure", "502", "503"]
 
 [[routes]]
 name = "api"
@@ -153,7 +156,7 @@ opsgate demo: proxy on http://127.0.0.1:{port} in front of a built-in app; admin
 
   curl -i http://127.0.0.1:{port}/api/items                 # proxied (see X-Request-Id)
   curl -i -X POST -d '{{"name":"x"}}' http://127.0.0.1:{port}/api/items
-  curl -i http://127.0.0.1:{port}/api/slow?ms=3000          # 504 after the 1s upstream timeout
+  curl -i http://127.0.0.1:{port}/api/slow?ms=3000          # 504 after the 1s upstream timeout (not retried)
   for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\n' http://127.0.0.1:{port}/api/flaky; done
   curl -s http://127.0.0.1:{port}/_health/ready
   curl -s http://127.0.0.1:{port}/metrics | grep http_requests_total
@@ -202,6 +205,28 @@ pub fn invocation() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn demo_config_does_not_retry_timeouts() {
+        let text = demo_config(
+            "127.0.0.1:8080".parse().unwrap(),
+            "127.0.0.1:9901".parse().unwrap(),
+            "127.0.0.1:3000".parse().unwrap(),
+        );
+        let cfg = crate::config::parse_str(
+            &text,
+            "<demo>",
+            &crate::config::Overrides::default(),
+            &|_: &str| None,
+        )
+        .expect("demo config is valid");
+        let on = &cfg.file.upstreams["app"]
+            .retry
+            .as_ref()
+            .expect("retry set")
+            .on;
+        assert!(!on.iter().any(|o| o == "timeout" || o == "504"), "{on:?}");
+    }
 
     #[test]
     fn banner_uses_the_given_invocation() {

@@ -36,13 +36,13 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// Proxy listen address (overrides proxy.listen).
-        #[arg(long, env = "OPSGATE_LISTEN")]
+        #[arg(long, env = "OPSGATE_LISTEN", value_parser = parse_listen)]
         listen: Option<SocketAddr>,
         /// Upstream URL: defines upstream "app" and, without routes, a catch-all route.
         #[arg(long, env = "OPSGATE_UPSTREAM")]
         upstream: Option<String>,
         /// Admin listen address (overrides admin.listen).
-        #[arg(long, env = "OPSGATE_ADMIN_LISTEN")]
+        #[arg(long, env = "OPSGATE_ADMIN_LISTEN", value_parser = parse_listen)]
         admin: Option<SocketAddr>,
     },
     /// Validate the config: exit 0 when valid, 2 with every error (file:line:col) when not.
@@ -76,10 +76,10 @@ pub enum Command {
     /// Run opsgate on :8080 in front of a built-in demo app.
     Demo {
         /// Proxy listen address for the demo.
-        #[arg(long, default_value = "0.0.0.0:8080")]
+        #[arg(long, default_value = "0.0.0.0:8080", value_parser = parse_listen)]
         listen: SocketAddr,
         /// Admin listen address for the demo.
-        #[arg(long, default_value = "127.0.0.1:9901")]
+        #[arg(long, default_value = "127.0.0.1:9901", value_parser = parse_listen)]
         admin: SocketAddr,
     },
 }
@@ -160,4 +160,8 @@ pub enum FleetCommand {
 
 fn parse_dur(s: &str) -> Result<std::time::Duration, String> {
     crate::config::parse_duration(s)
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    crate::config::parse_listen(s)
 }

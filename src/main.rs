@@ -171,6 +171,72 @@ async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLo
             }
         }
         Command::Ctl(args) => ExitCode::from(opsgate::ctl::run(args).await),
+        Command::Inject(args) => inject(args),
+    }
+}
+
+/// `opsgate inject`: exit 0 with the YAML on stdout, 2 with one error on stderr.
+fn inject(args: opsgate::cli::InjectArgs) -> ExitCode {
+    use std::io::Read;
+    let fail = |msg: String| {
+        eprintln!("opsgate inject: {msg}");
+        ExitCode::from(2)
+    };
+    let mut checks = Vec::new();
+    for (list, critical) in [(&args.check, true), (&args.soft_check, false)] {
+        for c in list {
+            match c.split_once('=') {
+                Some((name, url)) if !name.is_empty() && !url.is_empty() => {
+                    checks.push((name.to_string(), url.to_string(), critical));
+                }
+                _ => return fail(format!("--check {c:?}: expected NAME=URL")),
+            }
+        }
+    }
+    let config = match &args.config {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => Some(t),
+            Err(e) => return fail(format!("{}: {e}", p.display())),
+        },
+        None => None,
+    };
+    let opts = opsgate::inject::Options {
+        image: args.image,
+        container: args.container,
+        upstream_port: args.upstream_port,
+        checks,
+        maintenance: args.maintenance,
+        config,
+        native_sidecar: !args.no_native_sidecar,
+    };
+    let stdin = args.files.is_empty() || args.files.iter().any(|f| f.as_os_str() == "-");
+    let mut text = String::new();
+    for f in &args.files {
+        if f.as_os_str() == "-" {
+            continue;
+        }
+        match std::fs::read_to_string(f) {
+            Ok(t) => {
+                text.push_str("\n---\n");
+                text.push_str(&t);
+            }
+            Err(e) => return fail(format!("{}: {e}", f.display())),
+        }
+    }
+    if stdin {
+        let mut t = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut t) {
+            return fail(format!("stdin: {e}"));
+        }
+        text.push_str("\n---\n");
+        text.push_str(&t);
+    }
+    match opsgate::inject::inject(&text, &opts) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.to_string()),
     }
 }
 

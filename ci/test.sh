@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 target="${CARGO_TARGET_DIR:-target}"
 
-bash ci/install-test-deps.sh
+# Its stdout is `export` lines: the test database's URL, and PATH when it installed node.
+eval "$(bash ci/install-test-deps.sh)"
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --locked --no-fail-fast

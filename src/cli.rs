@@ -93,7 +93,7 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct InjectArgs {
-    /// Manifest files; none or `-` reads stdin.
+    /// Manifest files or directories (their .yaml/.yml/.json files); none or `-` reads stdin.
     pub files: Vec<PathBuf>,
     /// The opsgate image.
     #[arg(long, default_value = concat!("opsgate:", env!("CARGO_PKG_VERSION")))]

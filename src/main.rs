@@ -211,10 +211,36 @@ fn inject(args: opsgate::cli::InjectArgs) -> ExitCode {
     };
     let stdin = args.files.is_empty() || args.files.iter().any(|f| f.as_os_str() == "-");
     let mut text = String::new();
+    // A directory stands for its .yaml/.yml/.json files, sorted, as with `kubectl apply -f DIR`.
+    let mut files = Vec::new();
     for f in &args.files {
         if f.as_os_str() == "-" {
             continue;
         }
+        if f.is_dir() {
+            let entries = match std::fs::read_dir(f) {
+                Ok(e) => e,
+                Err(e) => return fail(format!("{}: {e}", f.display())),
+            };
+            let mut found: Vec<_> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension()
+                            .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+                })
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                return fail(format!("{}: no .yaml, .yml or .json files", f.display()));
+            }
+            files.extend(found);
+        } else {
+            files.push(f.clone());
+        }
+    }
+    for f in &files {
         match std::fs::read_to_string(f) {
             Ok(t) => {
                 text.push_str("\n---\n");

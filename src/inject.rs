@@ -276,10 +276,6 @@ fn inject_workload(
         }
     };
 
-    let config_text = match &opts.config {
-        Some(text) => text.clone(),
-        None => String::new(), // made below, once the app's port and probe are known
-    };
     let containers = pod
         .get_mut("containers")
         .and_then(Value::as_sequence_mut)
@@ -350,10 +346,9 @@ fn inject_workload(
         .find(|(_, p)| *p == port)
         .and_then(|(n, _)| n.clone());
 
-    let config_text = if opts.config.is_some() {
-        config_text
-    } else {
-        generated_config(port, probe.as_ref(), &resolve, opts)
+    let config_text = match &opts.config {
+        Some(text) => text.clone(),
+        None => generated_config(port, probe.as_ref(), &resolve, opts),
     };
     let checked = crate::config::parse_str(
         &config_text,

@@ -156,7 +156,7 @@ opsgate demo: proxy on http://127.0.0.1:{port} in front of a built-in app; admin
 
   curl -i http://127.0.0.1:{port}/api/items                 # proxied (see X-Request-Id)
   curl -i -X POST -d '{{"name":"x"}}' http://127.0.0.1:{port}/api/items
-  curl -i http://127.0.0.1:{port}/api/slow?ms=3000          # 504 after the 1s upstream timeout (not retried)
+  curl -i 'http://127.0.0.1:{port}/api/slow?ms=3000'        # 504 after the 1s upstream timeout (not retried)
   for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\n' http://127.0.0.1:{port}/api/flaky; done
   curl -s http://127.0.0.1:{port}/_health/ready
   curl -s http://127.0.0.1:{port}/metrics | grep http_requests_total
@@ -237,5 +237,10 @@ mod tests {
         );
         assert!(b.contains("  ./target/release/opsgate ctl maintenance on --reason demo"));
         assert!(!b.contains("\n  opsgate ctl"));
+        // Unquoted, zsh would take `?` for a glob and refuse the command.
+        assert!(
+            b.contains("curl -i 'http://127.0.0.1:8080/api/slow?ms=3000'"),
+            "{b}"
+        );
     }
 }

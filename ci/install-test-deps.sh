@@ -11,7 +11,7 @@
 #
 # stdout carries only `export` lines for the caller to eval (everything else goes to
 # stderr), so that the tests see the database's URL and the installed node:
-#   eval "$(bash ci/install-test-deps.sh)"
+#   deps_env="$(bash ci/install-test-deps.sh)" && eval "$deps_env"
 set -euo pipefail
 exec 3>&1 1>&2
 emit() { printf '%s\n' "$*" >&3; }

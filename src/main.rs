@@ -118,16 +118,23 @@ async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLo
                 };
             // Fail on a busy port before printing a banner of commands that would not work.
             let opsgate = opsgate::demo::invocation();
+            let mut busy = Vec::new();
+            let mut way_out = String::new();
             for (what, flag, addr) in [("proxy", "--listen", listen), ("admin", "--admin", admin)] {
                 if let Err(e) = std::net::TcpListener::bind(addr) {
                     let mut other = addr;
                     other.set_port(addr.port().wrapping_add(1).max(1));
-                    eprintln!(
-                        "opsgate demo: cannot listen on {addr} (the {what} port): {e}\n\
-                         is another opsgate or demo running? stop it, or try: {opsgate} demo {flag} {other}"
-                    );
-                    return ExitCode::from(1);
+                    busy.push(format!("{addr} (the {what} port): {e}"));
+                    way_out.push_str(&format!(" {flag} {other}"));
                 }
+            }
+            if !busy.is_empty() {
+                eprintln!(
+                    "opsgate demo: cannot listen on {}\n\
+                     is another opsgate or demo running? stop it, or try: {opsgate} demo{way_out}",
+                    busy.join("; ")
+                );
+                return ExitCode::from(1);
             }
             println!("{}", opsgate::demo::banner(listen, admin, &opsgate));
             let source = ConfigSource {

@@ -19,7 +19,6 @@ use crate::support::redis::RedisServer;
 use crate::support::upstream::{Upstream, full, refused_url};
 use crate::support::{SilentServer, eventually, free_port};
 
-const LIVE_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// Generous bound on scheduling noise on a shared 2-core machine.
 const SLACK: Duration = Duration::from_millis(700);
 /// Check interval used by most configs below.
@@ -1151,8 +1150,9 @@ async fn wait_command_keeps_trying_until_its_timeout() {
 
 #[tokio::test]
 async fn real_postgres_reports_healthy() {
+    let live_pg = crate::support::live_pg();
     let og = start(&[format!(
-        "[[health.checks]]\nname = \"db\"\ntype = \"postgres\"\nurl = \"{LIVE_PG}\"\ntimeout = \"2s\"\n"
+        "[[health.checks]]\nname = \"db\"\ntype = \"postgres\"\nurl = \"{live_pg}\"\ntimeout = \"2s\"\n"
     )])
     .await;
     let body = await_check(&og, "db", "healthy", Duration::from_secs(5)).await;

@@ -4,7 +4,12 @@
 # shell, no package manager), running as the distroless "nonroot" user.
 #
 #   docker build -t opsgate .
-#   docker run --rm -p 8080:8080 opsgate --upstream http://host.docker.internal:3000
+#   docker run --rm -p 8080:8080 --add-host=host.docker.internal:host-gateway \
+#       opsgate --upstream http://host.docker.internal:3000
+#
+# (--add-host is needed on Linux only: Docker Desktop defines host.docker.internal.
+# The app on the host must listen on an address the container can reach, not
+# only 127.0.0.1.)
 #
 # Mount your config directory at /etc/opsgate (a Kubernetes ConfigMap or a
 # bind mount); the image ships config/minimal.toml there as a default that

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Validate every shipped non-Rust file offline: configs, Kubernetes manifests,
-# docker-compose, Prometheus rules and their unit tests, the Grafana
+# Validate every shipped non-Rust file offline: configs, Kubernetes manifests
+# (and what `opsgate inject` makes of the app-only ones), docker-compose, Prometheus rules and their unit tests, the Grafana
 # dashboard, the Dockerfile.
 #
 #   bash ci/check-deploy.sh
@@ -75,6 +75,18 @@ ensure_pip_tools() {
     export PATH
 }
 
+# A Python with PyYAML (kubernetes-validate's dependency) for ci/check-inject.py.
+VENV_PYTHON=python3
+find_yaml_python() {
+    local py
+    for py in "$VENV/bin/python" "$(dirname "$(command -v kubernetes-validate)")/python" python3; do
+        if [ -x "$py" ] || command -v "$py" >/dev/null 2>&1; then
+            if "$py" -c 'import yaml' >/dev/null 2>&1; then VENV_PYTHON="$py"; return 0; fi
+        fi
+    done
+    return 1
+}
+
 # ---------------------------------------------------------------- checks
 passed=0
 failed=0
@@ -111,9 +123,44 @@ check_configs() {
 }
 
 check_kubernetes() {
-    kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml || return 1
+    kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml deploy/kubernetes/app-only/*.yaml || return 1
     # Oldest supported: Kubernetes 1.29 (native preStop sleep action is beta in 1.30).
-    kubernetes-validate --strict --quiet --kubernetes-version 1.29.0 deploy/kubernetes/*.yaml
+    kubernetes-validate --strict --quiet --kubernetes-version 1.29.0 deploy/kubernetes/*.yaml deploy/kubernetes/app-only/*.yaml
+}
+
+opsgate_bin() {
+    local bin="${OPSGATE_BIN:-}"
+    if [ -z "$bin" ]; then
+        for b in target/release/opsgate target/debug/opsgate; do
+            if [ -x "$b" ]; then bin="$b"; break; fi
+        done
+    fi
+    [ -n "$bin" ] || { echo "no opsgate binary: set OPSGATE_BIN or cargo build"; return 1; }
+    printf '%s\n' "$bin"
+}
+
+# `opsgate inject` on the app-only manifests: the default (native sidecar) output and
+# one with dependency checks validate for the newest and the oldest supported Kubernetes.
+check_inject_validates() {
+    local bin
+    bin="$(opsgate_bin)" || return 1
+    "$bin" inject deploy/kubernetes/app-only/*.yaml >"$TMP/inject-native.yaml" || return 1
+    "$bin" inject --check 'database=${SQL_URL:-postgres://shop@db:5432/shop}' \
+        --soft-check cache=redis://redis:6379 --maintenance all - \
+        <deploy/kubernetes/app-only/deployment.yaml >"$TMP/inject-checks.yaml" || return 1
+    "$bin" inject --no-native-sidecar deploy/kubernetes/app-only/*.yaml >"$TMP/inject-regular.yaml" || return 1
+    local v
+    for v in 1.37.0 1.29.0; do
+        kubernetes-validate --strict --quiet --kubernetes-version "$v" \
+            "$TMP/inject-native.yaml" "$TMP/inject-checks.yaml" "$TMP/inject-regular.yaml" || return 1
+    done
+}
+
+# ... and with the example's config it gives the hand-written example, idempotently.
+check_inject_matches_example() {
+    local bin
+    bin="$(opsgate_bin)" || return 1
+    "$VENV_PYTHON" ci/check-inject.py "$bin"
 }
 
 check_compose() {
@@ -174,7 +221,11 @@ main() {
     ensure_pip_tools || { echo "could not install the pip tools"; exit 1; }
 
     step "configs: keys, references, \${VAR:-default}" check_configs
+    find_yaml_python || { echo "no Python with PyYAML for the inject check"; exit 1; }
+
     step "kubernetes: kubernetes-validate --strict" check_kubernetes
+    step "kubernetes: opsgate inject output validates (1.37, 1.29)" check_inject_validates
+    step "kubernetes: opsgate inject app-only/ = the hand-written example" check_inject_matches_example
     step "compose: docker-compose config -q" check_compose
     step "prometheus: promtool check rules" check_rules
     step "prometheus: promtool test rules (alerts fire and stay quiet)" test_rules

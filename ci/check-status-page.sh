@@ -43,7 +43,12 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------- tools
 [ -x "$OPSGATE_BIN" ] || die "no opsgate binary at $OPSGATE_BIN (build it first, or set OPSGATE_BIN)"
 command -v python3 >/dev/null || die "python3 is required"
-command -v node >/dev/null || die "Node.js >= 20 is required (node not found)"
+# The Node.js ci/install-test-deps.sh installs when the system's is missing or too old.
+NODE_BIN="${OPSGATE_CI_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/opsgate-ci}/node-bin"
+if [ -x "$NODE_BIN/node" ] && ! node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null; then
+    PATH="$NODE_BIN:$PATH"
+fi
+command -v node >/dev/null || die "Node.js >= 20 is required (node not found; bash ci/install-test-deps.sh installs it)"
 node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' \
     || die "Node.js >= 20 is required (found $(node --version))"
 

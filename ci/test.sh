@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 target="${CARGO_TARGET_DIR:-target}"
 
-bash ci/install-test-deps.sh
+# Its stdout is `export` lines: the test database's URL, and PATH when it installed node.
+# (Assigned first: a failure inside "$(...)" given straight to eval would go unnoticed.)
+deps_env="$(bash ci/install-test-deps.sh)"
+eval "$deps_env"
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --locked --no-fail-fast

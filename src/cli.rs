@@ -36,13 +36,13 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// Proxy listen address (overrides proxy.listen).
-        #[arg(long, env = "OPSGATE_LISTEN")]
+        #[arg(long, env = "OPSGATE_LISTEN", value_parser = parse_listen)]
         listen: Option<SocketAddr>,
         /// Upstream URL: defines upstream "app" and, without routes, a catch-all route.
         #[arg(long, env = "OPSGATE_UPSTREAM")]
         upstream: Option<String>,
         /// Admin listen address (overrides admin.listen).
-        #[arg(long, env = "OPSGATE_ADMIN_LISTEN")]
+        #[arg(long, env = "OPSGATE_ADMIN_LISTEN", value_parser = parse_listen)]
         admin: Option<SocketAddr>,
     },
     /// Validate the config: exit 0 when valid, 2 with every error (file:line:col) when not.
@@ -73,12 +73,54 @@ pub enum Command {
     },
     /// Talk to a running opsgate's admin API.
     Ctl(CtlArgs),
+    /// Add the opsgate sidecar to Kubernetes manifests (files or stdin); writes YAML to stdout.
+    ///
+    /// Deployments, StatefulSets and DaemonSets (also inside `List`s) get the sidecar, a
+    /// ConfigMap `<name>-opsgate`, opsgate's probes and a config volume; Services in the
+    /// input that select them are pointed at opsgate's port. Already injected workloads
+    /// are left as they are.
+    Inject(InjectArgs),
     /// Run opsgate on :8080 in front of a built-in demo app.
     Demo {
         /// Proxy listen address for the demo.
-        #[arg(long, default_value = "0.0.0.0:8080")]
+        #[arg(long, default_value = "0.0.0.0:8080", value_parser = parse_listen)]
         listen: SocketAddr,
+        /// Admin listen address for the demo.
+        #[arg(long, default_value = "127.0.0.1:9901", value_parser = parse_listen)]
+        admin: SocketAddr,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct InjectArgs {
+    /// Manifest files or directories (their .yaml/.yml/.json files); none or `-` reads stdin.
+    pub files: Vec<PathBuf>,
+    /// The opsgate image.
+    #[arg(long, default_value = concat!("opsgate:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
+    /// The app container opsgate fronts, when the pod has several.
+    #[arg(long)]
+    pub container: Option<String>,
+    /// The app's port (default: its only declared port, else its probe's port).
+    #[arg(long)]
+    pub upstream_port: Option<u16>,
+    /// A critical dependency check, NAME=URL (postgres://, redis://, http(s)://, else host:port
+    /// for TCP). Keep credentials out of the ConfigMap with `${VAR:-default}`: VAR then comes
+    /// from the optional Secret `<name>-opsgate`.
+    #[arg(long, value_name = "NAME=URL")]
+    pub check: Vec<String>,
+    /// A dependency check that only degrades health, NAME=URL.
+    #[arg(long, value_name = "NAME=URL")]
+    pub soft_check: Vec<String>,
+    /// Maintenance mode when turned on (by the ConfigMap key "maintenance"): block writes or all.
+    #[arg(long, default_value = "writes", value_parser = ["writes", "all"])]
+    pub maintenance: String,
+    /// Ship this opsgate.toml instead of one made from the flags above.
+    #[arg(long, conflicts_with_all = ["check", "soft_check"])]
+    pub config: Option<PathBuf>,
+    /// A regular container instead of a native sidecar (clusters older than Kubernetes 1.29).
+    #[arg(long)]
+    pub no_native_sidecar: bool,
 }
 
 #[derive(Args, Debug)]
@@ -157,4 +199,8 @@ pub enum FleetCommand {
 
 fn parse_dur(s: &str) -> Result<std::time::Duration, String> {
     crate::config::parse_duration(s)
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    crate::config::parse_listen(s)
 }

@@ -77,6 +77,7 @@ pub async fn run(args: CtlArgs) -> u8 {
         }
         Err(e) => {
             eprintln!("opsgate ctl: {}: {e}", args.admin);
+            eprintln!("{}", unreachable_hint(&args.admin, &e));
             1
         }
     }
@@ -113,6 +114,22 @@ async fn request(
         .to_bytes();
     let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     Ok((status, v))
+}
+
+/// What to try when the admin API did not answer: most often no opsgate runs there.
+fn unreachable_hint(admin: &str, error: &str) -> String {
+    let lower = error.to_ascii_lowercase();
+    if lower.contains("refused") {
+        format!(
+            "hint: no opsgate admin API listens at {admin}; is `opsgate run` (or `opsgate demo`) running? \
+             Point ctl at its admin.listen with --admin URL or OPSGATE_ADMIN_URL (default http://127.0.0.1:9901)"
+        )
+    } else {
+        format!(
+            "hint: ctl talks to opsgate's admin API (admin.listen); check that {admin} is that address \
+             (--admin URL or OPSGATE_ADMIN_URL) and that it is reachable from here"
+        )
+    }
 }
 
 /// A readable `ctl status`: the answers to "is it up, what is it holding back, and why".
@@ -201,4 +218,19 @@ fn summary(s: &Value) -> String {
             .unwrap_or_default()
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_connection_gets_a_hint_about_the_daemon() {
+        let h = unreachable_hint(
+            "http://127.0.0.1:9901",
+            "client error (Connect): tcp connect error: Connection refused (os error 111)",
+        );
+        assert!(h.contains("is `opsgate run`"), "{h}");
+        assert!(h.contains("--admin"), "{h}");
+    }
 }

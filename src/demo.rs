@@ -95,11 +95,14 @@ async fn app(req: Request<Incoming>, counter: &AtomicU64) -> Response<Full<Bytes
 }
 
 /// The demo's opsgate config, in the same TOML a user writes (so it is validated the same way).
-pub fn demo_config(listen: SocketAddr, app: SocketAddr) -> String {
+pub fn demo_config(listen: SocketAddr, admin: SocketAddr, app: SocketAddr) -> String {
     format!(
         r#"
 [proxy]
 listen = "{listen}"
+
+[admin]
+listen = "{admin}"
 
 [upstreams.app]
 url = "http://{app}"
@@ -112,6 +115,9 @@ recovery_timeout = "10s"
 [upstreams.app.retry]
 attempts = 2
 base_delay = "50ms"
+# A timed-out call is not retried, so /api/slow answers 504 after one 1s timeout
+# (the default list also retries "timeout" and "504").
+on = ["connect-failure", "502", "503"]
 
 [[routes]]
 name = "api"
@@ -133,23 +139,108 @@ timeout = "500ms"
     )
 }
 
-pub fn banner(listen: SocketAddr) -> String {
+/// The banner with the commands to try; `opsgate` is how this binary is invoked from
+/// the user's shell (see [`invocation`]).
+pub fn banner(listen: SocketAddr, admin: SocketAddr, opsgate: &str) -> String {
     let port = listen.port();
+    let admin_port = admin.port();
+    // `ctl` defaults to the default admin port; name it only when the demo moved it.
+    let ctl = if admin == crate::config::defaults::ADMIN_LISTEN {
+        format!("{opsgate} ctl")
+    } else {
+        format!("{opsgate} ctl --admin http://127.0.0.1:{admin_port}")
+    };
     format!(
         r#"
-opsgate demo: proxy on http://127.0.0.1:{port} in front of a built-in app; admin on http://127.0.0.1:9901
+opsgate demo: proxy on http://127.0.0.1:{port} in front of a built-in app; admin on http://127.0.0.1:{admin_port}
 
   curl -i http://127.0.0.1:{port}/api/items                 # proxied (see X-Request-Id)
   curl -i -X POST -d '{{"name":"x"}}' http://127.0.0.1:{port}/api/items
-  curl -i http://127.0.0.1:{port}/api/slow?ms=3000          # 504 after the 1s upstream timeout
+  curl -i 'http://127.0.0.1:{port}/api/slow?ms=3000'        # 504 after the 1s upstream timeout (not retried)
   for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\n' http://127.0.0.1:{port}/api/flaky; done
   curl -s http://127.0.0.1:{port}/_health/ready
   curl -s http://127.0.0.1:{port}/metrics | grep http_requests_total
-  opsgate ctl maintenance on --reason demo                   # then POST gets 503, GET still works
-  opsgate ctl status
-  opsgate ctl maintenance clear
+  {ctl} maintenance on --reason demo     # then POST gets 503, GET still works
+  {ctl} status
+  {ctl} maintenance clear
 
 Ctrl-C stops it.
 "#
     )
+}
+
+/// How the user can run this binary from where they stand: `opsgate` when the `opsgate`
+/// on the PATH is this very file, otherwise its path (relative to the working directory
+/// when it lies below it, as `cargo run` leaves it: `target/release/opsgate`).
+pub fn invocation() -> String {
+    let Ok(exe) = std::env::current_exe().and_then(std::fs::canonicalize) else {
+        return "opsgate".to_string();
+    };
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p).any(|dir| {
+                std::fs::canonicalize(dir.join("opsgate")).is_ok_and(|found| found == exe)
+            })
+        })
+        .unwrap_or(false);
+    if on_path {
+        return "opsgate".to_string();
+    }
+    let relative = std::env::current_dir()
+        .and_then(std::fs::canonicalize)
+        .ok()
+        .and_then(|cwd| {
+            exe.strip_prefix(cwd)
+                .ok()
+                .map(|r| format!("./{}", r.display()))
+        });
+    let shown = relative.unwrap_or_else(|| exe.display().to_string());
+    if shown.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+        format!("'{}'", shown.replace('\'', "'\\''"))
+    } else {
+        shown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_config_does_not_retry_timeouts() {
+        let text = demo_config(
+            "127.0.0.1:8080".parse().unwrap(),
+            "127.0.0.1:9901".parse().unwrap(),
+            "127.0.0.1:3000".parse().unwrap(),
+        );
+        let cfg = crate::config::parse_str(
+            &text,
+            "<demo>",
+            &crate::config::Overrides::default(),
+            &|_: &str| None,
+        )
+        .expect("demo config is valid");
+        let on = &cfg.file.upstreams["app"]
+            .retry
+            .as_ref()
+            .expect("retry set")
+            .on;
+        assert!(!on.iter().any(|o| o == "timeout" || o == "504"), "{on:?}");
+    }
+
+    #[test]
+    fn banner_uses_the_given_invocation() {
+        let b = banner(
+            "0.0.0.0:8080".parse().unwrap(),
+            "127.0.0.1:9901".parse().unwrap(),
+            "./target/release/opsgate",
+        );
+        assert!(b.contains("  ./target/release/opsgate ctl maintenance on --reason demo"));
+        assert!(!b.contains("\n  opsgate ctl"));
+        // Unquoted, zsh would take `?` for a glob and refuse the command.
+        assert!(
+            b.contains("curl -i 'http://127.0.0.1:8080/api/slow?ms=3000'"),
+            "{b}"
+        );
+    }
 }

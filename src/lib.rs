@@ -11,7 +11,7 @@
 //! - `ops`: maintenance state and its sources (config, env, flag file, windows, fleet key, override).
 //! - `shutdown`: signals and the drain state.
 //! - `telemetry`: metrics registry and logging.
-//! - `ctl`, `demo`, `probe`: the `ctl`, `demo` and `probe` commands.
+//! - `ctl`, `demo`, `probe`, `inject`: the `ctl`, `demo`, `probe` and `inject` commands.
 pub mod admin;
 pub mod app;
 pub mod cli;
@@ -20,6 +20,7 @@ pub mod ctl;
 pub mod demo;
 pub mod endpoints;
 pub mod health;
+pub mod inject;
 pub mod ops;
 pub mod probe;
 pub mod proxy;

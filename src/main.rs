@@ -95,7 +95,7 @@ async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLo
                 ExitCode::from(1)
             }
         },
-        Command::Demo { listen } => {
+        Command::Demo { listen, admin } => {
             let app_listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
                 Ok(l) => l,
                 Err(e) => {
@@ -107,7 +107,7 @@ async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLo
                 .local_addr()
                 .expect("bound listener has an address");
             tokio::spawn(opsgate::demo::serve_app(app_listener));
-            let text = opsgate::demo::demo_config(listen, app_addr);
+            let text = opsgate::demo::demo_config(listen, admin, app_addr);
             let cfg =
                 match config::parse_str(&text, "<demo>", &Overrides::default(), &app::env_lookup) {
                     Ok(c) => c,
@@ -116,7 +116,27 @@ async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLo
                         return ExitCode::from(2);
                     }
                 };
-            println!("{}", opsgate::demo::banner(listen));
+            // Fail on a busy port before printing a banner of commands that would not work.
+            let opsgate = opsgate::demo::invocation();
+            let mut busy = Vec::new();
+            let mut way_out = String::new();
+            for (what, flag, addr) in [("proxy", "--listen", listen), ("admin", "--admin", admin)] {
+                if let Err(e) = std::net::TcpListener::bind(addr) {
+                    let mut other = addr;
+                    other.set_port(addr.port().wrapping_add(1).max(1));
+                    busy.push(format!("{addr} (the {what} port): {e}"));
+                    way_out.push_str(&format!(" {flag} {other}"));
+                }
+            }
+            if !busy.is_empty() {
+                eprintln!(
+                    "opsgate demo: cannot listen on {}\n\
+                     is another opsgate or demo running? stop it, or try: {opsgate} demo{way_out}",
+                    busy.join("; ")
+                );
+                return ExitCode::from(1);
+            }
+            println!("{}", opsgate::demo::banner(listen, admin, &opsgate));
             let source = ConfigSource {
                 path: None,
                 overrides: Overrides::default(),
@@ -158,6 +178,98 @@ async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLo
             }
         }
         Command::Ctl(args) => ExitCode::from(opsgate::ctl::run(args).await),
+        Command::Inject(args) => inject(args),
+    }
+}
+
+/// `opsgate inject`: exit 0 with the YAML on stdout, 2 with one error on stderr.
+fn inject(args: opsgate::cli::InjectArgs) -> ExitCode {
+    use std::io::Read;
+    let fail = |msg: String| {
+        eprintln!("opsgate inject: {msg}");
+        ExitCode::from(2)
+    };
+    let mut checks = Vec::new();
+    for (list, critical) in [(&args.check, true), (&args.soft_check, false)] {
+        for c in list {
+            match c.split_once('=') {
+                Some((name, url)) if !name.is_empty() && !url.is_empty() => {
+                    checks.push((name.to_string(), url.to_string(), critical));
+                }
+                _ => return fail(format!("--check {c:?}: expected NAME=URL")),
+            }
+        }
+    }
+    let config = match &args.config {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => Some(t),
+            Err(e) => return fail(format!("{}: {e}", p.display())),
+        },
+        None => None,
+    };
+    let opts = opsgate::inject::Options {
+        image: args.image,
+        container: args.container,
+        upstream_port: args.upstream_port,
+        checks,
+        maintenance: args.maintenance,
+        config,
+        native_sidecar: !args.no_native_sidecar,
+    };
+    let stdin = args.files.is_empty() || args.files.iter().any(|f| f.as_os_str() == "-");
+    let mut text = String::new();
+    // A directory stands for its .yaml/.yml/.json files, sorted, as with `kubectl apply -f DIR`.
+    let mut files = Vec::new();
+    for f in &args.files {
+        if f.as_os_str() == "-" {
+            continue;
+        }
+        if f.is_dir() {
+            let entries = match std::fs::read_dir(f) {
+                Ok(e) => e,
+                Err(e) => return fail(format!("{}: {e}", f.display())),
+            };
+            let mut found: Vec<_> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension()
+                            .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+                })
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                return fail(format!("{}: no .yaml, .yml or .json files", f.display()));
+            }
+            files.extend(found);
+        } else {
+            files.push(f.clone());
+        }
+    }
+    for f in &files {
+        match std::fs::read_to_string(f) {
+            Ok(t) => {
+                text.push_str("\n---\n");
+                text.push_str(&t);
+            }
+            Err(e) => return fail(format!("{}: {e}", f.display())),
+        }
+    }
+    if stdin {
+        let mut t = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut t) {
+            return fail(format!("stdin: {e}"));
+        }
+        text.push_str("\n---\n");
+        text.push_str(&t);
+    }
+    match opsgate::inject::inject(&text, &opts) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.to_string()),
     }
 }
 
@@ -179,7 +291,12 @@ fn exit_for(r: Result<(), app::RunError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "opsgate failed");
+            // On a terminal the log line and the stderr line would say the same thing twice;
+            // log collectors (stdout not a terminal) still get the event.
+            use std::io::IsTerminal;
+            if !(std::io::stdout().is_terminal() && std::io::stderr().is_terminal()) {
+                tracing::error!(error = %e, "opsgate failed");
+            }
             eprintln!("opsgate: {e}");
             ExitCode::from(1)
         }

@@ -140,6 +140,30 @@ pub fn has_key(root: &Spanned<DeTable<'_>>, path: &[&str]) -> bool {
     true
 }
 
+/// Removes the deepest key whose key or value covers byte `offset` (the place serde
+/// reported an error); true when something was removed. A header table's span is its
+/// header alone, so nested tables are searched whatever their own span.
+pub fn remove_at(table: &mut DeTable<'_>, offset: usize) -> bool {
+    for (_, v) in table.iter_mut() {
+        let found = match v.get_mut() {
+            DeValue::Table(t) => remove_at(t, offset),
+            DeValue::Array(a) => a.iter_mut().any(|item| match item.get_mut() {
+                DeValue::Table(t) => remove_at(t, offset),
+                _ => false,
+            }),
+            _ => false,
+        };
+        if found {
+            return true;
+        }
+    }
+    let covering = table
+        .iter()
+        .find(|(k, v)| k.span().contains(&offset) || v.span().contains(&offset))
+        .map(|(k, _)| k.clone());
+    covering.is_some_and(|k| table.remove(&k).is_some())
+}
+
 /// Appends "did you mean `x`?" to serde's unknown-field/variant messages.
 pub fn with_hint(message: &str) -> String {
     let Some(rest) = message
@@ -191,6 +215,18 @@ mod tests {
         assert!(m.ends_with("did you mean `listen`?"), "{m}");
         let m = with_hint("unknown field `zzzzzz`, expected one of `listen`, `upstream`");
         assert!(!m.contains("did you mean"), "{m}");
+    }
+
+    #[test]
+    fn remove_at_drops_the_deepest_key_at_the_offset() {
+        let text = "[a]\nx = 1\n[[b]]\ny = 2\nz = 3\n";
+        let mut t = DeTable::parse(text).unwrap();
+        let y = text.find("y = 2").unwrap() + 4;
+        assert!(remove_at(t.get_mut(), y));
+        let b = t.get_ref().get("b").unwrap().get_ref().as_array().unwrap();
+        let b0 = b[0].get_ref().as_table().unwrap();
+        assert!(b0.get("y").is_none() && b0.get("z").is_some());
+        assert!(!remove_at(t.get_mut(), 0) || t.get_ref().get("a").is_none());
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub struct ConfigFile {
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySection {
+    #[serde(deserialize_with = "super::units::listen::deserialize")]
     pub listen: SocketAddr,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
@@ -78,6 +79,7 @@ pub enum EncodedSlashes {
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
+    #[serde(deserialize_with = "super::units::listen::deserialize")]
     pub listen: SocketAddr,
     pub token: String,
 }
@@ -256,7 +258,10 @@ pub struct FallbackSection {
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressSection {
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::units::listen::option::deserialize"
+    )]
     pub listen: Option<SocketAddr>,
     pub routes: Vec<RouteSection>,
 }

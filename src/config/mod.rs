@@ -16,7 +16,7 @@ use toml::de::DeTable;
 
 pub use diag::{ConfigError, Diagnostic};
 pub use file::*;
-pub use units::{Dur, Size, format_duration, parse_duration};
+pub use units::{Dur, Size, format_duration, parse_duration, parse_listen};
 
 /// Values from flags and environment that win over the file (SPEC precedence: flag, env, file).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -106,15 +106,41 @@ pub fn parse_str(
     }
 
     let for_spans = spanned.clone();
-    let mut file = ConfigFile::deserialize(toml::de::Deserializer::from(spanned)).map_err(|e| {
-        ConfigError {
-            file: name.to_string(),
-            diagnostics: vec![Diagnostic {
-                at: e.span().and_then(|s| at(s.start)),
-                message: diag::with_hint(e.message().trim()),
-            }],
+    // serde stops at the first bad value: drop each offending key and deserialize again,
+    // so one run reports every value error (bounded: each round removes one key).
+    let mut parse_errors: Vec<Diagnostic> = Vec::new();
+    let file = loop {
+        match ConfigFile::deserialize(toml::de::Deserializer::from(spanned.clone())) {
+            Ok(file) => break Some(file),
+            Err(e) => {
+                let span = e.span();
+                let message = diag::with_hint(e.message().trim());
+                let first = parse_errors.is_empty();
+                let removed = span
+                    .as_ref()
+                    .is_some_and(|s| diag::remove_at(spanned.get_mut(), s.start));
+                // A "missing field" after a removal is the removal's echo, not the user's error.
+                if first || !message.starts_with("missing field") {
+                    parse_errors.push(Diagnostic {
+                        at: span.and_then(|s| at(s.start)),
+                        message,
+                    });
+                }
+                if !removed || parse_errors.len() >= 50 {
+                    break None;
+                }
+            }
         }
-    })?;
+    };
+    parse_errors.sort_by_key(|d| d.at);
+    let Some(mut file) = file.filter(|_| parse_errors.is_empty()) else {
+        // Semantic checks of the remaining keys would judge defaults the user never wrote
+        // in place of the dropped values, so only the value errors are reported.
+        return Err(ConfigError {
+            file: name.to_string(),
+            diagnostics: parse_errors,
+        });
+    };
     if !diag::has_key(&for_spans, &["admin", "token"]) {
         file.admin.token = admin_token_default(env);
     }
@@ -157,6 +183,7 @@ fn finish(
     spans: Option<&toml::Spanned<DeTable<'_>>>,
 ) -> Result<Config, ConfigError> {
     let mut checker = validate::Checker::new(spans, text);
+    checker.shorthand_upstream = file.proxy.upstream.is_some();
     if let Some(url) = file.proxy.upstream.clone() {
         if file.upstreams.contains_key(SHORTHAND_UPSTREAM) {
             checker.error(
@@ -240,6 +267,48 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         parse_str(text, "t.toml", &Overrides::default(), &no_env)
+    }
+
+    fn places(e: &ConfigError) -> Vec<(usize, usize)> {
+        e.diagnostics.iter().filter_map(|d| d.at).collect()
+    }
+
+    #[test]
+    fn every_value_error_is_reported_in_file_order() {
+        let e = parse(
+            "[proxy]\nmax_header_bytes = \"lots\"\n\n[upstreams.app]\nurl = \"http://127.0.0.1:3000\"\ntimeout = \"abc\"\nconect_timeout = \"1s\"\n\n[[routes]]\nname = \"x\"\nprefix = \"/\"\nupstream = \"app\"\ntimeout = 5\n",
+        )
+        .unwrap_err();
+        assert_eq!(places(&e), vec![(2, 20), (6, 11), (7, 1), (13, 11)], "{e}");
+        assert!(
+            e.to_string().contains("did you mean `connect_timeout`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_removed_required_key_is_not_reported_as_missing() {
+        let e = parse("[[routes]]\nname = 5\nprefix = \"/\"\nupstream = \"app\"\n").unwrap_err();
+        assert_eq!(e.diagnostics.len(), 1, "{e}");
+        assert_eq!(places(&e), vec![(2, 8)], "{e}");
+    }
+
+    #[test]
+    fn shorthand_upstream_without_scheme_points_at_its_line() {
+        let e = parse("[proxy]\nlisten = \"127.0.0.1:8080\"\n\nupstream = \"127.0.0.1:3000\"\n")
+            .unwrap_err();
+        assert_eq!(places(&e), vec![(4, 12)], "{e}");
+    }
+
+    #[test]
+    fn listen_accepts_a_bare_port_and_explains_what_it_expects() {
+        let c =
+            parse("[proxy]\nlisten = \":8081\"\nupstream = \"http://127.0.0.1:3000\"\n").unwrap();
+        assert_eq!(c.file.proxy.listen, "0.0.0.0:8081".parse().unwrap());
+        let e = parse("[proxy]\nlisten = \"8080\"\n").unwrap_err();
+        assert!(e.to_string().contains("expected IP:port"), "{e}");
+        assert!(parse_listen("[::1]:9901").is_ok());
+        assert!(parse_listen(":").is_err());
     }
 
     #[test]

@@ -214,3 +214,47 @@ mod tests {
         assert_eq!(Size(65536).to_string(), "64KiB");
     }
 }
+
+/// Parses a listen address: `"0.0.0.0:8080"`, `"[::1]:9901"`, or `":8080"` (all IPv4
+/// interfaces, as Go and nginx users write it).
+pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    let s = s.trim();
+    let full;
+    let text = match s.strip_prefix(':') {
+        Some(port) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            full = format!("0.0.0.0:{port}");
+            full.as_str()
+        }
+        _ => s,
+    };
+    text.parse().map_err(|_| {
+        format!(
+            "invalid listen address `{s}` (expected IP:port, e.g. \"0.0.0.0:8080\", \"127.0.0.1:9901\", \"[::]:8080\", or \":8080\" for every interface)"
+        )
+    })
+}
+
+/// serde adapters for listen addresses written as [`parse_listen`] accepts.
+pub mod listen {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_listen(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<SocketAddr>, D::Error> {
+            let s = String::deserialize(d)?;
+            super::super::parse_listen(&s)
+                .map(Some)
+                .map_err(serde::de::Error::custom)
+        }
+    }
+}

@@ -16,6 +16,8 @@ const RETRY_REASONS: &[&str] = &["connect-failure", "timeout", "reset"];
 
 pub struct Checker<'a> {
     spans: Option<&'a Spanned<DeTable<'a>>>,
+    /// Upstream "app" came from `proxy.upstream`: its URL's errors point there.
+    pub shorthand_upstream: bool,
     source: Source<'a>,
     pub diagnostics: Vec<Diagnostic>,
 }
@@ -24,6 +26,7 @@ impl<'a> Checker<'a> {
     pub fn new(spans: Option<&'a Spanned<DeTable<'a>>>, text: &'a str) -> Self {
         Self {
             spans,
+            shorthand_upstream: false,
             source: Source { text },
             diagnostics: Vec::new(),
         }
@@ -180,7 +183,11 @@ impl<'a> Checker<'a> {
             );
         }
         if let Err(e) = check_upstream_url(&u.url) {
-            self.error(&at("url"), e);
+            if self.shorthand_upstream && name == super::SHORTHAND_UPSTREAM {
+                self.error(&[K("proxy"), K("upstream")], e);
+            } else {
+                self.error(&at("url"), e);
+            }
         }
         if u.connect_timeout.is_zero() {
             self.error(&at("connect_timeout"), "connect_timeout must be > 0");
@@ -605,8 +612,10 @@ pub fn segment_prefix(path: &str, prefix: &str) -> bool {
     }
 }
 
-fn check_upstream_url(url: &str) -> Result<(), String> {
-    let uri: http::Uri = url
+fn check_upstream_url(raw: &str) -> Result<(), String> {
+    // Errors quote the URL: never with its password.
+    let url = crate::telemetry::redact::redact_url(raw);
+    let uri: http::Uri = raw
         .parse()
         .map_err(|e| format!("invalid upstream url `{url}`: {e}"))?;
     match uri.scheme_str() {

@@ -568,10 +568,10 @@ impl Shared {
             let message = entry.result.message.clone();
             match to {
                 Status::Unhealthy => {
-                    tracing::warn!(check = %name, %from, %to, message = message.as_deref().unwrap_or(""), "health check changed")
+                    tracing::warn!(check = %name, %from, %to, error = message.as_deref().unwrap_or(""), "health check changed")
                 }
                 _ => {
-                    tracing::info!(check = %name, %from, %to, message = message.as_deref().unwrap_or(""), "health check changed")
+                    tracing::info!(check = %name, %from, %to, error = message.as_deref().unwrap_or(""), "health check changed")
                 }
             }
             let _ = self.flips.send(CheckChange {

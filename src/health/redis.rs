@@ -11,7 +11,7 @@ use std::time::Duration;
 use fred::prelude::{Builder, Client, ClientLike, Config};
 use fred::types::ConnectHandle;
 
-use crate::telemetry::redact::{Secrets, error_chain};
+use crate::telemetry::redact::{Secrets, error_chain, fred_error_text};
 
 struct Conn {
     client: Client,
@@ -64,7 +64,7 @@ impl RedisProbe {
             .ping::<String>(None)
             .await
             .map(drop)
-            .map_err(|e| error_chain(&e))
+            .map_err(|e| fred_error_text(&e))
     }
 
     async fn connect(&self) -> Result<Conn, String> {
@@ -81,7 +81,7 @@ impl RedisProbe {
             .build()
             .map_err(|e| error_chain(&e))?;
         // No reconnect policy is set: `init` dials once and reports the error.
-        let driver = client.init().await.map_err(|e| error_chain(&e))?;
+        let driver = client.init().await.map_err(|e| fred_error_text(&e))?;
         Ok(Conn { client, driver })
     }
 

@@ -102,7 +102,10 @@ pub async fn fleet_set(redis_url: &str, key: &str, on: bool) -> Result<(), Error
         Ok::<(), fred::error::Error>(())
     }
     .await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), client.quit()).await;
+    // fred warns on QUIT for a client that never connected: only a live one gets it.
+    if client.is_connected() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.quit()).await;
+    }
     result.map_err(|e| target.error(&e))
 }
 
@@ -158,7 +161,7 @@ impl Target {
 
     /// An error message that cannot contain the password.
     fn message(&self, error: &fred::error::Error) -> String {
-        let message = error.to_string();
+        let message = crate::telemetry::redact::fred_error_text(error);
         match &self.password {
             Some(password) => message.replace(password.as_str(), "<redacted>"),
             None => message,
@@ -292,8 +295,12 @@ async fn session(
         Err(error) => error,
         Ok(never) => match never {},
     };
+    // A client that lost its connection gets no QUIT: fred would log a warning for each one,
+    // on every reconnect round, and the outage is already logged once.
     for client in [&subscriber, &commands] {
-        let _ = tokio::time::timeout(Duration::from_millis(200), client.quit()).await;
+        if client.is_connected() {
+            let _ = tokio::time::timeout(Duration::from_millis(200), client.quit()).await;
+        }
     }
     error
 }

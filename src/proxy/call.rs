@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 
-use super::body::Body;
+use super::body::{Body, ClientFault, Fault, classify};
 use super::breaker::{Breaker, Outcome, State, Transition};
 use super::respond::ProxyError;
 use super::retry::{Attempt, Decision, RetryBudget, RetryPolicy, Stop, parse_retry_after};
@@ -153,14 +153,17 @@ pub async fn call(
     let retry = match retry {
         Some(r) if replayable(&req, r.policy.max_body) => r,
         _ => {
-            let req = build(
-                req.method,
-                req.uri,
-                req.version,
-                req.headers,
-                Body::Incoming(req.body),
-            );
-            return attempt(target, breaker, req, timeout).await.0;
+            // Only a body the client still sends can break on its side; a GET's cannot.
+            let (body, fault) = if http_body::Body::is_end_stream(&req.body) {
+                (Body::Incoming(req.body), None)
+            } else {
+                let fault = Arc::new(ClientFault::default());
+                (Body::Watched(req.body, fault.clone()), Some(fault))
+            };
+            let req = build(req.method, req.uri, req.version, req.headers, body);
+            return attempt(target, breaker, req, timeout, fault.as_deref())
+                .await
+                .0;
         }
     };
     let Outgoing {
@@ -176,7 +179,7 @@ pub async fn call(
     } else {
         body.collect()
             .await
-            .map_err(|_| ProxyError::BadRequestBody)?
+            .map_err(|e| client_error(classify(&e)))?
             .to_bytes()
     };
     let per_try = retry.policy.per_try_timeout;
@@ -201,7 +204,7 @@ pub async fn call(
                 Body::Full(Some(bytes.clone()))
             },
         );
-        let (result, kind) = attempt(target, breaker, req, this_timeout).await;
+        let (result, kind) = attempt(target, breaker, req, this_timeout, None).await;
         let Some(kind) = kind else { return result };
         let retry_after = match &result {
             Ok(r) if matches!(r.status().as_u16(), 429 | 503) => r
@@ -234,6 +237,13 @@ pub async fn call(
             }
             Decision::Stop(_) => return result,
         }
+    }
+}
+
+fn client_error(f: Fault) -> ProxyError {
+    match f {
+        Fault::Malformed => ProxyError::BadRequestBody,
+        Fault::Aborted => ProxyError::ClientAbort,
     }
 }
 
@@ -271,6 +281,7 @@ async fn attempt(
     breaker: Option<&GuardedBreaker>,
     req: Request<Body>,
     timeout: Duration,
+    client_fault: Option<&ClientFault>,
 ) -> (Result<Response<Incoming>, ProxyError>, Option<Attempt>) {
     let permit = match breaker {
         None => None,
@@ -296,6 +307,13 @@ async fn attempt(
         },
     };
     let result = target.send(req, timeout).await;
+    // The client broke its own body: the upstream did nothing wrong. No breaker outcome
+    // (the permit drops as "neither"), no retry.
+    if result.is_err()
+        && let Some(f) = client_fault.and_then(ClientFault::get)
+    {
+        return (Err(client_error(f)), None);
+    }
     let kind = match &result {
         Ok(r) => Attempt::Status(r.status()),
         Err(ProxyError::UpstreamTimeout) => Attempt::Timeout,

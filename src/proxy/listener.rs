@@ -2,7 +2,10 @@
 //! against slow or oversized clients, and graceful close of every connection on shutdown.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -10,10 +13,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use super::body::BoxError;
 use super::pipeline::{Conn, Proxy, Side};
 
 /// hyper's read buffer cannot be smaller than this; `max_header_bytes` below it is raised.
@@ -36,6 +42,11 @@ pub fn http_builder(limits: Limits) -> auto::Builder<TokioExecutor> {
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid-reset limits of the h2 layer, pinned so an upgrade cannot loosen them:
+        // streams reset before they were accepted, and streams we had to reset for errors.
+        // Accepted-then-reset streams are bounded by `InFlight` below.
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     b
 }
@@ -85,14 +96,12 @@ pub async fn serve(
             side,
         };
         let proxy = proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, conn_info).await) }
-        });
         let builder = builder.clone();
+        // Held until the connection is gone: the caller's `shutdown()` waits for it.
         let watcher = graceful.watcher();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let result = match tls_acceptor {
+            let io = match tls_acceptor {
                 None => {
                     // hyper's header timer starts only after the h1/h2 sniff, which waits for
                     // the first byte without a deadline: a client that sends nothing would
@@ -108,17 +117,14 @@ pub async fn serve(
                             return;
                         }
                     }
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    watcher.watch(conn).await
+                    ClientIo::Plain(stream)
                 }
                 Some(acceptor) => {
                     let handshake =
                         tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
                             .await;
-                    let stream = match handshake {
-                        Ok(Ok(s)) => s,
+                    match handshake {
+                        Ok(Ok(s)) => ClientIo::Tls(Box::new(s)),
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "tls handshake failed");
                             return;
@@ -127,13 +133,25 @@ pub async fn serve(
                             tracing::debug!(%peer, "tls handshake timed out");
                             return;
                         }
-                    };
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    watcher.watch(conn).await
+                    }
                 }
             };
+            let state = Arc::new(ConnState::new());
+            let service_state = state.clone();
+            let service = service_fn(move |req| {
+                let proxy = proxy.clone();
+                let mut in_flight = InFlight::start(&service_state);
+                async move {
+                    let resp = proxy.handle(req, conn_info).await;
+                    in_flight.answered(resp.status());
+                    Ok::<_, Infallible>(resp.map(|b| b.with_in_flight(in_flight)))
+                }
+            });
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            let result = drive(conn, &state, limits, stop, peer).await;
+            drop(watcher);
             if let Err(e) = result {
                 // Client-side trouble (reset, malformed request, header timeout): not ours to alarm about.
                 tracing::debug!(%peer, error = %e, "connection closed with error");
@@ -141,6 +159,244 @@ pub async fn serve(
         });
     }
     graceful
+}
+
+/// Runs one connection to its end. It is asked to close gracefully (`Connection: close`,
+/// GOAWAY) on shutdown, when it has had no request in flight for `header_read_timeout`
+/// (an idle h2 connection, a partial h2 preface or HEADERS frame: nothing hyper's h1
+/// header timer sees), and when its client cancels too many streams (h2 rapid reset).
+/// A connection that has not finished `header_read_timeout` after an idle or abuse close
+/// began is dropped.
+async fn drive<F>(
+    conn: F,
+    state: &ConnState,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+) -> Result<(), BoxError>
+where
+    F: Future<Output = Result<(), BoxError>> + GracefulClose,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut draining = false;
+    let mut hard_deadline: Option<Instant> = None;
+    loop {
+        let idle_deadline = state.idle_deadline(limits.header_read_timeout);
+        let wake_at = hard_deadline.or(idle_deadline);
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = stopped(&mut stop), if !draining => {
+                conn.as_mut().close_gracefully();
+                draining = true;
+            }
+            _ = state.changed.notified() => {
+                if !draining && state.abusive.load(Ordering::Relaxed) {
+                    tracing::info!(%peer, "closing a connection that cancels too many streams");
+                    conn.as_mut().close_gracefully();
+                    draining = true;
+                    hard_deadline = Some(Instant::now() + limits.header_read_timeout);
+                }
+            }
+            _ = sleep_until_opt(wake_at) => {
+                if hard_deadline.is_some_and(|d| Instant::now() >= d) {
+                    tracing::debug!(%peer, "connection did not close in time; dropped");
+                    return Ok(());
+                }
+                if !draining && idle_deadline.is_some_and(|d| Instant::now() >= d) {
+                    tracing::debug!(%peer, "closing a connection idle for header_read_timeout");
+                    conn.as_mut().close_gracefully();
+                    draining = true;
+                    hard_deadline = Some(Instant::now() + limits.header_read_timeout);
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `graceful_shutdown` of hyper-util's connection, behind a trait so `drive` can name it.
+pub trait GracefulClose {
+    fn close_gracefully(self: std::pin::Pin<&mut Self>);
+}
+
+impl<S, B> GracefulClose
+    for auto::UpgradeableConnection<'static, TokioIo<ClientIo>, S, TokioExecutor>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + 'static,
+    B::Error: Into<BoxError>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn close_gracefully(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// A cancelled stream younger than this counts towards the rapid-reset limit.
+const PREMATURE_RESET: Duration = Duration::from_secs(1);
+/// Rapid reset (CVE-2023-44487), as Envoy bounds it: once a connection has had this many
+/// premature cancels and they are at least half of its requests, it gets GOAWAY.
+const MAX_PREMATURE_RESETS: u32 = 100;
+
+/// What a connection's watchdog knows: requests in flight, since when it has been idle,
+/// and how its client has been cancelling.
+pub struct ConnState {
+    born: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `born` when the last request finished.
+    idle_since_ms: AtomicU64,
+    /// An upgraded (tunnelled) connection lives as long as its tunnel.
+    upgraded: AtomicBool,
+    requests: AtomicU32,
+    premature_resets: AtomicU32,
+    abusive: AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            born: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            upgraded: AtomicBool::new(false),
+            requests: AtomicU32::new(0),
+            premature_resets: AtomicU32::new(0),
+            abusive: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// When the connection is due to close for idleness; `None` while a request is in flight.
+    fn idle_deadline(&self, limit: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 || self.upgraded.load(Ordering::Relaxed) {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
+        Some(self.born + since + limit)
+    }
+}
+
+/// One request on a connection, from its head until its response body is done (or dropped).
+pub struct InFlight {
+    state: Arc<ConnState>,
+    started: Instant,
+    answered: bool,
+}
+
+impl InFlight {
+    fn start(state: &Arc<ConnState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        Self {
+            state: state.clone(),
+            started: Instant::now(),
+            answered: false,
+        }
+    }
+
+    fn answered(&mut self, status: http::StatusCode) {
+        self.answered = true;
+        if status == http::StatusCode::SWITCHING_PROTOCOLS {
+            self.state.upgraded.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let s = &*self.state;
+        if !self.answered && self.started.elapsed() < PREMATURE_RESET {
+            let resets = s.premature_resets.fetch_add(1, Ordering::Relaxed) + 1;
+            if resets >= MAX_PREMATURE_RESETS
+                && u64::from(resets) * 2 >= u64::from(s.requests.load(Ordering::Relaxed))
+            {
+                s.abusive.store(true, Ordering::Relaxed);
+            }
+        }
+        if s.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let ms = u64::try_from(s.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+            s.idle_since_ms.store(ms, Ordering::Relaxed);
+        }
+        s.changed.notify_one();
+    }
+}
+
+/// The client's transport, plain or TLS, as one type for hyper.
+pub enum ClientIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            ClientIo::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            ClientIo::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientIo::Tls(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientIo::Plain(s) => s.is_write_vectored(),
+            ClientIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            ClientIo::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            ClientIo::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).

@@ -64,6 +64,11 @@ impl Record {
 
 impl Drop for Record {
     fn drop(&mut self) {
+        // Dropped before any answer was decided: the client went away while we waited.
+        if self.status == 0 {
+            self.status = super::pipeline::CLIENT_CLOSED;
+            self.error = self.error.or(Some("client_abort"));
+        }
         let elapsed = self.start.elapsed();
         self.metrics.finish(
             method_index(&self.method),
@@ -91,11 +96,22 @@ impl Drop for Record {
 pub struct ObservedBody {
     inner: Body,
     record: Option<Record>,
+    /// Keeps the connection counted busy until the response is done.
+    in_flight: Option<super::listener::InFlight>,
 }
 
 impl ObservedBody {
     pub fn new(inner: Body, record: Option<Record>) -> Self {
-        Self { inner, record }
+        Self {
+            inner,
+            record,
+            in_flight: None,
+        }
+    }
+
+    pub fn with_in_flight(mut self, f: super::listener::InFlight) -> Self {
+        self.in_flight = Some(f);
+        self
     }
 }
 
@@ -117,6 +133,7 @@ impl http_body::Body for ObservedBody {
             }
             Poll::Ready(None) => {
                 this.record.take();
+                this.in_flight.take();
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(r) = this.record.as_mut() {

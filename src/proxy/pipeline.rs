@@ -61,6 +61,9 @@ pub struct Proxy {
     pub resilience: crate::telemetry::metrics::ResilienceMetrics,
 }
 
+/// What the access log and metrics say when the client left before its answer (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
+
 /// How long a client is asked to wait while critical checks hold traffic at startup.
 const STARTING_RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -209,12 +212,19 @@ impl Proxy {
         } else if let Some(h) = host_header {
             parts.headers.insert(header::HOST, h);
         }
-        parts.uri = uri;
-        parts.version = if upstream.section.http2 {
-            Version::HTTP_2
+        // Credentials in the upstream URL are opsgate's identity towards the upstream: they
+        // replace any the client sent, as nginx's `proxy_set_header Authorization` does.
+        if let Some(auth) = &target.authorization {
+            parts.headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+        if upstream.section.http2 {
+            let host = parts.headers.remove(header::HOST);
+            parts.uri = target.h2_uri(uri, host.as_ref());
+            parts.version = Version::HTTP_2;
         } else {
-            Version::HTTP_11
-        };
+            parts.uri = uri;
+            parts.version = Version::HTTP_11;
+        }
         let outgoing = Outgoing {
             method: parts.method,
             uri: parts.uri,
@@ -249,6 +259,10 @@ impl Proxy {
             return with_record_status(Response::from_parts(parts, Body::Empty), rec, Some(permit));
         }
         let (mut parts, body) = resp.into_parts();
+        // An intermediary speaks its own version (RFC 9110 §2.5): an HTTP/1.0 upstream must
+        // not turn the client's answer into HTTP/1.0 and cost it keep-alive. hyper's h2
+        // server ignores the field.
+        parts.version = Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers, Upgrade::None);
         parts.headers.insert(X_REQUEST_ID.clone(), request_id);
         rec.status = parts.status.as_u16();
@@ -336,6 +350,7 @@ fn respond_err(
     request_id: Option<HeaderValue>,
 ) -> Response<ObservedBody> {
     rec.error = Some(e.label());
+    let client_abort = e == ProxyError::ClientAbort;
     let mut resp = match (&route.fallback, e.takes_fallback()) {
         (Some(fb), true) => {
             let mut r = Response::new(Body::Full(Some(fb.body.clone())));
@@ -349,7 +364,11 @@ fn respond_err(
     if let Some(id) = request_id {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
     }
-    rec.status = resp.status().as_u16();
+    rec.status = if client_abort {
+        CLIENT_CLOSED
+    } else {
+        resp.status().as_u16()
+    };
     with_record_status(resp, rec, None)
 }
 

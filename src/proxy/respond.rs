@@ -30,15 +30,21 @@ pub enum ProxyError {
     UpstreamConnect,
     UpstreamReset,
     UpstreamTimeout,
-    /// The client's request body broke off while it was buffered for replay.
+    /// The client's request body was malformed (bad chunk framing) or, buffered for
+    /// replay, broke off.
     BadRequestBody,
+    /// The client hung up or reset its stream in the middle of its request body. Nobody is
+    /// left to answer: logged as 499, and the 400 body reaches a half-closed client only.
+    ClientAbort,
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute | ProxyError::NotFound => StatusCode::NOT_FOUND,
-            ProxyError::BadPath | ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
+            ProxyError::BadPath | ProxyError::BadRequestBody | ProxyError::ClientAbort => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::Starting { .. }
             | ProxyError::CircuitForced
             | ProxyError::CircuitOpen { .. }
@@ -64,6 +70,7 @@ impl ProxyError {
             ProxyError::UpstreamReset => "upstream_reset",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::BadRequestBody => "bad_request_body",
+            ProxyError::ClientAbort => "client_abort",
         }
     }
 
@@ -82,7 +89,9 @@ impl ProxyError {
                 br#"{"detail":"upstream unavailable"}"#
             }
             ProxyError::UpstreamTimeout => br#"{"detail":"upstream timeout"}"#,
-            ProxyError::BadRequestBody => br#"{"detail":"bad request body"}"#,
+            ProxyError::BadRequestBody | ProxyError::ClientAbort => {
+                br#"{"detail":"bad request body"}"#
+            }
         }
     }
 

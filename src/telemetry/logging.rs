@@ -64,11 +64,19 @@ pub fn init(format: Option<LogFormat>) -> (LogGuard, super::access::AccessLog) {
     (guard, access)
 }
 
+/// Redis client's own lines are kept to errors unless the filter names it: opsgate logs a
+/// Redis outage once itself, while fred warns on every reconnect round (with its source path).
+const QUIET_LIBRARIES: &str = "fred=error";
+
 /// `OPSGATE_LOG`'s filter; unset or invalid gives `info`, as tracing's own `from_env` would.
 fn env_filter(directives: Option<&str>) -> EnvFilter {
-    directives
+    let filter = directives
         .and_then(|d| EnvFilter::try_new(d).ok())
-        .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER))
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER));
+    match directives {
+        Some(d) if d.contains("fred") => filter,
+        _ => filter.add_directive(QUIET_LIBRARIES.parse().expect("a valid directive")),
+    }
 }
 
 /// Whether `filter` lets an access line (target `access`, level INFO) through: `error` and

@@ -83,14 +83,20 @@ impl Secrets {
     /// Collects the userinfo password and secret parameters of `url`.
     pub fn from_url(url: &str) -> Self {
         let mut found = Vec::new();
+        let mut user = "";
         if let Some(i) = url.find("://") {
             let after = &url[i + 3..];
             let end = after.find(['/', '?', '#']).unwrap_or(after.len());
             let authority = &after[..end];
             if let Some(at) = authority.rfind('@')
-                && let Some((_, pw)) = authority[..at].split_once(':')
+                && let Some((u, pw)) = authority[..at].split_once(':')
             {
-                found.push(pw.to_owned());
+                user = u;
+                // A password equal to the user name is shown with the user anyway;
+                // treating it as a secret would only hide the role name from the operator.
+                if pw != u {
+                    found.push(pw.to_owned());
+                }
             }
         }
         for part in url.split(['?', '&', ' ', ';']) {
@@ -100,11 +106,12 @@ impl Secrets {
                 found.push(value.split('#').next().unwrap_or("").to_owned());
             }
         }
+        let user = percent_decode(user);
         let mut all: Vec<String> = Vec::new();
         for s in found {
             let decoded = percent_decode(&s);
             for v in [s, decoded] {
-                if !v.is_empty() && !all.contains(&v) {
+                if !v.is_empty() && v != user && !all.contains(&v) {
                     all.push(v);
                 }
             }
@@ -115,15 +122,35 @@ impl Secrets {
     }
 
     /// Removes every known secret from `text`, then redacts any URL-shaped credentials left.
+    ///
+    /// A secret is replaced where it stands as a whole token (no letter, digit or `_`
+    /// glued to either side): a short password must not eat the identifiers around it,
+    /// such as the role name in `role "shop" does not exist`.
     pub fn scrub(&self, text: &str) -> String {
         let mut out = text.to_owned();
         for s in &self.0 {
             if out.contains(s.as_str()) {
-                out = out.replace(s.as_str(), REDACTED);
+                out = replace_tokens(&out, s, REDACTED);
             }
         }
         scrub_urls(&out)
     }
+}
+
+/// Replaces each occurrence of `needle` in `text` that is not part of a longer word.
+fn replace_tokens(text: &str, needle: &str, with: &str) -> String {
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(needle) {
+        let end = i + needle.len();
+        let glued = word(rest[..i].chars().next_back()) || word(rest[end..].chars().next());
+        out.push_str(&rest[..i]);
+        out.push_str(if glued { needle } else { with });
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Redacts userinfo passwords of URLs embedded anywhere in free text.
@@ -183,9 +210,51 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// fred's text for an I/O error is the `Debug` of `std::io::Error`
+/// (`IO Error: Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }`); a
+/// health body or log line wants the readable part alone: `IO Error: Connection refused`.
+pub fn fred_error_text(err: &fred::error::Error) -> String {
+    let details = err.details();
+    if *err.kind() != fred::error::ErrorKind::IO {
+        return err.to_string();
+    }
+    let quoted = |after: &str| {
+        let start = details.find(after)? + after.len();
+        let rest = &details[start..];
+        rest.find('"').map(|end| &rest[..end])
+    };
+    let readable = quoted("message: \"")
+        .or_else(|| quoted("error: \""))
+        .or_else(|| {
+            details
+                .strip_prefix("Kind(")
+                .and_then(|k| k.strip_suffix(')'))
+        });
+    match readable {
+        Some(text) => format!("{}: {text}", err.kind().to_str()),
+        None => err.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fred_io_errors_read_as_text_not_debug() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let os = std::io::Error::from_raw_os_error(111);
+        let custom = std::io::Error::other("tls handshake eof");
+        let e = |io| fred_error_text(&fred::error::Error::from(io));
+        assert_eq!(e(os), "IO Error: Connection refused");
+        assert_eq!(e(refused), "IO Error: ConnectionRefused");
+        assert_eq!(e(custom), "IO Error: tls handshake eof");
+        let other = fred::error::Error::new(fred::error::ErrorKind::Auth, "WRONGPASS bad");
+        assert_eq!(
+            fred_error_text(&other),
+            "Authentication Error: WRONGPASS bad"
+        );
+    }
 
     #[test]
     fn redis_lone_userinfo_is_a_password() {
@@ -243,6 +312,29 @@ mod tests {
         assert_eq!(
             s.scrub("see redis://x:other@h"),
             "see redis://x:<redacted>@h"
+        );
+    }
+
+    #[test]
+    fn identifiers_around_a_secret_are_kept() {
+        // A short password must not cut into the role name the operator needs.
+        let s = Secrets::from_url("postgres://shop:s@db/shop");
+        assert_eq!(
+            s.scrub(r#"role "shop" does not exist"#),
+            r#"role "shop" does not exist"#
+        );
+        assert_eq!(s.scrub("got s back"), "got <redacted> back");
+        // A password equal to the user name is no secret from whoever sees the user.
+        let s = Secrets::from_url("postgres://shop:shop@db/app");
+        assert_eq!(
+            s.scrub(r#"role "shop" does not exist"#),
+            r#"role "shop" does not exist"#
+        );
+        // A real password echoed as a token is still hidden.
+        let s = Secrets::from_url("postgres://shop:hunter2@db/app");
+        assert_eq!(
+            s.scrub(r#"bad password "hunter2" for role "shop""#),
+            r#"bad password "<redacted>" for role "shop""#
         );
     }
 

@@ -10,9 +10,10 @@ use opsgate::health::{
 
 use crate::support::postgres::PgServer;
 use crate::support::redis::RedisServer;
-use crate::support::{FixedHttp, SilentServer, eventually, free_port, init_tls};
+use crate::support::{
+    FixedHttp, SilentServer, eventually, free_port, init_tls, live_pg, live_pg_with_password,
+};
 
-const LIVE_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const LIVE_REDIS: &str = "redis://127.0.0.1:6379";
 /// Generous bound on scheduling noise on a shared 2-core machine.
 const SLACK: Duration = Duration::from_millis(700);
@@ -94,7 +95,7 @@ async fn status_becomes(health: &Health, name: &str, want: Status, limit: Durati
 #[tokio::test]
 async fn postgres_live_is_healthy_and_refused_is_unhealthy() {
     init_tls();
-    let live = once(spec("db", pg(LIVE_PG))).await;
+    let live = once(spec("db", pg(&live_pg()))).await;
     assert_eq!(live.status, Status::Healthy, "{:?}", live.message);
     assert!(live.latency.is_some() && live.checked_at.is_some() && live.message.is_none());
 
@@ -111,12 +112,12 @@ async fn postgres_live_is_healthy_and_refused_is_unhealthy() {
 async fn postgres_query_is_configurable() {
     init_tls();
     let good = CheckKind::Postgres {
-        url: LIVE_PG.into(),
+        url: live_pg(),
         query: Some("SELECT count(*) FROM pg_class".into()),
     };
     assert_eq!(once(spec("db", good)).await.status, Status::Healthy);
     let bad = CheckKind::Postgres {
-        url: LIVE_PG.into(),
+        url: live_pg(),
         query: Some("SELEC 1".into()),
     };
     let r = once(spec("db", bad)).await;
@@ -385,12 +386,7 @@ async fn passwords_never_appear_in_messages_or_bodies() {
     let silent = SilentServer::start().await;
     let guarded = RedisServer::start_with(&["--requirepass", "the-right-one"]);
     let specs = vec![
-        spec(
-            "pg-live",
-            pg(&format!(
-                "postgres://postgres:{SECRET}@127.0.0.1:5432/postgres"
-            )),
-        ),
+        spec("pg-live", pg(&live_pg_with_password(SECRET))),
         spec(
             "pg-dead",
             pg(&format!(

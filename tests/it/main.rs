@@ -7,5 +7,6 @@ mod listeners;
 mod ops;
 mod probes;
 mod proxy;
+mod request_path;
 mod resilience;
 mod support;

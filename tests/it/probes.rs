@@ -19,7 +19,6 @@ use crate::support::redis::RedisServer;
 use crate::support::upstream::{Upstream, full, refused_url};
 use crate::support::{SilentServer, eventually, free_port};
 
-const LIVE_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// Generous bound on scheduling noise on a shared 2-core machine.
 const SLACK: Duration = Duration::from_millis(700);
 /// Check interval used by most configs below.
@@ -352,6 +351,24 @@ async fn redis_death_and_recovery_show_in_readiness() {
     let ready = get(&og.url("/_health/ready"), &[]).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     let down_after = killed.elapsed();
+    // The reason reads as text, not as the Debug of an io::Error.
+    let message = ready.json()["checks"][0]["message"].to_string();
+    assert!(message.contains("Connection refused"), "{message}");
+    assert!(!message.contains("Os {"), "{message}");
+    // The flip's log line keeps its own `message`; the check's reason rides in `error`.
+    let logged = og
+        .wait_for_log(Duration::from_secs(2), |l| {
+            l["message"] == "health check changed"
+                && l["check"] == "cache"
+                && l["to"] == "unhealthy"
+                && l["error"].as_str().is_some_and(|e| !e.is_empty())
+        })
+        .await;
+    assert!(
+        logged,
+        "no flip line with its reason in `error`: {:?}",
+        og.logs()
+    );
 
     redis.restart();
     let restarted = Instant::now();
@@ -1133,8 +1150,9 @@ async fn wait_command_keeps_trying_until_its_timeout() {
 
 #[tokio::test]
 async fn real_postgres_reports_healthy() {
+    let live_pg = crate::support::live_pg();
     let og = start(&[format!(
-        "[[health.checks]]\nname = \"db\"\ntype = \"postgres\"\nurl = \"{LIVE_PG}\"\ntimeout = \"2s\"\n"
+        "[[health.checks]]\nname = \"db\"\ntype = \"postgres\"\nurl = \"{live_pg}\"\ntimeout = \"2s\"\n"
     )])
     .await;
     let body = await_check(&og, "db", "healthy", Duration::from_secs(5)).await;

@@ -16,6 +16,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+/// The PostgreSQL the tests own: `OPSGATE_TEST_PG_URL` (ci/install-test-deps.sh starts a
+/// throwaway cluster and sets it), else the local server's `postgres` user on 5432.
+pub fn live_pg() -> String {
+    std::env::var("OPSGATE_TEST_PG_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// [`live_pg`] with `password` set in its userinfo (the server must not check it: the
+/// throwaway cluster trusts loopback).
+pub fn live_pg_with_password(password: &str) -> String {
+    let url = live_pg();
+    let (scheme, rest) = url.split_once("://").expect("postgres URL");
+    let (userinfo, host) = rest.split_once('@').unwrap_or(("postgres", rest));
+    let user = userinfo.split(':').next().unwrap_or("postgres");
+    format!("{scheme}://{user}:{password}@{host}")
+}
+
 /// Installs ring as the process's rustls provider (idempotent).
 pub fn init_tls() {
     let _ = rustls::crypto::ring::default_provider().install_default();

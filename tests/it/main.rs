@@ -3,6 +3,7 @@
 mod admin;
 mod health;
 mod lifecycle;
+mod limits;
 mod listeners;
 mod ops;
 mod probes;

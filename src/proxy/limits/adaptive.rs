@@ -42,7 +42,8 @@ const GRADIENT_MAX: f64 = 2.0;
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
     /// Measuring the no-load latency with concurrency pinned at `min_limit`
-    /// (at `initial_limit` for the very first measurement, so startup does not shed).
+    /// (at startup too: a first measurement taken under load would make the
+    /// queue look like the no-load latency until the next probe).
     Probe {
         until: Instant,
         sum_ns: u128,
@@ -91,7 +92,7 @@ impl Gradient {
     /// The concurrency allowed now.
     pub fn limit(&self) -> u32 {
         match self.phase {
-            Phase::Probe { .. } if self.min_rtt.is_some() => self.settings.min_limit.max(1),
+            Phase::Probe { .. } => self.settings.min_limit.max(1),
             _ => self.limit.round() as u32,
         }
     }
@@ -190,6 +191,8 @@ pub struct AdaptiveLimiter {
     /// Only the completion that closes a window takes this, with `try_lock`:
     /// nobody ever waits for it, a busy lock just means someone else is closing.
     rule: Mutex<Gradient>,
+    /// `adaptive_concurrency_limit{upstream}`, set whenever the limit moves.
+    gauge: Option<prometheus_client::metrics::gauge::Gauge>,
 }
 
 /// Why a call was not admitted (or, in dry run, would not have been).
@@ -231,7 +234,15 @@ impl AdaptiveLimiter {
             window: AtomicU64::new(0),
             window_start: AtomicU64::new(0),
             rule: Mutex::new(rule),
+            gauge: None,
         }
+    }
+
+    /// Exports the limit through `gauge` from now on.
+    pub fn with_gauge(mut self, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.set(i64::from(self.limit()));
+        self.gauge = Some(gauge);
+        self
     }
 
     pub fn limit(&self) -> u32 {
@@ -323,7 +334,11 @@ impl AdaptiveLimiter {
         }
         let avg = Duration::from_micros((packed >> COUNT_BITS) / u64::from(count));
         rule.on_window(now, avg, count, peak, jitter);
-        self.limit.store(rule.limit(), Ordering::Relaxed);
+        let limit = rule.limit();
+        self.limit.store(limit, Ordering::Relaxed);
+        if let Some(g) = &self.gauge {
+            g.set(i64::from(limit));
+        }
     }
 }
 
@@ -362,11 +377,11 @@ mod tests {
     }
 
     #[test]
-    fn first_window_measures_min_rtt_at_the_initial_limit() {
+    fn startup_measures_min_rtt_at_min_limit_then_uses_the_initial_limit() {
         let t0 = Instant::now();
         let mut rule = Gradient::new(settings(4, 1000, 20), t0);
         assert!(rule.probing());
-        assert_eq!(rule.limit(), 20, "startup does not pin to min_limit");
+        assert_eq!(rule.limit(), 4, "measured at min_limit, as every probe");
         rule.on_window(t0 + ms(100), ms(10), 30, 20, 0.0);
         assert!(!rule.probing());
         assert_eq!(rule.min_rtt(), Some(ms(10)));
@@ -468,10 +483,23 @@ mod tests {
         assert!(!rule.probing());
     }
 
+    /// A limiter past its startup measurement (10 ms calls), and the time then.
+    fn measured(s: AdaptiveSettings) -> (Arc<AdaptiveLimiter>, Instant) {
+        let t0 = Instant::now();
+        let l = Arc::new(AdaptiveLimiter::new(s, t0));
+        let mut t = t0;
+        for _ in 0..60 {
+            t += ms(5);
+            l.record(t, ms(10));
+        }
+        assert!(!l.rule.lock().unwrap().probing());
+        (l, t)
+    }
+
     #[test]
     fn critical_calls_use_the_whole_limit_others_ninety_percent() {
-        let now = Instant::now();
-        let l = Arc::new(AdaptiveLimiter::new(settings(4, 1000, 20), now));
+        let (l, now) = measured(settings(4, 1000, 20));
+        assert_eq!(l.limit(), 20);
         let mut held: Vec<_> = (0..18)
             .map(|_| l.try_acquire(false, now).unwrap())
             .collect();
@@ -491,7 +519,7 @@ mod tests {
     #[test]
     fn dry_run_admits_everything_but_reports_the_excess() {
         let now = Instant::now();
-        let mut s = settings(1, 10, 2);
+        let mut s = settings(2, 10, 2);
         s.dry_run = true;
         let l = Arc::new(AdaptiveLimiter::new(s, now));
         let a = l.try_acquire(true, now).unwrap();
@@ -508,13 +536,14 @@ mod tests {
     fn samples_close_windows_and_publish_the_limit() {
         let t0 = Instant::now();
         let l = Arc::new(AdaptiveLimiter::new(settings(4, 1000, 20), t0));
-        // Probe window: 30 calls at 10 ms.
+        assert_eq!(l.limit(), 4, "pinned at min_limit while measuring");
+        // Probe windows: 10 ms calls until 25 samples are in.
         let mut t = t0;
-        for _ in 0..30 {
+        for _ in 0..60 {
             t += ms(5);
             l.record(t, ms(10));
         }
-        assert_eq!(l.limit(), 20);
+        assert_eq!(l.limit(), 20, "then the initial limit");
         // Then a heavily queued upstream: latency 4x no-load with the limit full.
         let held: Vec<_> = (0..20).map(|_| l.try_acquire(true, t).unwrap()).collect();
         for _ in 0..30 {

@@ -131,7 +131,15 @@ impl FleetBucket {
         } else {
             0.0
         };
-        ((share.max(demand) * LEASE_PERIOD.as_secs_f64()).ceil() as u32).clamp(1, self.burst.max(1))
+        let batch = (share.max(demand) * LEASE_PERIOD.as_secs_f64()).ceil() as u32;
+        // The first lease takes this instance's share of the burst, so a fleet
+        // burst is usable at once even at low rates.
+        let first = if s.mode == Mode::Starting {
+            self.burst / s.instances.max(1)
+        } else {
+            0
+        };
+        batch.max(first).clamp(1, self.burst.max(1))
     }
 
     pub fn mode(&self) -> Mode {
@@ -308,11 +316,11 @@ mod tests {
         let t0 = Instant::now();
         let b = FleetBucket::new(300.0, 300, t0);
         let first = b.admit(t0).lease.unwrap();
-        assert_eq!(first, 60);
+        assert_eq!(first, 300, "the first lease asks for the burst");
         b.on_grant(t0, grant(20, 3));
         assert_eq!(b.mode(), Mode::Leasing);
         assert_eq!(b.instances(), 3);
-        // Stock 20, under half the 60 asked for: the first request after
+        // Stock 20, under half the 300 asked for: the first request after
         // MIN_LEASE_GAP prefetches, the others spend.
         let mut leases = 0;
         for i in 0..20 {

@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderMap;
+#[cfg(test)]
+use http::HeaderName;
 use tokio::time::Instant;
 
 use super::fleet::{FleetBucket, Mode};
@@ -14,49 +16,20 @@ use super::keyed::{KeyRef, KeyedLimiter, KeyedMap};
 use super::lease::{LeaseJob, LeaseSender, RouteFleet, key_id};
 use crate::proxy::admission::RateLimiter;
 
-/// `rate_limit.key`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
-    Route,
-    ClientIp,
-    /// Absent header: the client IP.
-    Header(HeaderName),
-}
+pub use crate::config::validate::RateKey as KeySource;
 
-impl KeySource {
-    /// Parses `"route" | "client_ip" | "header:<Name>"`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text {
-            "route" => Ok(Self::Route),
-            "client_ip" => Ok(Self::ClientIp),
-            _ => match text.strip_prefix("header:") {
-                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
-                    .map(Self::Header)
-                    .map_err(|_| format!("{name:?} is not a valid header name")),
-                None => Err(format!(
-                    "key must be \"route\", \"client_ip\" or \"header:<Name>\", not {text:?}"
-                )),
-            },
-        }
-    }
-
-    /// Written as in the config, for the status page.
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Route => "route".into(),
-            Self::ClientIp => "client_ip".into(),
-            Self::Header(h) => format!("header:{h}"),
-        }
-    }
-
-    fn key<'r>(&self, headers: &'r HeaderMap, client: impl FnOnce() -> IpAddr) -> KeyRef<'r> {
-        match self {
-            Self::Header(name) => match headers.get(name) {
-                Some(v) => KeyRef::Bytes(v.as_bytes()),
-                None => KeyRef::Ip(client()),
-            },
-            _ => KeyRef::Ip(client()),
-        }
+/// The request's key: a header value, else the client IP (resolved only if needed).
+fn request_key<'r>(
+    source: &KeySource,
+    headers: &'r HeaderMap,
+    client: impl FnOnce() -> IpAddr,
+) -> KeyRef<'r> {
+    match source {
+        KeySource::Header(name) => match headers.get(name) {
+            Some(v) => KeyRef::Bytes(v.as_bytes()),
+            None => KeyRef::Ip(client()),
+        },
+        _ => KeyRef::Ip(client()),
     }
 }
 
@@ -146,7 +119,9 @@ impl RouteRate {
     ) -> Result<(), Duration> {
         match &self.shape {
             Shape::Local(rl) => rl.try_acquire(now),
-            Shape::LocalKeyed(rl) => rl.try_acquire(self.source.key(headers, client), now),
+            Shape::LocalKeyed(rl) => {
+                rl.try_acquire(request_key(&self.source, headers, client), now)
+            }
             Shape::Fleet { bucket, redis_key } => {
                 let d = bucket.admit(now);
                 if let Some(want) = d.lease {
@@ -155,7 +130,7 @@ impl RouteRate {
                 d.admit
             }
             Shape::FleetKeyed(map) => {
-                let key = self.source.key(headers, client);
+                let key = request_key(&self.source, headers, client);
                 let prefix = self.fleet.as_ref().map_or("", |(r, _)| &r.bucket_prefix);
                 let make = || {
                     let id = match key {

@@ -7,6 +7,7 @@
 //! `per_second / N` when leases fail or stall. [`LeaseScript`] is the atomic
 //! Redis side; `driver` (fred) carries leases between the two.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -61,17 +62,13 @@ pub struct Decision {
 #[derive(Debug)]
 struct State {
     mode: Mode,
-    stock: u32,
-    stock_expires: Instant,
     /// Last known live instances (1 if never known).
     instances: u32,
     /// When the lease in flight was asked for.
     pending_since: Option<Instant>,
     /// No lease before this (the fleet bucket is dry, or Redis is down).
     next_lease: Instant,
-    /// Requests seen since the last lease was asked for, and when that was:
-    /// the demand a batch is sized from.
-    demand: u32,
+    /// When the last lease was asked for (demand is counted since then).
     last_ask: Instant,
     /// Size of the last batch asked for (prefetch below half of it).
     last_batch: u32,
@@ -85,8 +82,18 @@ pub struct FleetBucket {
     per_second: f64,
     burst: u32,
     base: Instant,
-    /// Touched once per request for a few dozen nanoseconds, never across an
-    /// `.await`; the keyed map's shard lock already serialises keyed buckets.
+    /// Leased tokens not yet spent. Most requests only take one with a CAS
+    /// here (the lock-free fast path); the rest go through `state`.
+    stock: AtomicU32,
+    /// Nanoseconds since `base` until which the stock may be spent; 0 while
+    /// not leasing, so the fast path is closed in Starting and Fallback.
+    fresh_until: AtomicU64,
+    /// At or below this stock a request takes the lock to see about a prefetch.
+    prefetch_mark: AtomicU32,
+    /// Requests since the last lease was asked for: the demand a batch is sized from.
+    demand: AtomicU32,
+    /// Mode, lease bookkeeping and the local limit: taken by the driver's answers
+    /// and by the few requests off the fast path, never across an `.await`.
     state: Mutex<State>,
 }
 
@@ -96,14 +103,15 @@ impl FleetBucket {
             per_second,
             burst,
             base: now,
+            stock: AtomicU32::new(0),
+            fresh_until: AtomicU64::new(0),
+            prefetch_mark: AtomicU32::new(0),
+            demand: AtomicU32::new(0),
             state: Mutex::new(State {
                 mode: Mode::Starting,
-                stock: 0,
-                stock_expires: now,
                 instances: 1,
                 pending_since: None,
                 next_lease: now,
-                demand: 0,
                 last_ask: now,
                 last_batch: 1,
                 local_tat: 0,
@@ -127,7 +135,7 @@ impl FleetBucket {
         let share = self.per_second / f64::from(s.instances.max(1));
         let elapsed = now.saturating_duration_since(s.last_ask).as_secs_f64();
         let demand = if elapsed > 0.0 {
-            (f64::from(s.demand) / elapsed).min(self.per_second)
+            (f64::from(self.demand.load(Ordering::Relaxed)) / elapsed).min(self.per_second)
         } else {
             0.0
         };
@@ -150,9 +158,41 @@ impl FleetBucket {
         self.lock().instances
     }
 
+    /// Takes a leased token without the lock while the stock is fresh and above
+    /// the prefetch mark.
+    fn take_fast(&self, at: u64) -> bool {
+        if at >= self.fresh_until.load(Ordering::Acquire) {
+            return false;
+        }
+        let mark = self.prefetch_mark.load(Ordering::Relaxed);
+        self.stock
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > mark).then(|| n - 1)
+            })
+            .is_ok()
+    }
+
+    /// Takes a leased token if any is left and fresh.
+    fn take(&self, at: u64) -> bool {
+        if at >= self.fresh_until.load(Ordering::Acquire) {
+            self.stock.store(0, Ordering::Release);
+            return false;
+        }
+        self.stock
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     /// One request.
     pub fn admit(&self, now: Instant) -> Decision {
         let at = self.nanos(now);
+        self.demand.fetch_add(1, Ordering::Relaxed);
+        if self.take_fast(at) {
+            return Decision {
+                admit: Ok(()),
+                lease: None,
+            };
+        }
         let mut s = self.lock();
         if let Some(since) = s.pending_since
             && now.saturating_duration_since(since) >= LEASE_TIMEOUT
@@ -161,14 +201,8 @@ impl FleetBucket {
             s.pending_since = None;
             self.fall_back(&mut s, now);
         }
-        if s.stock_expires <= now {
-            s.stock = 0;
-        }
         let admit = match s.mode {
-            Mode::Leasing if s.stock > 0 => {
-                s.stock -= 1;
-                Ok(())
-            }
+            Mode::Leasing if self.take(at) => Ok(()),
             Mode::Leasing => Err(Duration::from_secs_f64(
                 f64::from(s.instances.max(1)) / self.per_second.max(1e-9),
             )
@@ -178,18 +212,19 @@ impl FleetBucket {
                 local.acquire(&mut s.local_tat, at)
             }
         };
-        s.demand = s.demand.saturating_add(1);
         let want = s.pending_since.is_none()
             && now >= s.next_lease
             && (s.mode != Mode::Leasing
-                || (s.stock <= s.last_batch / 2
+                || (self.stock.load(Ordering::Acquire) <= s.last_batch / 2
                     && now.saturating_duration_since(s.last_ask) >= MIN_LEASE_GAP));
         let lease = want.then(|| {
             let batch = self.batch(&s, now);
             s.pending_since = Some(now);
             s.last_ask = now;
             s.last_batch = batch;
-            s.demand = 0;
+            self.demand.store(0, Ordering::Relaxed);
+            // Until this lease is answered, nobody else needs the lock to ask.
+            self.prefetch_mark.store(0, Ordering::Relaxed);
             batch
         });
         Decision { admit, lease }
@@ -208,11 +243,16 @@ impl FleetBucket {
             s.instances = grant.instances.max(1);
             s.local = self.local_gcra(s.instances);
         }
-        if s.stock_expires <= now {
-            s.stock = 0;
+        let at = self.nanos(now);
+        if at >= self.fresh_until.load(Ordering::Acquire) {
+            self.stock.store(grant.granted, Ordering::Release);
+        } else {
+            self.stock.fetch_add(grant.granted, Ordering::AcqRel);
         }
-        s.stock = s.stock.saturating_add(grant.granted);
-        s.stock_expires = now + STOCK_TTL;
+        self.prefetch_mark
+            .store(s.last_batch / 2, Ordering::Relaxed);
+        self.fresh_until
+            .store(self.nanos(now + STOCK_TTL), Ordering::Release);
         s.mode = Mode::Leasing;
         // Dry fleet bucket: do not ask again before it could hold half a batch
         // for each of the instances competing for its refill.
@@ -239,7 +279,8 @@ impl FleetBucket {
         if s.mode != Mode::Fallback {
             s.mode = Mode::Fallback;
             s.local = self.local_gcra(s.instances);
-            s.stock = 0;
+            self.fresh_until.store(0, Ordering::Release);
+            self.stock.store(0, Ordering::Release);
         }
         s.next_lease = now + RETRY_INTERVAL;
     }

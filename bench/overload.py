@@ -162,6 +162,14 @@ def fleet():
         async def run():
             async def chaos():
                 await asyncio.sleep(10)
+                stats = subprocess.run(["redis-cli", "-p", str(rport), "info", "commandstats"],
+                                       capture_output=True, text=True).stdout
+                calls = sum(int(line.split("calls=")[1].split(",")[0]) for line in stats.splitlines()
+                            if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")))
+                admitted = sum(1 for (_, sec), rows in list(results.items()) if sec < 10
+                               for st, _ in rows if st == 200)
+                print(f"t=10s: {calls} lease calls for {admitted} admitted "
+                      f"({admitted / max(calls, 1):.1f} admitted per Redis call)", flush=True)
                 redis.send_signal(signal.SIGKILL)
                 redis.wait()
                 print("t=10s: Redis killed", flush=True)

@@ -240,6 +240,11 @@ impl Gcra {
         }
     }
 
+    /// The state of a bucket with no token left at `at`.
+    pub fn full_at(&self, at: u64) -> u64 {
+        at.saturating_add(self.tolerance_ns)
+    }
+
     /// Takes one token from the bucket whose state is `tat`, or says how long
     /// until one is available. A refusal leaves `tat` unchanged.
     pub fn acquire(&self, tat: &mut u64, at: u64) -> Result<(), Duration> {

@@ -534,13 +534,24 @@ pub fn check_maintenance(data: &[u8]) {
         return;
     }
     // The app decodes the forwarded path once (encoded slashes too, unless rejected) and
-    // resolves dot segments: that view must lie under the prefix too.
+    // resolves dot segments: that view must lie under the prefix as the app reads it too.
     let upstream_view = resolve_dots(&percent_decode(path.as_bytes(), !reject));
-    let upstream_view = String::from_utf8_lossy(&upstream_view);
+    let prefix_view = percent_decode(prefix.as_bytes(), !reject);
     assert!(
-        naive_segment_prefix(&upstream_view, prefix),
-        "{method} {raw:?} passed exempt prefix {prefix:?}, but the app sees {upstream_view:?}"
+        naive_segment_prefix_bytes(&upstream_view, &prefix_view),
+        "{method} {raw:?} passed exempt prefix {prefix:?}, but the app sees {:?}",
+        String::from_utf8_lossy(&upstream_view)
     );
+}
+
+fn naive_segment_prefix_bytes(path: &[u8], prefix: &[u8]) -> bool {
+    let prefix = prefix.strip_suffix(b"/").unwrap_or(prefix);
+    if prefix.is_empty() {
+        return true;
+    }
+    let p: Vec<&[u8]> = path.split(|b| *b == b'/').collect();
+    let q: Vec<&[u8]> = prefix.split(|b| *b == b'/').collect();
+    q.len() <= p.len() && p[..q.len()] == q[..]
 }
 
 // ---------------------------------------------------------------------------------------

@@ -670,8 +670,8 @@ fn breaker_sequence(input: &mut Input<'_>) {
         Arc::new(move |t: &Transition| log.lock().expect("log").push(*t)),
         now,
     ));
-    // Permits with the epoch they were admitted in: a transition or a reset starts a new
-    // one, and outcomes of older permits do not count towards the consecutive rule.
+    // Permits with the epoch they were admitted in: a transition starts a new one, and
+    // outcomes of older permits do not count towards the consecutive rule.
     let mut held: Vec<(Permit, usize)> = Vec::new();
     let mut epoch = 0usize;
     let mut consecutive_in_closed = 0u32;
@@ -725,8 +725,9 @@ fn breaker_sequence(input: &mut Input<'_>) {
             6 => now += Duration::from_millis(u64::from(arg) * 7),
             7 => match arg % 8 {
                 0 => {
+                    // A reset of a closed breaker clears its counts but keeps its generation:
+                    // calls admitted before it still report (and a success still counts).
                     breaker.reset(now);
-                    epoch += 1;
                     consecutive_in_closed = 0;
                 }
                 1 => breaker.force_open(now),
@@ -836,8 +837,9 @@ fn budget_sequence(input: &mut Input<'_>) {
         let (r, t) = budget.usage(now);
         let want_r = events.iter().filter(|e| e.0 + 10 > sec && !e.1).count() as u64;
         let want_t = events.iter().filter(|e| e.0 + 10 > sec && e.1).count() as u64;
+        // (The bound holds when a retry is withdrawn, checked above; later, requests can
+        // age out of the window before the retries they paid for.)
         assert_eq!((r, t), (want_r, want_t), "usage at second {sec}");
-        assert!(t as f64 <= ratio * r as f64 + f64::from(floor) * 10.0 + 1e-9);
     }
 }
 

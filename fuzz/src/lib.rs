@@ -430,7 +430,9 @@ fn naive_client_ip(peer: IpAddr, xff: Option<&HeaderValue>, trusted: &[IpNet]) -
     if !is_trusted(peer) {
         return peer;
     }
-    let Some(text) = xff.and_then(|v| std::str::from_utf8(v.as_bytes()).ok()) else {
+    // A header that is not visible ASCII (obs-text) is garbage as a whole: the trusted
+    // peer is the last hop known.
+    let Some(text) = xff.and_then(|v| v.to_str().ok()) else {
         return peer;
     };
     let entries: Vec<&str> = text.split(',').map(str::trim).collect();

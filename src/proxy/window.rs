@@ -262,42 +262,37 @@ mod tests {
         assert_eq!(w.epoch(t0 + ms(5) + Duration::from_nanos(7)), 7);
     }
 
+    /// Runs `f(thread number)` on four threads at once; their results in order.
+    fn on_four_threads<T: Send>(f: impl Fn(u64) -> T + Sync) -> Vec<T> {
+        std::thread::scope(|s| {
+            let f = &f;
+            let handles: Vec<_> = (0..4).map(|i| s.spawn(move || f(i))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     #[test]
     fn concurrent_records_are_never_lost() {
         let t0 = Instant::now();
-        let w = std::sync::Arc::new(SlidingWindow::<10, 2, 20>::new(t0, ms(100)));
-        let threads: Vec<_> = (0..4)
-            .map(|i| {
-                let w = w.clone();
-                std::thread::spawn(move || {
-                    for n in 0..5_000u64 {
-                        w.record(t0 + ms(n % 7 * 100), [1, u64::from(i % 2 == 0)]);
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        let w = SlidingWindow::<10, 2, 20>::new(t0, ms(100));
+        on_four_threads(|i| {
+            for n in 0..5_000u64 {
+                w.record(t0 + ms(n % 7 * 100), [1, u64::from(i % 2 == 0)]);
+            }
+        });
         assert_eq!(w.sum(t0 + ms(600)), [20_000, 10_000]);
     }
 
     #[test]
     fn concurrent_try_records_never_overshoot_within_one_bucket() {
         let t0 = Instant::now();
-        let w = std::sync::Arc::new(SlidingWindow::<10, 2, 20>::new(t0, ms(100)));
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                let w = w.clone();
-                std::thread::spawn(move || {
-                    (0..100)
-                        .filter(|_| w.try_record(t0, [0, 1], |t| t[1] < 50))
-                        .count()
-                })
-            })
-            .collect();
-        let granted: usize = threads.into_iter().map(|h| h.join().unwrap()).sum();
-        assert_eq!(granted, 50);
+        let w = SlidingWindow::<10, 2, 20>::new(t0, ms(100));
+        let granted = on_four_threads(|_| {
+            (0..100)
+                .filter(|_| w.try_record(t0, [0, 1], |t| t[1] < 50))
+                .count()
+        });
+        assert_eq!(granted.iter().sum::<usize>(), 50);
     }
 
     #[derive(Clone, Debug)]

@@ -15,6 +15,11 @@
 //! Cost: in CLOSED (and `disabled`) `try_acquire` + `record` is a handful of atomic
 //! operations and takes no lock; a rejection while OPEN takes no lock either. The
 //! mutex is taken only on transitions, in HALF_OPEN, and by manual/admin calls.
+//!
+//! Files: this one holds the [`Breaker`] and its [`Permit`]; `policy` what opens
+//! and closes it (and the rate rule's verdict), `state` its states, reasons and
+//! transitions, `report` what it takes and hands back per call and for the admin
+//! API. The rate rule counts in a [`crate::proxy::window::SlidingWindow`].
 
 mod policy;
 mod report;

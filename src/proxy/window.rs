@@ -1,6 +1,6 @@
 //! A lock-free sliding window of counters over a fixed number of time buckets,
-//! clock-injected (`now` on every call, no timer, no I/O). The breaker's rate
-//! rule and the retry budget are both built on it.
+//! clock-injected (the caller turns its `now` into an epoch; no timer, no I/O).
+//! The breaker's rate rule and the retry budget are both built on it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,14 +28,15 @@ use tokio::time::Instant;
 /// - [`SlidingWindow::try_record`] re-checks its condition against the current
 ///   bucket inside the CAS, so racers on the current bucket never overshoot;
 ///   the older buckets are read once before it, so a decision can miss a record
-///   that lands in them concurrently (only a caller with a stale `now` writes
+///   that lands in them concurrently (only a caller with a stale epoch writes
 ///   there): at most one overshoot per racing thread.
 /// - A counter holds at most [`SlidingWindow::MAX`]; an event that would
 ///   overflow any counter of its bucket is not counted at all (refused), which
 ///   keeps ratios between counters intact.
-/// - A bucket left untouched for exactly a multiple of `B x 2^tag_bits` bucket
-///   widths reads as current: at worst one stale bucket's counts are added.
-/// - `now` is expected not to go back by a bucket or more between callers: a
+/// - A bucket left untouched for exactly a multiple of lcm(`B`, 2^tag_bits)
+///   bucket widths (327 680 for the breaker's layout) reads as current: at
+///   worst one stale bucket's counts are added.
+/// - Epochs are expected not to go back by `B` or more between callers: a
 ///   record for an older epoch recycles its bucket back to that epoch.
 #[derive(Debug)]
 pub struct SlidingWindow<const B: usize, const K: usize, const BITS: u32> {
@@ -70,35 +71,37 @@ impl<const B: usize, const K: usize, const BITS: u32> SlidingWindow<B, K, BITS> 
     }
 
     /// The bucket number of `now`: whole widths since `base` (0 before it).
+    /// Read it once per event and pass it to every call for that event, so the
+    /// record and the reads agree on the bucket and the clock is read once.
     pub fn epoch(&self, now: Instant) -> u64 {
         let ns =
             u64::try_from(now.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
         ns / self.width_ns
     }
 
-    /// Adds `deltas` to the bucket of `now`. `false` (nothing counted) when a
+    /// Adds `deltas` to the bucket of `epoch`. `false` (nothing counted) when a
     /// counter of that bucket would pass [`Self::MAX`].
-    pub fn record(&self, now: Instant, deltas: [u64; K]) -> bool {
-        self.update(self.epoch(now), [0; K], |_| true, deltas)
+    pub fn record(&self, epoch: u64, deltas: [u64; K]) -> bool {
+        self.update(epoch, [0; K], |_| true, deltas)
     }
 
-    /// Adds `deltas` to the bucket of `now` only if `admit` accepts the window's
-    /// totals as they are before this record (the current bucket included, read
-    /// in the CAS). `false` when refused, by `admit` or by a full counter.
+    /// Adds `deltas` to the bucket of `epoch` only if `admit` accepts the
+    /// window's totals as they are before this record (the current bucket
+    /// included, read in the CAS). `false` when refused, by `admit` or by a full
+    /// counter.
     pub fn try_record(
         &self,
-        now: Instant,
+        epoch: u64,
         deltas: [u64; K],
         admit: impl Fn(&[u64; K]) -> bool,
     ) -> bool {
-        let epoch = self.epoch(now);
         let older = self.sum_from(epoch, 1);
         self.update(epoch, older, admit, deltas)
     }
 
-    /// The counters summed over the window ending with the bucket of `now`.
-    pub fn sum(&self, now: Instant) -> [u64; K] {
-        self.sum_from(self.epoch(now), 0)
+    /// The counters summed over the window ending with the bucket of `epoch`.
+    pub fn sum(&self, epoch: u64) -> [u64; K] {
+        self.sum_from(epoch, 0)
     }
 
     /// Forgets every count.
@@ -185,14 +188,14 @@ mod tests {
     fn counts_sum_over_the_last_b_buckets_only() {
         let t0 = Instant::now();
         let w = SlidingWindow::<10, 3, 16>::new(t0, ms(100));
-        assert!(w.record(t0, [1, 1, 0]));
-        assert!(w.record(t0 + ms(99), [1, 0, 1]));
-        assert!(w.record(t0 + ms(500), [1, 0, 0]));
-        assert_eq!(w.sum(t0 + ms(999)), [3, 1, 1]);
+        assert!(w.record(w.epoch(t0), [1, 1, 0]));
+        assert!(w.record(w.epoch(t0 + ms(99)), [1, 0, 1]));
+        assert!(w.record(w.epoch(t0 + ms(500)), [1, 0, 0]));
+        assert_eq!(w.sum(w.epoch(t0 + ms(999))), [3, 1, 1]);
         // The first bucket [0, 100 ms) leaves the window at 1 s.
-        assert_eq!(w.sum(t0 + ms(1000)), [1, 0, 0]);
-        assert_eq!(w.sum(t0 + ms(1499)), [1, 0, 0]);
-        assert_eq!(w.sum(t0 + ms(1500)), [0, 0, 0]);
+        assert_eq!(w.sum(w.epoch(t0 + ms(1000))), [1, 0, 0]);
+        assert_eq!(w.sum(w.epoch(t0 + ms(1499))), [1, 0, 0]);
+        assert_eq!(w.sum(w.epoch(t0 + ms(1500))), [0, 0, 0]);
     }
 
     #[test]
@@ -200,13 +203,13 @@ mod tests {
         let t0 = Instant::now();
         let w = Small::new(t0, ms(10));
         for _ in 0..5 {
-            w.record(t0, [1, 1]);
+            w.record(w.epoch(t0), [1, 1]);
         }
         // Epoch 4 shares epoch 0's bucket: its old counts must not carry over.
-        assert!(w.record(t0 + ms(40), [1, 0]));
-        assert_eq!(w.sum(t0 + ms(40)), [1, 0]);
+        assert!(w.record(w.epoch(t0 + ms(40)), [1, 0]));
+        assert_eq!(w.sum(w.epoch(t0 + ms(40))), [1, 0]);
         assert_eq!(
-            w.sum(t0 + ms(3_600_000)),
+            w.sum(w.epoch(t0 + ms(3_600_000))),
             [0, 0],
             "idle longer than the window"
         );
@@ -217,30 +220,37 @@ mod tests {
         let t0 = Instant::now();
         let w = Small::new(t0, ms(10));
         for _ in 0..Small::MAX {
-            assert!(w.record(t0, [1, 0]));
+            assert!(w.record(w.epoch(t0), [1, 0]));
         }
-        assert!(!w.record(t0, [1, 1]), "first counter full");
-        assert_eq!(w.sum(t0), [15, 0], "the second counter did not move either");
-        assert!(w.record(t0 + ms(10), [1, 1]), "the next bucket has room");
-        assert_eq!(w.sum(t0 + ms(10)), [16, 1]);
+        assert!(!w.record(w.epoch(t0), [1, 1]), "first counter full");
+        assert_eq!(
+            w.sum(w.epoch(t0)),
+            [15, 0],
+            "the second counter did not move either"
+        );
+        assert!(
+            w.record(w.epoch(t0 + ms(10)), [1, 1]),
+            "the next bucket has room"
+        );
+        assert_eq!(w.sum(w.epoch(t0 + ms(10))), [16, 1]);
     }
 
     #[test]
     fn try_record_admits_on_the_totals_before_the_event() {
         let t0 = Instant::now();
         let w = Small::new(t0, ms(10));
-        w.record(t0, [0, 2]);
-        w.record(t0 + ms(10), [0, 1]);
+        w.record(w.epoch(t0), [0, 2]);
+        w.record(w.epoch(t0 + ms(10)), [0, 1]);
         let seen = std::sync::Mutex::new(Vec::new());
         let below_five = |t: &[u64; 2]| {
             seen.lock().unwrap().push(*t);
             t[1] < 5
         };
         let now = t0 + ms(10);
-        assert!(w.try_record(now, [0, 1], below_five));
-        assert!(w.try_record(now, [0, 1], below_five));
-        assert!(!w.try_record(now, [0, 1], below_five));
-        assert_eq!(w.sum(now), [0, 5]);
+        assert!(w.try_record(w.epoch(now), [0, 1], below_five));
+        assert!(w.try_record(w.epoch(now), [0, 1], below_five));
+        assert!(!w.try_record(w.epoch(now), [0, 1], below_five));
+        assert_eq!(w.sum(w.epoch(now)), [0, 5]);
         assert_eq!(seen.into_inner().unwrap(), [[0, 3], [0, 4], [0, 5]]);
     }
 
@@ -248,10 +258,10 @@ mod tests {
     fn clear_forgets_everything() {
         let t0 = Instant::now();
         let w = Small::new(t0, ms(10));
-        w.record(t0, [3, 0]);
-        w.record(t0 + ms(25), [0, 3]);
+        w.record(w.epoch(t0), [3, 0]);
+        w.record(w.epoch(t0 + ms(25)), [0, 3]);
         w.clear();
-        assert_eq!(w.sum(t0 + ms(25)), [0, 0]);
+        assert_eq!(w.sum(w.epoch(t0 + ms(25))), [0, 0]);
     }
 
     #[test]
@@ -277,10 +287,10 @@ mod tests {
         let w = SlidingWindow::<10, 2, 20>::new(t0, ms(100));
         on_four_threads(|i| {
             for n in 0..5_000u64 {
-                w.record(t0 + ms(n % 7 * 100), [1, u64::from(i % 2 == 0)]);
+                w.record(w.epoch(t0 + ms(n % 7 * 100)), [1, u64::from(i % 2 == 0)]);
             }
         });
-        assert_eq!(w.sum(t0 + ms(600)), [20_000, 10_000]);
+        assert_eq!(w.sum(w.epoch(t0 + ms(600))), [20_000, 10_000]);
     }
 
     #[test]
@@ -289,7 +299,7 @@ mod tests {
         let w = SlidingWindow::<10, 2, 20>::new(t0, ms(100));
         let granted = on_four_threads(|_| {
             (0..100)
-                .filter(|_| w.try_record(t0, [0, 1], |t| t[1] < 50))
+                .filter(|_| w.try_record(w.epoch(t0), [0, 1], |t| t[1] < 50))
                 .count()
         });
         assert_eq!(granted.iter().sum::<usize>(), 50);
@@ -337,7 +347,11 @@ mod tests {
             match op {
                 Op::Record(d) => {
                     let want = fits(d);
-                    assert_eq!(w.record(now, *d), want, "record {d:?} at {now_ms} ms");
+                    assert_eq!(
+                        w.record(w.epoch(now), *d),
+                        want,
+                        "record {d:?} at {now_ms} ms"
+                    );
                     if want {
                         events.push((epoch, *d));
                     }
@@ -348,7 +362,7 @@ mod tests {
                     let admit = |t: &[u64; 2]| t[1] < t[0] / 2 + floor;
                     let want = fits(d) && admit(&t);
                     assert_eq!(
-                        w.try_record(now, *d, admit),
+                        w.try_record(w.epoch(now), *d, admit),
                         want,
                         "try_record {d:?} at {now_ms} ms with totals {t:?}"
                     );
@@ -360,7 +374,7 @@ mod tests {
             }
             let (lo, hi) = window(now_ms / width_ms);
             assert_eq!(
-                w.sum(t0 + ms(now_ms)),
+                w.sum(w.epoch(t0 + ms(now_ms))),
                 total(&events, lo, hi),
                 "sum at {now_ms} ms"
             );

@@ -414,9 +414,10 @@ impl Breaker {
         if let (Some(window), Some(rule)) = (&self.window, &self.policy.rate) {
             let failed = outcome == Outcome::Failure;
             let slow = !failed && rule.slow_call_duration.is_some_and(|slow| elapsed > slow);
-            window.record(now, [1, u64::from(failed), u64::from(slow)]);
+            let epoch = window.epoch(now);
+            window.record(epoch, [1, u64::from(failed), u64::from(slow)]);
             if open.is_none() {
-                open = rule.evaluate(window.sum(now));
+                open = rule.evaluate(window.sum(epoch));
             }
         }
         if let Some(reason) = open {

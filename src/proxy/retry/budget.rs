@@ -47,19 +47,21 @@ impl RetryBudget {
     /// Counts one request (not attempt) to the upstream.
     pub fn record_request(&self, now: Instant) {
         // Refused only when the bucket is full: the request goes unsampled.
-        let _ = self.window.record(now, [1, 0]);
+        let _ = self.window.record(self.window.epoch(now), [1, 0]);
     }
 
     /// Takes one retry from the budget; `false` when it is exhausted.
     pub fn try_withdraw(&self, now: Instant) -> bool {
-        self.window.try_record(now, [0, 1], |&[requests, retries]| {
-            (retries + 1) as f64 <= self.ratio * requests as f64 + self.floor
-        })
+        let epoch = self.window.epoch(now);
+        self.window
+            .try_record(epoch, [0, 1], |&[requests, retries]| {
+                (retries + 1) as f64 <= self.ratio * requests as f64 + self.floor
+            })
     }
 
     /// (requests, retries) over the window ending at `now`.
     pub fn usage(&self, now: Instant) -> (u64, u64) {
-        let [requests, retries] = self.window.sum(now);
+        let [requests, retries] = self.window.sum(self.window.epoch(now));
         (requests, retries)
     }
 }

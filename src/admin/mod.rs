@@ -13,7 +13,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::app::{ReloadOutcome, Shared};
 use crate::endpoints::{Local, method_not_allowed};
 use crate::proxy::Body;
-use crate::proxy::listener::stopped;
+use crate::proxy::listener::{Limits, http_builder, stopped};
 use crate::proxy::respond::json as json_response;
 
 /// Largest request body the admin API reads (maintenance reason, token).
@@ -32,9 +32,11 @@ pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     local: Arc<Local>,
+    limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // The proxy port's limits: a client that trickles its headers is cut off here too.
+    let builder = http_builder(limits);
     loop {
         let (stream, _) = tokio::select! {
             _ = stopped(&mut stop) => return,

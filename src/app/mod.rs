@@ -240,6 +240,7 @@ pub async fn run(
         admin_listener,
         shared.clone(),
         local.clone(),
+        limits,
         stop_rx.clone(),
     ));
 

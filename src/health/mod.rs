@@ -574,6 +574,9 @@ impl Shared {
                     tracing::info!(check = %name, %from, %to, error = message.as_deref().unwrap_or(""), "health check changed")
                 }
             }
+            // The snapshot goes first: whoever hears of the flip must find it in the snapshot
+            // (the events stream sends a `status` read from it right after the `check`).
+            self.publish(&reg, changed);
             let _ = self.flips.send(CheckChange {
                 name: name.to_owned(),
                 from,
@@ -581,8 +584,9 @@ impl Shared {
                 message,
                 at: outcome.at,
             });
+        } else {
+            self.publish(&reg, changed);
         }
-        self.publish(&reg, changed);
     }
 
     /// Builds and stores a new snapshot from the registry; notifies when `changed` or when the

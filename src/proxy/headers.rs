@@ -63,8 +63,10 @@ pub fn upgrade_kind(h: &HeaderMap, version: http::Version) -> Upgrade {
 /// keeps `Connection: upgrade` and `Upgrade`, which the tunnel needs. `TE: trailers` stays
 /// (gRPC needs it).
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
-    if let Some(conn) = h.get(header::CONNECTION)
-        && (conn.as_bytes().contains(&b',') || !is_std_token(conn.as_bytes()))
+    // Every `Connection` line counts: `close` on the first must not hide a name on the second.
+    if h.get_all(header::CONNECTION)
+        .iter()
+        .any(|conn| conn.as_bytes().contains(&b',') || !is_std_token(conn.as_bytes()))
     {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -86,8 +88,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
     if upgrade == Upgrade::Tunnel {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if let Some(te) = h.get(header::TE)
-        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    if h.get_all(header::TE)
+        .iter()
+        .any(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         h.remove(header::TE);
     }
@@ -195,6 +198,20 @@ mod tests {
         strip_hop_by_hop(&mut h, Upgrade::None);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn every_connection_and_te_line_counts() {
+        // Found by the headers fuzz target: only the first line of each was looked at.
+        let mut h = map(&[
+            ("connection", "close"),
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("te", "gzip"),
+        ]);
+        strip_hop_by_hop(&mut h, Upgrade::None);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

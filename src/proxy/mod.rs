@@ -2,7 +2,9 @@
 //!
 //! `listener` accepts -> `normalize` the path -> reserved paths -> `route` ->
 //! gates -> `admission` (rate limit, bulkhead) -> `breaker` + `retry` -> `upstream` (with `headers` rewritten) -> `respond` / `observe`.
-//! `runtime` is the compiled config snapshot every stage reads.
+//! `runtime` is the compiled config snapshot every stage reads; `window` is the
+//! lock-free sliding window of counters under the breaker's rate rule and the
+//! retry budget.
 
 pub mod admission;
 pub mod body;
@@ -19,6 +21,7 @@ pub mod retry;
 pub mod route;
 pub mod runtime;
 pub mod upstream;
+pub mod window;
 
 pub use body::Body;
 pub use pipeline::{Conn, Gates, LocalEndpoints, Proxy, Side};

@@ -16,9 +16,6 @@ pub enum Normalized<'a> {
 pub fn normalize(path: &str, reject_encoded_slashes: bool) -> Normalized<'_> {
     let bytes = path.as_bytes();
     let has_pct = bytes.contains(&b'%');
-    if reject_encoded_slashes && has_pct && has_encoded_slash(bytes) {
-        return Normalized::EncodedSlash;
-    }
     if !has_pct && is_clean(bytes) {
         return Normalized::Path(Cow::Borrowed(path));
     }
@@ -27,6 +24,10 @@ pub fn normalize(path: &str, reject_encoded_slashes: bool) -> Normalized<'_> {
     } else {
         Cow::Borrowed(path)
     };
+    // Checked after decoding: `%%32f` decodes to `%2f`.
+    if reject_encoded_slashes && has_pct && has_encoded_slash(decoded.as_bytes()) {
+        return Normalized::EncodedSlash;
+    }
     let merged = merge_slashes(&decoded);
     Normalized::Path(Cow::Owned(remove_dot_segments(&merged)))
 }
@@ -84,6 +85,9 @@ fn is_unreserved(c: u8) -> bool {
 }
 
 /// Decodes `%XX` only where XX is an unreserved character; other escapes keep their case.
+/// A decoded character that completes a new escape with what precedes it (`%%32e` -> `%2e`)
+/// is decoded too, so no unreserved escape is left for the app to turn into a dot segment
+/// and normalizing twice changes nothing.
 fn decode_unreserved(path: &str) -> Cow<'_, str> {
     let b = path.as_bytes();
     let mut out: Option<Vec<u8>> = None;
@@ -96,13 +100,13 @@ fn decode_unreserved(path: &str) -> Cow<'_, str> {
             let c = h * 16 + l;
             if is_unreserved(c) {
                 let o = out.get_or_insert_with(|| b[..i].to_vec());
-                o.push(c);
+                push_decoding(o, c);
                 i += 3;
                 continue;
             }
         }
         if let Some(o) = out.as_mut() {
-            o.push(b[i]);
+            push_decoding(o, b[i]);
         }
         i += 1;
     }
@@ -113,6 +117,19 @@ fn decode_unreserved(path: &str) -> Cow<'_, str> {
                 .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
         ),
         None => Cow::Borrowed(path),
+    }
+}
+
+/// Pushes `c`, then decodes the unreserved escape it may have completed, repeatedly.
+/// Linear overall: each decode shortens the buffer by two.
+fn push_decoding(o: &mut Vec<u8>, c: u8) {
+    o.push(c);
+    while let [.., b'%', h, l] = o[..]
+        && let (Some(h), Some(l)) = (hex(h), hex(l))
+        && is_unreserved(h * 16 + l)
+    {
+        o.truncate(o.len() - 3);
+        o.push(h * 16 + l);
     }
 }
 
@@ -207,5 +224,17 @@ mod tests {
         assert_eq!(normalize("/_health/a%2Fb", true), Normalized::EncodedSlash);
         assert_eq!(normalize("/a%5Cb", true), Normalized::EncodedSlash);
         assert!(matches!(normalize("/a%20b", true), Normalized::Path(_)));
+    }
+
+    #[test]
+    fn escapes_made_by_decoding_are_decoded_too() {
+        // Found by the normalize fuzz target: `%%32e` became `%2e`, a dot segment for any
+        // app that decodes once, and normalizing again changed the path.
+        assert_eq!(n("/%%32e%%32e/admin"), "/admin");
+        assert_eq!(n("/public/%%32e%%32e/admin"), "/admin");
+        assert_eq!(n("/%%%332e"), "/");
+        assert_eq!(n("/%%32x"), "/%2x");
+        assert_eq!(normalize("/a%%32fb", true), Normalized::EncodedSlash);
+        assert_eq!(n("/a%%32fb"), "/a%2fb");
     }
 }

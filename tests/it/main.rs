@@ -1,6 +1,7 @@
 //! One integration binary for opsgate: real sockets, throwaway servers, no mocks.
 
 mod admin;
+mod fuzz_corpus;
 mod health;
 mod lifecycle;
 mod limits;

@@ -499,6 +499,38 @@ async fn slow_header_client_is_cut_off_after_header_read_timeout() {
 }
 
 #[tokio::test]
+async fn trickling_client_on_the_admin_port_is_cut_off_too() {
+    let app = Upstream::echo("app").await;
+    let og = Opsgate::start(&shorthand(&app.url(), "header_read_timeout = \"300ms\"")).await;
+    let sock = TcpStream::connect(og.admin_addr()).await.unwrap();
+    let (mut rd, mut wr) = sock.into_split();
+    let started = Instant::now();
+    // Found by the hostile-client tool: the admin listener had no header deadline at all.
+    let trickle = tokio::spawn(async move {
+        for b in b"GET /_ops/status HTTP/1.1\r\nhost: t\r\nx-pad: ppppppppppppppppppppppppppp" {
+            if wr.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        std::future::pending::<()>().await;
+    });
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut buf)).await;
+    let took = started.elapsed();
+    trickle.abort();
+    assert!(
+        read.is_ok(),
+        "trickling admin connection still open after 5s"
+    );
+    assert!(took < Duration::from_secs(3), "cut off after {took:?}");
+    assert_eq!(
+        get(&og.admin_url("/_ops/status"), &[]).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
 async fn trickling_client_is_cut_off_after_header_read_timeout() {
     let app = Upstream::echo("app").await;
     let og = Opsgate::start(&shorthand(&app.url(), "header_read_timeout = \"300ms\"")).await;

@@ -67,9 +67,15 @@ class Procs:
         return p, port
 
     def stop(self):
+        # SIGTERM first: an nginx master killed with SIGKILL leaves its worker behind.
         for p in self.procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
                 p.wait()
 
 

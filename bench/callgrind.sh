@@ -14,7 +14,8 @@
 #   REQUESTS [20000]        measured requests per run
 #   WARMUP_REQUESTS [2000]  requests before the counters are zeroed
 #   REPEAT [2]              runs per target
-#   TARGETS ["opsgate nginx haproxy"]
+#   TARGETS ["opsgate nginx haproxy"]; also opsgate-plain (bench/conf/opsgate.toml:
+#                           no breaker, no retry) and opsgate-nolog (access log off)
 #   OPSGATE_CONFIG [bench/conf/opsgate-policy.toml]  template, placeholders as
 #                           bench/conf/opsgate.toml (breaker + retry + metrics)
 #   OPSGATE_ACCESS_LOG [true]
@@ -181,16 +182,20 @@ measure() {
         haproxy)
             render "$HERE/conf/haproxy.cfg" "$dir/haproxy.cfg" DIR="$dir" PORT="$port" BACKEND_PORT="$BACKEND_PORT"
             cmd=(haproxy -db -f "$dir/haproxy.cfg") ;;
-        opsgate)
-            local admin; alloc_port; admin=$ALLOCATED
-            render "$OPSGATE_CONFIG" "$dir/opsgate.toml" PORT="$port" BACKEND_PORT="$BACKEND_PORT" \
-                ADMIN_PORT="$admin" ACCESS_LOG="$OPSGATE_ACCESS_LOG"
-            cmd=(env TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info "$RUN/opsgate.bin" run --config "$dir/opsgate.toml") ;;
+        opsgate|opsgate-plain|opsgate-nolog)
+            local admin tpl=$OPSGATE_CONFIG al=$OPSGATE_ACCESS_LOG
+            [[ $t == opsgate-plain ]] && tpl=$HERE/conf/opsgate.toml
+            [[ $t == opsgate-nolog ]] && al=false
+            alloc_port; admin=$ALLOCATED
+            render "$tpl" "$dir/opsgate.toml" PORT="$port" BACKEND_PORT="$BACKEND_PORT" \
+                ADMIN_PORT="$admin" ACCESS_LOG="$al"
+            cmd=("$RUN/opsgate.bin" run --config "$dir/opsgate.toml") ;;
         *) die "unknown target $t" ;;
     esac
-    # env execs the command and valgrind runs it in its own process: $! is
-    # the pid callgrind_control talks to.
-    "${vg[@]}" "${cmd[@]}" >"$dir/stdout.log" 2>"$dir/stderr.log" &
+    # valgrind runs the command in its own process ($! is the pid
+    # callgrind_control talks to); the environment is set outside it, as an
+    # `env` under valgrind would exec the proxy uninstrumented.
+    TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info "${vg[@]}" "${cmd[@]}" >"$dir/stdout.log" 2>"$dir/stderr.log" &
     local pid=$!
     PIDS+=("$pid")
     wait_http "http://127.0.0.1:$port/tiny" 120 || die "$t did not start under callgrind (see $dir/stderr.log)"
@@ -202,7 +207,7 @@ measure() {
     wait "$pid" 2>/dev/null || true
     # The dump is callgrind.out.1 (the file of the process's exit has no suffix).
     local dump="$dir/callgrind.out.1"
-    [[ -f $dump ]] || die "$t: no callgrind dump in $dir"
+    [[ -f $dump ]] || { ls -la "$dir" >&2; tail -n 20 "$dir/stderr.log" >&2; die "$t: no callgrind dump in $dir"; }
     local ir
     ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
     [[ -n $ir ]] || die "$t: no instruction total in $dump"
@@ -224,8 +229,7 @@ done
 # ---------------------------------------------------------------- profiles
 if [[ " $TARGETS " == *" opsgate "* ]]; then
     prof="$OUT_DIR/profiles/opsgate-r1.callgrind.out"
-    callgrind_annotate --inclusive=yes --threshold=100 "$prof" >"$OUT_DIR/opsgate-inclusive-full.txt"
-    callgrind_annotate --inclusive=no --threshold=100 "$prof" >"$OUT_DIR/opsgate-self-full.txt"
+    callgrind_annotate --inclusive=yes --auto=no --threshold=100 "$prof" >"$OUT_DIR/opsgate-inclusive-full.txt" 2>/dev/null
 fi
 
 python3 - "$OUT_DIR" "$TOP" "$REQUESTS" <<'PY' | tee "$OUT_DIR/summary.md"
@@ -254,13 +258,45 @@ def functions(path):
     """(cost, name) per function of a callgrind_annotate listing."""
     res, started = [], False
     for l in open(path):
-        if l.startswith("-- ") or "file:function" in l:
+        if "file:function" in l:
             started = True
             continue
+        if started and not l.strip() and res:
+            break
         m = line.match(l)
         if started and m and "PROGRAM TOTALS" not in l:
             res.append((int(m.group(1).replace(",", "")), m.group(2).strip()))
     return res
+
+def self_costs(path):
+    """(cost, name) per function, self cost, read from the callgrind file itself
+    (callgrind_annotate 3.19 misreports self cost with inlined frames)."""
+    names, cost = {}, collections.Counter()
+    fn, after_call = None, False
+    ref = re.compile(r"^\((\d+)\)(?: (.*))?$")
+    for l in open(path):
+        if l.startswith("fn="):
+            m = ref.match(l[3:].rstrip("\n"))
+            if m:
+                if m.group(2) is not None:
+                    names[m.group(1)] = m.group(2)
+                fn = names.get(m.group(1), m.group(1))
+            else:
+                fn = l[3:].strip()
+        elif l.startswith("cfn="):
+            m = ref.match(l[4:].rstrip("\n"))
+            if m and m.group(2) is not None:
+                names[m.group(1)] = m.group(2)
+        elif l.startswith("calls="):
+            after_call = True
+        elif l[:1].isdigit() or l[:1] in "+-*":
+            if after_call:
+                after_call = False
+                continue
+            parts = l.split()
+            if fn is not None and len(parts) >= 2:
+                cost[fn] += int(parts[1])
+    return [(c, n) for n, c in cost.most_common()]
 
 # Self cost by component: symbol prefixes, first match wins.
 GROUPS = [
@@ -289,17 +325,17 @@ def group(name):
     return "other"
 
 inc = os.path.join(out, "opsgate-inclusive-full.txt")
-slf = os.path.join(out, "opsgate-self-full.txt")
+prof = os.path.join(out, "profiles", "opsgate-r1.callgrind.out")
 if os.path.exists(inc):
-    for title, path, fname in (("inclusive", inc, "opsgate-top-inclusive.txt"),
-                               ("self", slf, "opsgate-top-self.txt")):
-        fns = functions(path)
+    selfc = self_costs(prof)
+    for title, fns, fname in (("inclusive", functions(inc), "opsgate-top-inclusive.txt"),
+                              ("self", selfc, "opsgate-top-self.txt")):
         with open(os.path.join(out, fname), "w") as f:
             for cost, name in fns[:top]:
                 f.write(f"{cost / requests:10.0f}  {group(name):45.45s}  {name}\n")
         print(f"\nopsgate, top {top} functions by {title} cost (instructions per request, group, function): {fname}")
     total = collections.Counter()
-    for cost, name in functions(slf):
+    for cost, name in selfc:
         total[group(name)] += cost
     s = sum(total.values())
     print("\nopsgate, self cost by component (instructions per request):\n")

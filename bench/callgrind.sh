@@ -1,0 +1,347 @@
+#!/usr/bin/env bash
+# Instructions per request, deterministically: opsgate, nginx and HAProxy each
+# run under valgrind's callgrind in front of the same fast backend, one client
+# connection with keep-alive sends WARMUP_REQUESTS then REQUESTS tiny GETs, and
+# only the measured requests are counted (the counters are zeroed after the
+# warm-up and dumped after the last response, so start-up and shutdown are
+# out). Every target is measured REPEAT times; the runs should agree within
+# 0.5 %. For opsgate the top functions by inclusive and by self cost, and the
+# self cost grouped by component, go to OUT_DIR.
+#
+# Usage: bench/callgrind.sh
+#
+# Environment (defaults in brackets):
+#   REQUESTS [20000]        measured requests per run
+#   WARMUP_REQUESTS [2000]  requests before the counters are zeroed
+#   REPEAT [2]              runs per target
+#   TARGETS ["opsgate nginx haproxy"]; also opsgate-plain (bench/conf/opsgate.toml:
+#                           no breaker, no retry) and opsgate-nolog (access log off)
+#   OPSGATE_CONFIG [bench/conf/opsgate-policy.toml]  template, placeholders as
+#                           bench/conf/opsgate.toml (breaker + retry + metrics)
+#   OPSGATE_ACCESS_LOG [true]
+#   OPSGATE_BIN             opsgate binary; unset: a release build with symbols
+#                           (strip off, line tables on) into CALLGRIND_TARGET_DIR
+#   CALLGRIND_TARGET_DIR [target/callgrind]  so target/release is not touched
+#   TOP [25]                functions listed per profile
+#   BASE_PORT [28600]       first port tried; busy ports are skipped
+#   OUT_DIR [bench/out/callgrind-<timestamp>]
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/.." && pwd)"
+
+REQUESTS="${REQUESTS:-20000}"
+WARMUP_REQUESTS="${WARMUP_REQUESTS:-2000}"
+REPEAT="${REPEAT:-2}"
+TARGETS="${TARGETS:-opsgate nginx haproxy}"
+OPSGATE_CONFIG="${OPSGATE_CONFIG:-$HERE/conf/opsgate-policy.toml}"
+OPSGATE_ACCESS_LOG="${OPSGATE_ACCESS_LOG:-true}"
+CALLGRIND_TARGET_DIR="${CALLGRIND_TARGET_DIR:-$REPO/target/callgrind}"
+TOP="${TOP:-25}"
+BASE_PORT="${BASE_PORT:-28600}"
+OUT_DIR="${OUT_DIR:-$REPO/bench/out/callgrind-$(date +%Y%m%d-%H%M%S)}"
+
+log() { printf '[callgrind] %s\n' "$*" >&2; }
+die() { printf '[callgrind] error: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- tools
+export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
+
+ensure_packages() {
+    local missing=()
+    command -v valgrind >/dev/null || missing+=(valgrind)
+    command -v nginx >/dev/null || missing+=(nginx)
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v python3 >/dev/null || missing+=(python3)
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    [[ $(id -u) -eq 0 ]] || die "missing ${missing[*]}: install them (apt-get install ${missing[*]}) or run as root"
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    # Debian's postinst may try to start the system services; keep them down.
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    rm -f /usr/sbin/policy-rc.d
+}
+ensure_packages
+[[ -f $OPSGATE_CONFIG ]] || die "no such opsgate config template: $OPSGATE_CONFIG"
+
+if [[ -z "${OPSGATE_BIN:-}" ]]; then
+    # Symbols and line tables for the profile; the optimisation (thin LTO,
+    # codegen units) stays that of the shipped release build.
+    log "cargo build --release with symbols into $CALLGRIND_TARGET_DIR"
+    (cd "$REPO" && CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=1 \
+        CARGO_TARGET_DIR="$CALLGRIND_TARGET_DIR" cargo build --release --quiet) \
+        || die "cargo build --release failed"
+    OPSGATE_BIN="$CALLGRIND_TARGET_DIR/release/opsgate"
+fi
+[[ -x "$OPSGATE_BIN" ]] || die "no opsgate binary at $OPSGATE_BIN"
+
+# ---------------------------------------------------------------- state
+RUN="$(mktemp -d /tmp/opsgate-callgrind.XXXXXX)"
+chmod 755 "$RUN"
+mkdir -p "$OUT_DIR"
+declare -a PIDS=()
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do
+        local alive=0
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        (( alive )) || break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$RUN"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+NEXT_PORT=$BASE_PORT
+alloc_port() { # sets $ALLOCATED (no subshell, so the counter moves on)
+    while port_busy "$NEXT_PORT"; do NEXT_PORT=$((NEXT_PORT + 1)); done
+    ALLOCATED=$NEXT_PORT
+    NEXT_PORT=$((NEXT_PORT + 1))
+}
+
+render() { # template out KEY=VALUE...
+    local tpl=$1 out=$2; shift 2
+    local args=() kv
+    for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
+    sed "${args[@]}" "$tpl" >"$out"
+}
+
+wait_http() { # url seconds: until it answers 200
+    local url=$1 deadline=$((SECONDS + $2))
+    until [[ $(curl -sS -o /dev/null -w '%{http_code}' --max-time 2 "$url" 2>/dev/null) == 200 ]]; do
+        (( SECONDS < deadline )) || return 1
+        sleep 0.2
+    done
+}
+
+# The client: one keep-alive connection, a fixed number of GETs, every
+# response read whole and checked. Its own cost is not measured.
+cat >"$RUN/client.py" <<'PY'
+import http.client, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for i in range(n):
+    c.request("GET", "/tiny")
+    r = c.getresponse()
+    body = r.read()
+    if r.status != 200 or body != b"hello, world\n":
+        sys.exit(f"request {i}: status {r.status}, body {body[:64]!r}")
+    if r.will_close:
+        sys.exit(f"request {i}: the proxy closed the connection")
+c.close()
+PY
+
+# ---------------------------------------------------------------- backend
+alloc_port; BACKEND_PORT=$ALLOCATED
+mkdir -p "$RUN/backend/tmp" "$RUN/data"
+render "$HERE/conf/backend.nginx.conf" "$RUN/backend/nginx.conf" DIR="$RUN/backend" DATA="$RUN/data" PORT="$BACKEND_PORT"
+nginx -p "$RUN/backend" -c "$RUN/backend/nginx.conf" >"$RUN/backend/stdout.log" 2>&1 &
+PIDS+=("$!")
+wait_http "http://127.0.0.1:$BACKEND_PORT/tiny" 10 || die "backend did not start (see $RUN/backend)"
+
+cp "$OPSGATE_BIN" "$RUN/opsgate.bin"   # a rebuild elsewhere must not swap it mid-run
+{
+    echo "date: $(date -Is)"
+    echo "host: $(uname -srm), $(nproc) cpus, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+    echo "commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' (+ local changes)')"
+    echo "opsgate: $("$RUN/opsgate.bin" --version 2>/dev/null | head -1 || echo unknown) ($OPSGATE_BIN), config $(basename "$OPSGATE_CONFIG"), access log $OPSGATE_ACCESS_LOG"
+    echo "nginx: $(nginx -v 2>&1 | sed 's/.*: //')"
+    echo "haproxy: $(haproxy -v 2>/dev/null | head -1)"
+    echo "valgrind: $(valgrind --version)"
+    echo "params: REQUESTS=$REQUESTS WARMUP_REQUESTS=$WARMUP_REQUESTS REPEAT=$REPEAT TARGETS='$TARGETS'"
+} >"$OUT_DIR/env.txt"
+
+# ---------------------------------------------------------------- runs
+RESULTS="$OUT_DIR/results.tsv"
+printf 'target\trun\tinstructions\trequests\tinstructions_per_request\n' >"$RESULTS"
+
+# measure target run: start it under callgrind, warm up, zero, drive, dump, stop.
+measure() {
+    local t=$1 rep=$2 dir="$RUN/$1-r$2" port
+    mkdir -p "$dir/tmp"
+    alloc_port; port=$ALLOCATED
+    local vg=(valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" --dump-line=no)
+    local cmd
+    case $t in
+        nginx)
+            render "$HERE/conf/proxy.nginx.conf" "$dir/nginx.conf" DIR="$dir" PORT="$port" BACKEND_PORT="$BACKEND_PORT"
+            # no master: the one process callgrind runs is the worker
+            cmd=(nginx -p "$dir" -c "$dir/nginx.conf" -g 'master_process off;') ;;
+        haproxy)
+            render "$HERE/conf/haproxy.cfg" "$dir/haproxy.cfg" DIR="$dir" PORT="$port" BACKEND_PORT="$BACKEND_PORT"
+            cmd=(haproxy -db -f "$dir/haproxy.cfg") ;;
+        opsgate|opsgate-plain|opsgate-nolog)
+            local admin tpl=$OPSGATE_CONFIG al=$OPSGATE_ACCESS_LOG
+            [[ $t == opsgate-plain ]] && tpl=$HERE/conf/opsgate.toml
+            [[ $t == opsgate-nolog ]] && al=false
+            alloc_port; admin=$ALLOCATED
+            render "$tpl" "$dir/opsgate.toml" PORT="$port" BACKEND_PORT="$BACKEND_PORT" \
+                ADMIN_PORT="$admin" ACCESS_LOG="$al"
+            cmd=("$RUN/opsgate.bin" run --config "$dir/opsgate.toml") ;;
+        *) die "unknown target $t" ;;
+    esac
+    # valgrind runs the command in its own process ($! is the pid
+    # callgrind_control talks to); the environment is set outside it, as an
+    # `env` under valgrind would exec the proxy uninstrumented.
+    TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info "${vg[@]}" "${cmd[@]}" >"$dir/stdout.log" 2>"$dir/stderr.log" &
+    local pid=$!
+    PIDS+=("$pid")
+    wait_http "http://127.0.0.1:$port/tiny" 120 || die "$t did not start under callgrind (see $dir/stderr.log)"
+    python3 "$RUN/client.py" "$port" "$WARMUP_REQUESTS" || die "$t: warm-up failed"
+    callgrind_control --zero "$pid" >/dev/null 2>&1 || die "callgrind_control --zero $pid failed"
+    python3 "$RUN/client.py" "$port" "$REQUESTS" || die "$t: measured run failed"
+    callgrind_control --dump=measured "$pid" >/dev/null 2>&1 || die "callgrind_control --dump $pid failed"
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    # The dump is callgrind.out.1 (the file of the process's exit has no suffix).
+    local dump="$dir/callgrind.out.1"
+    [[ -f $dump ]] || { ls -la "$dir" >&2; tail -n 20 "$dir/stderr.log" >&2; die "$t: no callgrind dump in $dir"; }
+    local ir
+    ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
+    [[ -n $ir ]] || die "$t: no instruction total in $dump"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$rep" "$ir" "$REQUESTS" \
+        "$(awk -v i="$ir" -v n="$REQUESTS" 'BEGIN { printf "%.0f", i / n }')" >>"$RESULTS"
+    mkdir -p "$OUT_DIR/profiles"
+    cp "$dump" "$OUT_DIR/profiles/$t-r$rep.callgrind.out"
+    tail -n 3 "$dir/stderr.log" >"$OUT_DIR/profiles/$t-r$rep.stderr.tail" 2>/dev/null || true
+    log "$t run $rep: $((ir / REQUESTS)) instructions per request"
+}
+
+for rep in $(seq 1 "$REPEAT"); do
+    for t in $TARGETS; do
+        log "$t run $rep: $WARMUP_REQUESTS warm-up + $REQUESTS measured requests under callgrind"
+        measure "$t" "$rep"
+    done
+done
+
+# ---------------------------------------------------------------- profiles
+if [[ " $TARGETS " == *" opsgate "* ]]; then
+    prof="$OUT_DIR/profiles/opsgate-r1.callgrind.out"
+    callgrind_annotate --inclusive=yes --auto=no --threshold=100 "$prof" >"$OUT_DIR/opsgate-inclusive-full.txt" 2>/dev/null
+fi
+
+python3 - "$OUT_DIR" "$TOP" "$REQUESTS" <<'PY' | tee "$OUT_DIR/summary.md"
+import collections, os, re, sys
+
+out, top, requests = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rows = [l.rstrip("\n").split("\t") for l in open(os.path.join(out, "results.tsv"))][1:]
+per = collections.defaultdict(list)
+for t, run, ir, n, ipr in rows:
+    per[t].append(int(ir) / int(n))
+print(open(os.path.join(out, "env.txt")).read())
+nginx = sum(per["nginx"]) / len(per["nginx"]) if per.get("nginx") else None
+print("| target | instructions/request (mean) | runs | spread | ratio to nginx |")
+print("|---|---|---|---|---|")
+for t, v in per.items():
+    mean = sum(v) / len(v)
+    spread = (max(v) - min(v)) / mean * 100
+    ratio = f"{mean / nginx:.2f}" if nginx else "-"
+    runs = " / ".join(f"{x:,.0f}" for x in v)
+    flag = "" if spread <= 0.5 else " (over 0.5 %)"
+    print(f"| {t} | {mean:,.0f} | {runs} | {spread:.2f} %{flag} | {ratio} |")
+
+line = re.compile(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*)$")
+
+def functions(path):
+    """(cost, name) per function of a callgrind_annotate listing."""
+    res, started = [], False
+    for l in open(path):
+        if "file:function" in l:
+            started = True
+            continue
+        if started and not l.strip() and res:
+            break
+        m = line.match(l)
+        if started and m and "PROGRAM TOTALS" not in l:
+            res.append((int(m.group(1).replace(",", "")), m.group(2).strip()))
+    return res
+
+def self_costs(path):
+    """(cost, name) per function, self cost, read from the callgrind file itself
+    (callgrind_annotate 3.19 misreports self cost with inlined frames)."""
+    names, cost = {}, collections.Counter()
+    fn, after_call = None, False
+    ref = re.compile(r"^\((\d+)\)(?: (.*))?$")
+    for l in open(path):
+        if l.startswith("fn="):
+            m = ref.match(l[3:].rstrip("\n"))
+            if m:
+                if m.group(2) is not None:
+                    names[m.group(1)] = m.group(2)
+                fn = names.get(m.group(1), m.group(1))
+            else:
+                fn = l[3:].strip()
+        elif l.startswith("cfn="):
+            m = ref.match(l[4:].rstrip("\n"))
+            if m and m.group(2) is not None:
+                names[m.group(1)] = m.group(2)
+        elif l.startswith("calls="):
+            after_call = True
+        elif l[:1].isdigit() or l[:1] in "+-*":
+            if after_call:
+                after_call = False
+                continue
+            parts = l.split()
+            if fn is not None and len(parts) >= 2:
+                cost[fn] += int(parts[1])
+    return [(c, n) for n, c in cost.most_common()]
+
+# Self cost by component: symbol prefixes, first match wins.
+GROUPS = [
+    ("hyper-util client (pool, legacy client)", r"hyper_util::client"),
+    ("hyper-util other", r"hyper_util::"),
+    ("h1 codec (hyper::proto::h1)", r"hyper::proto::h1|httparse::"),
+    ("hyper other (client/server dispatch, body)", r"hyper::"),
+    ("h2", r"\bh2::"),
+    ("tokio", r"\btokio::|mio::"),
+    ("metrics", r"opsgate::telemetry::(metrics|histogram)|prometheus_client::"),
+    ("access log", r"opsgate::telemetry::access"),
+    ("opsgate pipeline (proxy, breaker, retry, routing)", r"opsgate::"),
+    ("http/bytes/headers types", r"\bhttp::|\bbytes::|http_body"),
+    ("allocator (malloc/free/realloc)", r"\b(_int_)?(malloc|free|realloc|calloc|cfree)\b|malloc_consolidate|tcache|__rust_(alloc|dealloc|realloc)|alloc::alloc::"),
+    ("memcpy/memmove/memset", r"mem(cpy|move|set|cmp)|__memcpy|__memmove|__memset"),
+    ("tracing", r"\btracing(_core|_subscriber)?::"),
+    ("std/core/alloc (Rust runtime)", r"\b(core|std|alloc)::"),
+    ("libc syscalls & other libc", r"libc\.so|ld-linux"),
+]
+GROUPS = [(g, re.compile(p)) for g, p in GROUPS]
+
+def group(name):
+    for g, p in GROUPS:
+        if p.search(name):
+            return g
+    return "other"
+
+inc = os.path.join(out, "opsgate-inclusive-full.txt")
+prof = os.path.join(out, "profiles", "opsgate-r1.callgrind.out")
+if os.path.exists(inc):
+    selfc = self_costs(prof)
+    for title, fns, fname in (("inclusive", functions(inc), "opsgate-top-inclusive.txt"),
+                              ("self", selfc, "opsgate-top-self.txt")):
+        with open(os.path.join(out, fname), "w") as f:
+            for cost, name in fns[:top]:
+                f.write(f"{cost / requests:10.0f}  {group(name):45.45s}  {name}\n")
+        print(f"\nopsgate, top {top} functions by {title} cost (instructions per request, group, function): {fname}")
+    total = collections.Counter()
+    for cost, name in selfc:
+        total[group(name)] += cost
+    s = sum(total.values())
+    print("\nopsgate, self cost by component (instructions per request):\n")
+    print("| component | instructions/request | share |")
+    print("|---|---|---|")
+    for g, c in total.most_common():
+        print(f"| {g} | {c / requests:,.0f} | {100 * c / s:.1f} % |")
+PY
+log "results in $OUT_DIR"

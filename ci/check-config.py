@@ -37,7 +37,9 @@ RETRY = {
 }
 ROUTE = {
     "name": None, "prefix": None, "host": None, "upstream": None, "class": None, "timeout": None,
-    "strip_prefix": None, "rate_limit": {"per_second", "burst", "dry_run"}, "breaker": BREAKER,
+    "strip_prefix": None, "rate_limit": {
+        "per_second", "burst", "dry_run", "key", "scope", "max_keys",
+    }, "breaker": BREAKER,
     "fallback": {"status", "content_type", "body"},
 }
 CHECK = {
@@ -48,6 +50,7 @@ UPSTREAM = {
     "url": None, "connect_timeout": None, "timeout": None, "max_in_flight": None, "http2": None,
     "ca_file": None, "client_cert": None, "client_key": None, "preserve_host": None,
     "breaker": BREAKER, "retry": RETRY,
+    "adaptive_concurrency": {"min_limit", "max_limit", "initial_limit", "dry_run"},
 }
 # table -> {key: None (a value) | set (an inline/sub table's keys) | dict (nested schema)}
 SCHEMA = {
@@ -75,7 +78,7 @@ SCHEMA = {
         "path": None, "on_proxy_port": None, "buckets": None,
         "classes": ("LIST", {"prefix": None, "class": None}),
     },
-    "control": {"redis_url": None, "key": None, "poll_interval": None},
+    "control": {"redis_url": None, "key": None, "poll_interval": None, "key_prefix": None},
 }
 ENUMS = {
     ("proxy", "encoded_slashes"): {"keep", "reject"},

@@ -5,7 +5,8 @@ text of its /metrics, for check-dashboard-metrics.py and promtool.
 Usage: live-metrics.py OPSGATE_BIN OUT.txt
 
 The config enables every feature that registers metrics: a breaker, retries,
-a rate-limited route, a maintenance flag file and a health check. The
+a rate-limited route, a fleet rate limit (on a Redis port nothing listens
+on), adaptive concurrency, a maintenance flag file and a health check. The
 upstream is a port nothing listens on, so requests fail, retry and open the
 breaker. Only 127.0.0.1 is used; the process is stopped with SIGTERM (then
 SIGKILL) however the script ends. Python 3 standard library only.
@@ -37,6 +38,11 @@ max_in_flight = 10
 failure_threshold = 3
 recovery_timeout = "30s"
 
+[upstreams.app.adaptive_concurrency]
+min_limit = 2
+max_limit = 100
+initial_limit = 10
+
 [upstreams.app.retry]
 attempts = 2
 base_delay = "10ms"
@@ -49,9 +55,18 @@ upstream = "app"
 rate_limit = {{ per_second = 1000, burst = 1000 }}
 
 [[routes]]
+name = "quota"
+prefix = "/quota"
+upstream = "app"
+rate_limit = {{ per_second = 100, burst = 100, scope = "fleet", key = "client_ip" }}
+
+[[routes]]
 name = "default"
 prefix = "/"
 upstream = "app"
+
+[control]
+redis_url = "redis://127.0.0.1:{dead}"
 
 [maintenance]
 flag_file = "{flag}"

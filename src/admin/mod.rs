@@ -358,7 +358,42 @@ pub fn status_json(shared: &Shared) -> Value {
         "health": crate::health::render::ready_json(&snap, readiness, view),
         "draining": shared.drain.is_draining(),
         "traffic": {"requests_total": requests, "errors_5xx_total": errors, "in_flight": in_flight},
+        "limits": limits_json(&rt),
     })
+}
+
+/// `limits` (SPEC §11): upstreams with adaptive concurrency, routes with a rate limit.
+fn limits_json(rt: &crate::proxy::Runtime) -> Value {
+    let mut upstreams = serde_json::Map::new();
+    let mut names: Vec<_> = rt.upstreams.keys().collect();
+    names.sort();
+    for name in names {
+        if let Some((limiter, _)) = &rt.upstreams[name].adaptive {
+            upstreams.insert(
+                name.clone(),
+                json!({
+                    "adaptive_limit": limiter.limit(),
+                    "in_flight": limiter.in_flight(),
+                    "dry_run": limiter.dry_run(),
+                }),
+            );
+        }
+    }
+    let mut routes = serde_json::Map::new();
+    for route in rt.ingress.iter().chain(rt.egress.iter()) {
+        if let Some(rl) = &route.rate_limit {
+            let l = &rl.limiter;
+            routes.insert(
+                route.name.to_string(),
+                json!({
+                    "scope": if l.is_fleet() { "fleet" } else { "local" },
+                    "key": l.key().describe(),
+                    "fallback": l.fallback(),
+                }),
+            );
+        }
+    }
+    json!({"upstreams": upstreams, "routes": routes})
 }
 
 #[cfg(test)]

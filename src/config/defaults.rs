@@ -33,6 +33,14 @@ pub const MAINTENANCE_RETRY_AFTER: Dur = Dur::secs(300);
 pub const CHECK_INTERVAL: Dur = Dur::secs(10);
 pub const CHECK_TIMEOUT: Dur = Dur::secs(3);
 pub const FLEET_POLL_INTERVAL: Dur = Dur::secs(5);
+/// Keyed rate-limit buckets kept per route (SPEC §11).
+pub const RATE_LIMIT_MAX_KEYS: usize = 100_000;
+/// Fleet rate-limit key prefix when `[control] key_prefix` is unset; the
+/// service name comes from `SERVICE_NAME` at load.
+pub const KEY_PREFIX_SERVICE_DEFAULT: &str = "default";
+pub const ADAPTIVE_MIN_LIMIT: u32 = 4;
+pub const ADAPTIVE_MAX_LIMIT: u32 = 1000;
+pub const ADAPTIVE_INITIAL_LIMIT: u32 = 20;
 pub const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -48,4 +56,10 @@ pub fn yes() -> bool {
 }
 pub fn one() -> u32 {
     1
+}
+pub fn rate_limit_key() -> String {
+    "route".into()
+}
+pub fn rate_limit_max_keys() -> usize {
+    RATE_LIMIT_MAX_KEYS
 }

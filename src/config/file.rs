@@ -112,6 +112,8 @@ pub struct UpstreamSection {
     pub breaker: Option<BreakerSection>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive_concurrency: Option<AdaptiveConcurrencySection>,
 }
 
 impl Default for UpstreamSection {
@@ -128,6 +130,7 @@ impl Default for UpstreamSection {
             preserve_host: true,
             breaker: None,
             retry: None,
+            adaptive_concurrency: None,
         }
     }
 }
@@ -242,6 +245,45 @@ pub struct RateLimitSection {
     pub burst: Option<u32>,
     #[serde(default)]
     pub dry_run: bool,
+    /// `"route"` (default), `"client_ip"` or `"header:<Name>"`; checked by `validate`.
+    #[serde(default = "d::rate_limit_key")]
+    pub key: String,
+    #[serde(default)]
+    pub scope: RateScope,
+    #[serde(default = "d::rate_limit_max_keys")]
+    pub max_keys: usize,
+}
+
+/// Where a rate limit's budget lives.
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RateScope {
+    /// This instance only.
+    #[default]
+    Local,
+    /// Shared by every instance on `[control] redis_url` and `key_prefix`.
+    Fleet,
+}
+
+/// `[upstreams.<name>.adaptive_concurrency]`; the table's presence turns it on.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveConcurrencySection {
+    pub min_limit: u32,
+    pub max_limit: u32,
+    pub initial_limit: u32,
+    pub dry_run: bool,
+}
+
+impl Default for AdaptiveConcurrencySection {
+    fn default() -> Self {
+        Self {
+            min_limit: d::ADAPTIVE_MIN_LIMIT,
+            max_limit: d::ADAPTIVE_MAX_LIMIT,
+            initial_limit: d::ADAPTIVE_INITIAL_LIMIT,
+            dry_run: false,
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -460,6 +502,9 @@ pub struct ControlSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     pub poll_interval: Dur,
+    /// Prefix of fleet rate-limit keys; unset: `opsgate:${SERVICE_NAME:-default}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
 }
 
 impl Default for ControlSection {
@@ -468,6 +513,7 @@ impl Default for ControlSection {
             redis_url: None,
             key: None,
             poll_interval: d::FLEET_POLL_INTERVAL,
+            key_prefix: None,
         }
     }
 }

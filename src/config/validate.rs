@@ -149,14 +149,25 @@ impl<'a> Checker<'a> {
                 }
             }
             (None, None) => {}
-            (Some(_), None) => self.error(
-                &[K("control")],
-                "control.redis_url is set but control.key is missing",
-            ),
+            // Fleet rate limits use the Redis without the maintenance key.
+            (Some(url), None) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    self.error(
+                        &[K("control"), K("redis_url")],
+                        "control.redis_url must start with redis:// or rediss://",
+                    );
+                }
+            }
             (None, Some(_)) => self.error(
                 &[K("control")],
                 "control.key is set but control.redis_url is missing",
             ),
+        }
+        if c.key_prefix.as_deref().is_some_and(str::is_empty) {
+            self.error(
+                &[K("control"), K("key_prefix")],
+                "control.key_prefix must not be empty",
+            );
         }
         if c.poll_interval.is_zero() {
             self.error(
@@ -194,6 +205,16 @@ impl<'a> Checker<'a> {
         }
         if u.timeout.is_zero() {
             self.error(&at("timeout"), "timeout must be > 0");
+        }
+        if let Some(ac) = &u.adaptive_concurrency
+            && !(1 <= ac.min_limit
+                && ac.min_limit <= ac.initial_limit
+                && ac.initial_limit <= ac.max_limit)
+        {
+            self.error(
+                &at("adaptive_concurrency"),
+                "adaptive_concurrency needs 1 <= min_limit <= initial_limit <= max_limit",
+            );
         }
         let https = u.url.starts_with("https://");
         for (key, path) in [
@@ -405,6 +426,23 @@ impl<'a> Checker<'a> {
             }
             if rl.burst == Some(0) {
                 self.error(&at("rate_limit"), "rate_limit.burst must be >= 1");
+            }
+            let rl_at = |k: &'static str| {
+                let mut v = at("rate_limit");
+                v.push(Seg::Key(k));
+                v
+            };
+            if let Err(e) = RateKey::parse(&rl.key) {
+                self.error(&rl_at("key"), format!("rate_limit.{e}"));
+            }
+            if rl.max_keys == 0 {
+                self.error(&rl_at("max_keys"), "rate_limit.max_keys must be >= 1");
+            }
+            if rl.scope == RateScope::Fleet && f.control.redis_url.is_none() {
+                self.error(
+                    &rl_at("scope"),
+                    "rate_limit.scope = \"fleet\" needs [control] redis_url",
+                );
             }
         }
         if let Some(b) = &r.breaker {
@@ -674,6 +712,42 @@ pub fn parse_time(t: &Timestamp) -> Result<std::time::SystemTime, String> {
     humantime::parse_rfc3339_weak(&text)
         .or_else(|_| humantime::parse_rfc3339(&text))
         .map_err(|_| format!("`{text}` is not an RFC 3339 time such as 2026-12-01T02:00:00Z"))
+}
+
+/// `rate_limit.key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    Route,
+    ClientIp,
+    /// Absent header: the client IP.
+    Header(http::HeaderName),
+}
+
+impl RateKey {
+    /// Parses `"route" | "client_ip" | "header:<Name>"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "route" => Ok(Self::Route),
+            "client_ip" => Ok(Self::ClientIp),
+            _ => match text.strip_prefix("header:") {
+                Some(name) => http::HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(Self::Header)
+                    .map_err(|_| format!("key: {name:?} is not a valid header name")),
+                None => Err(format!(
+                    "key must be \"route\", \"client_ip\" or \"header:<Name>\", not {text:?}"
+                )),
+            },
+        }
+    }
+
+    /// Written as in the config, for the status page.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Route => "route".into(),
+            Self::ClientIp => "client_ip".into(),
+            Self::Header(h) => format!("header:{h}"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -91,6 +91,9 @@ pub struct Bulkhead {
 #[must_use = "the slot is released as soon as the permit is dropped"]
 pub struct BulkheadPermit {
     _permit: Option<OwnedSemaphorePermit>,
+    /// The adaptive concurrency slot, when the upstream has one: it rides (and is
+    /// released) with the bulkhead slot.
+    pub adaptive: Option<super::limits::adaptive::AdaptivePermit>,
 }
 
 impl Bulkhead {
@@ -107,12 +110,16 @@ impl Bulkhead {
     /// for the whole request, response body included.
     pub fn try_acquire(&self) -> Option<BulkheadPermit> {
         match &self.semaphore {
-            None => Some(BulkheadPermit { _permit: None }),
+            None => Some(BulkheadPermit {
+                _permit: None,
+                adaptive: None,
+            }),
             Some(semaphore) => Arc::clone(semaphore)
                 .try_acquire_owned()
                 .ok()
                 .map(|permit| BulkheadPermit {
                     _permit: Some(permit),
+                    adaptive: None,
                 }),
         }
     }

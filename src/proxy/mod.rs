@@ -11,6 +11,7 @@ pub mod body;
 pub mod breaker;
 pub mod call;
 pub mod headers;
+pub mod limits;
 pub mod listener;
 pub mod normalize;
 pub mod observe;

@@ -115,6 +115,7 @@ impl Proxy {
             return unrouted(&rt, m, &req, client, start, ProxyError::NoRoute);
         };
         let metrics = route.metrics_for(rt.class_of(path)).clone();
+        let critical = metrics.class() == CRITICAL;
         let mut rec = record(&req, start, metrics, client, rt.access_log.clone());
         rec.upstream = Some(route.upstream.name().clone());
 
@@ -147,10 +148,17 @@ impl Proxy {
             return respond_err(rec, route, ProxyError::CircuitForced, None);
         }
 
-        // 5. admission: rate limit, then the bulkhead, whose permit rides with the
-        // response until its last byte.
+        // 5. admission: rate limit, then the bulkhead and adaptive concurrency, whose
+        // permits ride with the response until its last byte.
+        let now = tokio::time::Instant::now();
         if let Some(rl) = &route.rate_limit
-            && let Err(wait) = rl.limiter.try_acquire(tokio::time::Instant::now())
+            && let Err(wait) = rl.limiter.check(now, req.headers(), || {
+                crate::ops::client_ip(
+                    client,
+                    req.headers().get(&headers::X_FORWARDED_FOR),
+                    &rt.trusted_proxies,
+                )
+            })
         {
             rl.rejected.inc();
             if !rl.dry_run {
@@ -166,10 +174,24 @@ impl Proxy {
             }
         }
         let upstream = &route.upstream;
-        let Some(permit) = upstream.bulkhead.try_acquire() else {
+        let Some(mut permit) = upstream.bulkhead.try_acquire() else {
             upstream.bulkhead_rejected.inc();
             return respond_err(rec, route, ProxyError::Overloaded, None);
         };
+        if let Some((limiter, rejected)) = &upstream.adaptive {
+            match limiter.try_acquire(critical, now) {
+                Ok(p) => permit.adaptive = Some(p),
+                // Dry run: counted, let through.
+                Err((_, Some(p))) => {
+                    rejected.inc();
+                    permit.adaptive = Some(p);
+                }
+                Err((_, None)) => {
+                    rejected.inc();
+                    return respond_err(rec, route, ProxyError::Overloaded, None);
+                }
+            }
+        }
 
         // 6. upstream.
         let (mut parts, body) = req.into_parts();
@@ -246,6 +268,10 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => return respond_err(rec, route, e, Some(request_id)),
         };
+        // Time to the response headers is the latency adaptive concurrency tracks.
+        if let Some(p) = &permit.adaptive {
+            p.sample(tokio::time::Instant::now());
+        }
 
         // 7. respond.
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -273,6 +299,9 @@ impl Proxy {
         )
     }
 }
+
+/// Routes of this class may use the whole adaptive concurrency limit (SPEC §11).
+const CRITICAL: &str = "critical";
 
 /// `Some(rest)` when `path` is `prefix` or under it on a segment boundary.
 fn reserved_sub<'p>(path: &'p str, prefix: &str) -> Option<&'p str> {

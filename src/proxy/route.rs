@@ -20,7 +20,7 @@ pub struct Fallback {
 
 /// A route's token bucket and what to do when it is empty.
 pub struct RateLimit {
-    pub limiter: super::admission::RateLimiter,
+    pub limiter: super::limits::rate::RouteRate,
     /// Count and log, but let the request through.
     pub dry_run: bool,
     pub rejected: prometheus_client::metrics::counter::Counter,

@@ -8,9 +8,12 @@ use bytes::Bytes;
 use http::HeaderValue;
 use ipnet::IpNet;
 
-use super::admission::{Bulkhead, RateLimiter};
+use super::admission::Bulkhead;
 use super::breaker::{BreakerPolicy, RateRule};
 use super::call::{GuardedBreaker, Retries};
+use super::limits::adaptive::{AdaptiveLimiter, AdaptiveSettings};
+use super::limits::lease::{self, LeaseSender, RouteFleet};
+use super::limits::rate::{KeySource, RouteRate};
 use super::retry::{RetryOn, RetryPolicy};
 use super::route::{Fallback, RateLimit, Route, RouteTable};
 use super::upstream::{BuildError, Target};
@@ -34,6 +37,11 @@ pub struct Upstream {
     pub bulkhead_rejected: prometheus_client::metrics::counter::Counter,
     pub breaker: Option<GuardedBreaker>,
     pub retries: Option<Retries>,
+    /// `adaptive_concurrency`, with `adaptive_concurrency_rejected_total{upstream}`.
+    pub adaptive: Option<(
+        Arc<AdaptiveLimiter>,
+        prometheus_client::metrics::counter::Counter,
+    )>,
 }
 
 impl Upstream {
@@ -123,6 +131,33 @@ impl Runtime {
                             .retry
                             .as_ref()
                             .map(|r| Retries::new(retry_policy(r), deps.resilience, &n)),
+                        adaptive: section.adaptive_concurrency.as_ref().map(|ac| {
+                            let label = UpstreamLabel {
+                                upstream: n.clone(),
+                            };
+                            let limiter = AdaptiveLimiter::new(
+                                AdaptiveSettings {
+                                    min_limit: ac.min_limit,
+                                    max_limit: ac.max_limit,
+                                    initial_limit: ac.initial_limit,
+                                    dry_run: ac.dry_run,
+                                },
+                                tokio::time::Instant::now(),
+                            )
+                            .with_gauge(
+                                deps.resilience
+                                    .adaptive_concurrency_limit
+                                    .get_or_create(&label)
+                                    .clone(),
+                            );
+                            (
+                                Arc::new(limiter),
+                                deps.resilience
+                                    .adaptive_concurrency_rejected
+                                    .get_or_create(&label)
+                                    .clone(),
+                            )
+                        }),
                         target,
                     })
                 }
@@ -144,6 +179,7 @@ impl Runtime {
                 .map(|c| Arc::new(RouteMetrics::new(http, route.clone(), c)))
                 .collect()
         };
+        let leases = fleet_leases(f, &deps)?;
         let compile = |sections: &[RouteSection]| -> RouteTable {
             let routes = sections
                 .iter()
@@ -167,11 +203,7 @@ impl Runtime {
                     });
                     Some(Route {
                         rate_limit: r.rate_limit.as_ref().map(|rl| RateLimit {
-                            limiter: RateLimiter::new(
-                                rl.per_second,
-                                rl.burst
-                                    .unwrap_or_else(|| rl.per_second.ceil().max(1.0) as u32),
-                            ),
+                            limiter: route_rate(&name, rl, leases.as_ref(), &deps),
                             dry_run: rl.dry_run,
                             dry_run_log: crate::telemetry::throttle::LogThrottle::new(
                                 std::time::Duration::from_secs(1),
@@ -274,6 +306,78 @@ impl Runtime {
 
     pub fn breaker(&self, name: &str) -> Option<&GuardedBreaker> {
         self.breakers().into_iter().find(|b| &*b.name == name)
+    }
+}
+
+/// The lease driver when any route has a fleet rate limit, with the key prefix
+/// and this process's instance id. One per snapshot: a reload starts a new one
+/// and the old one ends with the last route that holds it.
+fn fleet_leases(
+    f: &crate::config::ConfigFile,
+    deps: &Deps<'_>,
+) -> Result<Option<(LeaseSender, String)>, BuildError> {
+    let fleet = f
+        .routes
+        .iter()
+        .chain(f.egress.iter().flat_map(|e| e.routes.iter()))
+        .any(|r| {
+            r.rate_limit
+                .as_ref()
+                .is_some_and(|rl| rl.scope == crate::config::RateScope::Fleet)
+        });
+    let Some(url) = f.control.redis_url.as_deref().filter(|_| fleet) else {
+        return Ok(None);
+    };
+    let prefix = match &f.control.key_prefix {
+        Some(p) => p.clone(),
+        None => format!(
+            "opsgate:{}",
+            (deps.env)("SERVICE_NAME")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| crate::config::defaults::KEY_PREFIX_SERVICE_DEFAULT.into())
+        ),
+    };
+    let instance: Arc<str> = format!("{}-{:016x}", std::process::id(), fastrand::u64(..)).into();
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(BuildError::Fleet("needs the async runtime".into()));
+    }
+    // The error names what is wrong with the URL, never its password.
+    let sender = lease::start(url, instance)
+        .map_err(|e| BuildError::Fleet(format!("control.redis_url: {}", e.kind().to_str())))?;
+    Ok(Some((sender, prefix)))
+}
+
+fn route_rate(
+    name: &Arc<str>,
+    rl: &crate::config::RateLimitSection,
+    leases: Option<&(LeaseSender, String)>,
+    deps: &Deps<'_>,
+) -> RouteRate {
+    let burst = rl
+        .burst
+        .unwrap_or_else(|| rl.per_second.ceil().max(1.0) as u32);
+    // Validated at load; a key that no longer parses would have failed there.
+    let source = KeySource::parse(&rl.key).unwrap_or(KeySource::Route);
+    match (rl.scope, leases) {
+        (crate::config::RateScope::Fleet, Some((sender, prefix))) => {
+            let gauge = deps
+                .resilience
+                .rate_limit_fleet_fallback
+                .get_or_create(&RouteLabel {
+                    route: name.clone(),
+                })
+                .clone();
+            gauge.set(0);
+            let route = Arc::new(RouteFleet::new(
+                prefix,
+                name.clone(),
+                rl.per_second,
+                burst,
+                gauge,
+            ));
+            RouteRate::fleet(source, rl.max_keys, route, sender.clone())
+        }
+        _ => RouteRate::local(rl.per_second, burst, source, rl.max_keys),
     }
 }
 

@@ -256,6 +256,8 @@ pub enum BuildError {
     Url(String, String),
     #[error("upstream `{0}`: {1}")]
     Tls(String, String),
+    #[error("fleet rate limits: {0}")]
+    Fleet(String),
 }
 
 impl Target {

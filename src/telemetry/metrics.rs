@@ -114,6 +114,10 @@ pub struct ResilienceMetrics {
     pub retry_budget_exhausted: Family<UpstreamLabel, Counter>,
     pub bulkhead_rejected: Family<UpstreamLabel, Counter>,
     pub rate_limited: Family<RouteLabel, Counter>,
+    /// 1 while a fleet rate limit enforces its local share (Redis unreachable).
+    pub rate_limit_fleet_fallback: Family<RouteLabel, Gauge>,
+    pub adaptive_concurrency_limit: Family<UpstreamLabel, Gauge>,
+    pub adaptive_concurrency_rejected: Family<UpstreamLabel, Counter>,
 }
 
 /// The registry plus the families the proxy itself owns. Other rooms register theirs
@@ -216,6 +220,21 @@ impl MetricsRegistry {
             "rate_limited",
             "Requests over a route's rate limit",
             r.rate_limited.clone(),
+        );
+        registry.register(
+            "rate_limit_fleet_fallback",
+            "1 while a fleet rate limit enforces a local share because Redis is unreachable",
+            r.rate_limit_fleet_fallback.clone(),
+        );
+        registry.register(
+            "adaptive_concurrency_limit",
+            "The adaptive concurrency limit in force",
+            r.adaptive_concurrency_limit.clone(),
+        );
+        registry.register(
+            "adaptive_concurrency_rejected",
+            "Calls refused (or, with dry_run, that would have been) by adaptive concurrency",
+            r.adaptive_concurrency_rejected.clone(),
         );
         Self {
             registry,

@@ -4,6 +4,7 @@ mod admin;
 mod fuzz_corpus;
 mod health;
 mod lifecycle;
+mod limits;
 mod listeners;
 mod ops;
 mod probes;

@@ -1,0 +1,610 @@
+//! Fleet-wide rate limits: every instance on the same Redis and `key_prefix`
+//! shares one budget per route and key. Instances lease tokens in batches and
+//! spend them locally, so no request waits on Redis.
+//!
+//! [`FleetBucket`] is the state machine (clock injected, no I/O): it admits or
+//! refuses, says when a lease is wanted, and falls back to a local limit of
+//! `per_second / N` when leases fail or stall. [`LeaseScript`] is the atomic
+//! Redis side; `driver` (fred) carries leases between the two.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::keyed::Gcra;
+
+/// A batch covers this much of the instance's demand (at least its share of the rate).
+pub const LEASE_PERIOD: Duration = Duration::from_millis(200);
+/// Two leases of one bucket are at least this far apart: bounds Redis calls
+/// per instance and bucket to 20/s whatever the load.
+pub const MIN_LEASE_GAP: Duration = Duration::from_millis(50);
+/// A lease not answered within this is a failure: fall back (never wait longer).
+pub const LEASE_TIMEOUT: Duration = Duration::from_millis(200);
+/// Leased tokens unspent after this are dropped, so an idle instance cannot
+/// sit on a stock and spend it in a burst long after the fleet refilled.
+pub const STOCK_TTL: Duration = Duration::from_secs(1);
+/// In fallback, how often a request may try Redis again (recovery within 1 s).
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(250);
+/// An instance not seen for this long is no longer counted in N.
+pub const INSTANCE_TTL: Duration = Duration::from_secs(3);
+
+/// What Redis answered to a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub granted: u32,
+    /// Live instances sharing the route (this one included).
+    pub instances: u32,
+    /// How long until the fleet bucket holds another full batch (0 if it does).
+    pub wait: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No lease answered yet: a local limit at `per_second / 1` until one is.
+    Starting,
+    Leasing,
+    /// Redis unreachable or slow: local limit at `per_second / N`.
+    Fallback,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// `Err(retry_after)` means 429.
+    pub admit: Result<(), Duration>,
+    /// Ask Redis for this many tokens now (the caller hands it to the driver
+    /// and later reports [`FleetBucket::on_grant`] or [`FleetBucket::on_failure`]).
+    pub lease: Option<u32>,
+}
+
+#[derive(Debug)]
+struct State {
+    mode: Mode,
+    /// Last known live instances (1 if never known).
+    instances: u32,
+    /// When the lease in flight was asked for.
+    pending_since: Option<Instant>,
+    /// No lease before this (the fleet bucket is dry, or Redis is down).
+    next_lease: Instant,
+    /// When the last lease was asked for (demand is counted since then).
+    last_ask: Instant,
+    /// Size of the last batch asked for (prefetch below half of it).
+    last_batch: u32,
+    /// Local limit state (Starting and Fallback): GCRA arrival time, ns since `base`.
+    local_tat: u64,
+    local: Gcra,
+}
+
+/// One route's (or one key's) share of a fleet budget, on this instance.
+pub struct FleetBucket {
+    per_second: f64,
+    burst: u32,
+    base: Instant,
+    /// Leased tokens not yet spent. Most requests only take one with a CAS
+    /// here (the lock-free fast path); the rest go through `state`.
+    stock: AtomicU32,
+    /// Nanoseconds since `base` until which the stock may be spent; 0 while
+    /// not leasing, so the fast path is closed in Starting and Fallback.
+    fresh_until: AtomicU64,
+    /// At or below this stock a request takes the lock to see about a prefetch.
+    prefetch_mark: AtomicU32,
+    /// Requests since the last lease was asked for: the demand a batch is sized from.
+    demand: AtomicU32,
+    /// Mode, lease bookkeeping and the local limit: taken by the driver's answers
+    /// and by the few requests off the fast path, never across an `.await`.
+    state: Mutex<State>,
+}
+
+impl FleetBucket {
+    pub fn new(per_second: f64, burst: u32, now: Instant) -> Self {
+        Self {
+            per_second,
+            burst,
+            base: now,
+            stock: AtomicU32::new(0),
+            fresh_until: AtomicU64::new(0),
+            prefetch_mark: AtomicU32::new(0),
+            demand: AtomicU32::new(0),
+            state: Mutex::new(State {
+                mode: Mode::Starting,
+                instances: 1,
+                pending_since: None,
+                next_lease: now,
+                last_ask: now,
+                last_batch: 1,
+                local_tat: 0,
+                local: Gcra::new(per_second, burst),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn nanos(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Tokens to ask for: `LEASE_PERIOD` of this instance's demand, at least
+    /// its share of the rate, never more than the fleet burst. Sizing by
+    /// demand lets a busy instance take most of the budget in few calls.
+    fn batch(&self, s: &State, now: Instant) -> u32 {
+        let share = self.per_second / f64::from(s.instances.max(1));
+        let elapsed = now.saturating_duration_since(s.last_ask).as_secs_f64();
+        let demand = if elapsed > 0.0 {
+            (f64::from(self.demand.load(Ordering::Relaxed)) / elapsed).min(self.per_second)
+        } else {
+            0.0
+        };
+        let batch = (share.max(demand) * LEASE_PERIOD.as_secs_f64()).ceil() as u32;
+        // The first lease takes this instance's share of the burst, so a fleet
+        // burst is usable at once even at low rates.
+        let first = if s.mode == Mode::Starting {
+            self.burst / s.instances.max(1)
+        } else {
+            0
+        };
+        batch.max(first).clamp(1, self.burst.max(1))
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.lock().mode
+    }
+
+    pub fn instances(&self) -> u32 {
+        self.lock().instances
+    }
+
+    /// Takes a leased token without the lock while the stock is fresh and above
+    /// the prefetch mark.
+    fn take_fast(&self, at: u64) -> bool {
+        if at >= self.fresh_until.load(Ordering::Acquire) {
+            return false;
+        }
+        let mark = self.prefetch_mark.load(Ordering::Relaxed);
+        self.stock
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > mark).then(|| n - 1)
+            })
+            .is_ok()
+    }
+
+    /// Takes a leased token if any is left and fresh.
+    fn take(&self, at: u64) -> bool {
+        if at >= self.fresh_until.load(Ordering::Acquire) {
+            self.stock.store(0, Ordering::Release);
+            return false;
+        }
+        self.stock
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// One request.
+    pub fn admit(&self, now: Instant) -> Decision {
+        let at = self.nanos(now);
+        self.demand.fetch_add(1, Ordering::Relaxed);
+        if self.take_fast(at) {
+            return Decision {
+                admit: Ok(()),
+                lease: None,
+            };
+        }
+        let mut s = self.lock();
+        if let Some(since) = s.pending_since
+            && now.saturating_duration_since(since) >= LEASE_TIMEOUT
+        {
+            // Redis is slow: stop waiting for it (the late answer is still taken).
+            s.pending_since = None;
+            self.fall_back(&mut s, now);
+        }
+        let admit = match s.mode {
+            Mode::Leasing if self.take(at) => Ok(()),
+            Mode::Leasing => Err(Duration::from_secs_f64(
+                f64::from(s.instances.max(1)) / self.per_second.max(1e-9),
+            )
+            .max(s.next_lease.saturating_duration_since(now))),
+            Mode::Starting | Mode::Fallback => {
+                let local = s.local;
+                local.acquire(&mut s.local_tat, at)
+            }
+        };
+        let want = s.pending_since.is_none()
+            && now >= s.next_lease
+            && (s.mode != Mode::Leasing
+                || (self.stock.load(Ordering::Acquire) <= s.last_batch / 2
+                    && now.saturating_duration_since(s.last_ask) >= MIN_LEASE_GAP));
+        let lease = want.then(|| {
+            let batch = self.batch(&s, now);
+            s.pending_since = Some(now);
+            s.last_ask = now;
+            s.last_batch = batch;
+            self.demand.store(0, Ordering::Relaxed);
+            // Until this lease is answered, nobody else needs the lock to ask.
+            self.prefetch_mark.store(0, Ordering::Relaxed);
+            batch
+        });
+        Decision { admit, lease }
+    }
+
+    /// The driver could not hand the lease to Redis at all (queue full).
+    pub fn on_not_sent(&self) {
+        self.lock().pending_since = None;
+    }
+
+    /// Redis answered a lease.
+    pub fn on_grant(&self, now: Instant, grant: Grant) {
+        let mut s = self.lock();
+        s.pending_since = None;
+        if s.instances != grant.instances.max(1) {
+            s.instances = grant.instances.max(1);
+            s.local = self.local_gcra(s.instances);
+        }
+        let at = self.nanos(now);
+        if at >= self.fresh_until.load(Ordering::Acquire) {
+            self.stock.store(grant.granted, Ordering::Release);
+        } else {
+            self.stock.fetch_add(grant.granted, Ordering::AcqRel);
+        }
+        self.prefetch_mark
+            .store(s.last_batch / 2, Ordering::Relaxed);
+        self.fresh_until
+            .store(self.nanos(now + STOCK_TTL), Ordering::Release);
+        s.mode = Mode::Leasing;
+        // Dry fleet bucket: do not ask again before it could hold half a batch
+        // for each of the instances competing for its refill.
+        s.next_lease = if grant.wait.is_zero() {
+            now
+        } else {
+            now + (grant.wait * s.instances).min(LEASE_PERIOD)
+        };
+    }
+
+    /// A lease failed (Redis down, script error, timeout).
+    pub fn on_failure(&self, now: Instant) {
+        let mut s = self.lock();
+        s.pending_since = None;
+        self.fall_back(&mut s, now);
+    }
+
+    fn local_gcra(&self, instances: u32) -> Gcra {
+        let n = instances.max(1);
+        Gcra::new(self.per_second / f64::from(n), (self.burst / n).max(1))
+    }
+
+    fn fall_back(&self, s: &mut State, now: Instant) {
+        if s.mode != Mode::Fallback {
+            s.mode = Mode::Fallback;
+            s.local = self.local_gcra(s.instances);
+            // Enter with an empty local bucket: a flapping Redis must not hand
+            // out a fresh local burst at every switch (the fleet bucket was
+            // just spending at the fleet rate).
+            s.local_tat = s.local.full_at(self.nanos(now));
+            self.fresh_until.store(0, Ordering::Release);
+            self.stock.store(0, Ordering::Release);
+        }
+        s.next_lease = now + RETRY_INTERVAL;
+    }
+}
+
+/// The Redis side of a lease, atomic in one script: refill the fleet bucket
+/// from Redis' own clock (instances' clocks may disagree), take up to `want`
+/// tokens, register this instance with a score-expired sorted set, and count
+/// the live ones. Both keys carry a TTL, so a fleet that stops leaves nothing.
+///
+/// KEYS: bucket hash, instances zset. ARGV: rate/s, burst, want, instance id,
+/// instance TTL ms. Returns `{granted, instances, wait_ms}`. Nothing is granted
+/// below half a batch or 50 ms of the fleet rate, whichever is less: a dry
+/// bucket answers "come back in `wait_ms`" instead of handing out crumbs that
+/// would each cost a round trip, and the same floor for big and small batches
+/// keeps a busy instance from losing every race to the quiet ones.
+pub const LEASE_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[5])
+redis.call('ZADD', KEYS[2], now, ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+local n = redis.call('ZCARD', KEYS[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+local least = math.max(1, math.min(want / 2, math.ceil(rate / 20)))
+local granted = 0
+if tokens >= least then
+  granted = math.min(want, math.floor(tokens))
+end
+tokens = tokens - granted
+local wait = 0
+if tokens < least then
+  wait = math.ceil((least - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + ttl)
+return {granted, n, wait}
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn grant(granted: u32, instances: u32) -> Grant {
+        Grant {
+            granted,
+            instances,
+            wait: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn starts_local_and_asks_for_a_lease_at_once() {
+        let t0 = Instant::now();
+        let b = FleetBucket::new(100.0, 10, t0);
+        let d = b.admit(t0);
+        assert_eq!(d.admit, Ok(()));
+        assert_eq!(d.lease, Some(10), "100/s x 200 ms, capped by the burst");
+        // One lease in flight at a time.
+        assert_eq!(b.admit(t0).lease, None);
+        assert_eq!(b.mode(), Mode::Starting);
+    }
+
+    #[test]
+    fn spends_leased_tokens_and_prefetches_at_half_a_batch() {
+        let t0 = Instant::now();
+        let b = FleetBucket::new(300.0, 300, t0);
+        let first = b.admit(t0).lease.unwrap();
+        assert_eq!(first, 300, "the first lease asks for the burst");
+        b.on_grant(t0, grant(20, 3));
+        assert_eq!(b.mode(), Mode::Leasing);
+        assert_eq!(b.instances(), 3);
+        // Stock 20, under half the 300 asked for: the first request after
+        // MIN_LEASE_GAP prefetches, the others spend.
+        let mut leases = 0;
+        for i in 0..20 {
+            let d = b.admit(t0 + ms(60));
+            assert_eq!(d.admit, Ok(()), "token {i}");
+            leases += usize::from(d.lease.is_some());
+        }
+        assert_eq!(leases, 1, "one prefetch, no lease per request");
+        // Out of stock, lease still pending: refuse, never wait.
+        let d = b.admit(t0 + ms(61));
+        assert!(d.admit.is_err());
+        assert_eq!(d.lease, None);
+        b.on_grant(t0 + ms(62), grant(20, 3));
+        assert_eq!(b.admit(t0 + ms(62)).admit, Ok(()));
+    }
+
+    #[test]
+    fn admitted_never_exceeds_what_redis_granted() {
+        let t0 = Instant::now();
+        let b = FleetBucket::new(100.0, 100, t0);
+        let _ = b.admit(t0);
+        b.on_grant(t0, grant(7, 1));
+        let ok = (0..100).filter(|_| b.admit(t0).admit.is_ok()).count();
+        assert_eq!(ok, 7);
+    }
+
+    #[test]
+    fn unspent_stock_expires() {
+        let t0 = Instant::now();
+        let b = FleetBucket::new(100.0, 100, t0);
+        let _ = b.admit(t0);
+        b.on_grant(t0, grant(20, 1));
+        let later = t0 + STOCK_TTL;
+        let d = b.admit(later);
+        assert!(d.admit.is_err(), "a stale stock is not spent");
+        assert!(d.lease.is_some());
+    }
+
+    #[test]
+    fn a_dry_fleet_bucket_is_not_asked_again_before_it_refills() {
+        let t0 = Instant::now();
+        let b = FleetBucket::new(100.0, 100, t0);
+        let _ = b.admit(t0);
+        b.on_grant(
+            t0,
+            Grant {
+                granted: 0,
+                instances: 2,
+                wait: ms(80),
+            },
+        );
+        // Two instances compete for the refill: 2 x 80 ms.
+        for step in 0..160 {
+            let d = b.admit(t0 + ms(step));
+            assert!(d.admit.is_err());
+            assert_eq!(d.lease, None, "at {step} ms");
+        }
+        assert!(b.admit(t0 + ms(160)).lease.is_some());
+    }
+
+    #[test]
+    fn a_failure_falls_back_to_the_share_of_the_last_known_fleet() {
+        let t0 = Instant::now();
+        let b = FleetBucket::new(300.0, 30, t0);
+        let _ = b.admit(t0);
+        b.on_grant(t0, grant(0, 3));
+        let _ = b.admit(t0 + ms(100));
+        b.on_failure(t0 + ms(100));
+        assert_eq!(b.mode(), Mode::Fallback);
+        // Local limit: 100/s, entered empty. Over 1 s offered 1000/s: ~100 admitted.
+        let mut ok = 0;
+        for step in 0..1000 {
+            ok += usize::from(b.admit(t0 + ms(101 + step)).admit.is_ok());
+        }
+        assert!((98..=101).contains(&ok), "{ok}");
+    }
+
+    #[test]
+    fn never_known_fleet_falls_back_to_the_whole_rate() {
+        let t0 = Instant::now();
+        let b = FleetBucket::new(50.0, 5, t0);
+        let _ = b.admit(t0);
+        b.on_failure(t0);
+        assert_eq!(b.mode(), Mode::Fallback);
+        assert_eq!(b.instances(), 1);
+        let ok = (0..1000)
+            .filter(|s| b.admit(t0 + ms(*s)).admit.is_ok())
+            .count();
+        assert!((48..=51).contains(&ok), "{ok}");
+    }
+
+    #[test]
+    fn a_stalled_lease_falls_back_within_the_lease_timeout() {
+        let t0 = Instant::now();
+        let b = FleetBucket::new(100.0, 100, t0);
+        let _ = b.admit(t0);
+        b.on_grant(t0, grant(20, 2));
+        // Drain to trigger a prefetch that Redis never answers.
+        let mut asked = None;
+        for i in 0..20 {
+            if b.admit(t0 + ms(60 + i)).lease.is_some() {
+                asked = Some(t0 + ms(60 + i));
+            }
+        }
+        let asked = asked.expect("prefetch");
+        assert_eq!(b.mode(), Mode::Leasing);
+        let _ = b.admit(asked + LEASE_TIMEOUT - ms(1));
+        assert_eq!(b.mode(), Mode::Leasing, "not before the timeout");
+        let d = b.admit(asked + LEASE_TIMEOUT);
+        assert_eq!(b.mode(), Mode::Fallback);
+        assert!(d.admit.is_err(), "the local bucket starts empty");
+        // ... and admits at the local rate (100/s over 2 instances) from then on.
+        let local = asked + LEASE_TIMEOUT + ms(20);
+        assert_eq!(b.admit(local).admit, Ok(()));
+    }
+
+    #[test]
+    fn recovers_within_a_second_of_redis_returning() {
+        let t0 = Instant::now();
+        let b = FleetBucket::new(100.0, 100, t0);
+        let _ = b.admit(t0);
+        b.on_failure(t0);
+        // Down: a lease is retried every RETRY_INTERVAL, not per request.
+        let mut t = t0;
+        let mut tries = 0;
+        while t < t0 + Duration::from_secs(2) {
+            t += ms(5);
+            if b.admit(t).lease.is_some() {
+                tries += 1;
+                b.on_failure(t);
+            }
+        }
+        assert!((7..=8).contains(&tries), "{tries}");
+        // Redis back: the next try succeeds and the bucket leases again.
+        let back = t;
+        let mut recovered = None;
+        while t < back + Duration::from_secs(1) {
+            t += ms(5);
+            if b.admit(t).lease.is_some() {
+                b.on_grant(t, grant(20, 1));
+                recovered = Some(t);
+                break;
+            }
+        }
+        let recovered = recovered.expect("retried within 1 s");
+        assert!(recovered - back <= RETRY_INTERVAL);
+        assert_eq!(b.mode(), Mode::Leasing);
+    }
+
+    #[test]
+    fn a_late_grant_after_fallback_is_still_used() {
+        let t0 = Instant::now();
+        let b = FleetBucket::new(100.0, 100, t0);
+        let _ = b.admit(t0);
+        let _ = b.admit(t0 + LEASE_TIMEOUT);
+        assert_eq!(b.mode(), Mode::Fallback);
+        b.on_grant(t0 + LEASE_TIMEOUT + ms(1), grant(5, 1));
+        assert_eq!(b.mode(), Mode::Leasing);
+    }
+
+    /// Three instances sharing a simulated Redis bucket, load spread 70/20/10
+    /// at 3x the fleet rate: the admitted total per second stays within 10%.
+    #[test]
+    fn three_uneven_instances_share_one_budget() {
+        let t0 = Instant::now();
+        let rate = 300.0;
+        let burst = 300u32;
+        let inst: Vec<_> = (0..3).map(|_| FleetBucket::new(rate, burst, t0)).collect();
+        let mut tokens = f64::from(burst);
+        let mut last = t0;
+        let shares = [0.7, 0.2, 0.1];
+        let mut pending: Vec<Option<u32>> = vec![None; 3];
+        let mut admitted_per_sec = [0usize; 5];
+        let mut calls = 0usize;
+        let mut zeros = 0usize;
+        let step = Duration::from_micros(250); // 4000 ticks/s
+        let mut carry = [0.0f64; 3];
+        let mut t = t0;
+        while t < t0 + Duration::from_secs(5) {
+            t += step;
+            // Redis answers leases asked in the previous tick.
+            tokens = (tokens + (t - last).as_secs_f64() * rate).min(f64::from(burst));
+            last = t;
+            for (i, b) in inst.iter().enumerate() {
+                if let Some(want) = pending[i].take() {
+                    calls += 1;
+                    // As LEASE_SCRIPT.
+                    let half = (f64::from(want) / 2.0).min((rate / 20.0).ceil()).max(1.0);
+                    let granted = if tokens >= half {
+                        f64::from(want).min(tokens.floor()) as u32
+                    } else {
+                        0
+                    };
+                    tokens -= f64::from(granted);
+                    let wait = if tokens < half {
+                        Duration::from_secs_f64((half - tokens) / rate)
+                    } else {
+                        Duration::ZERO
+                    };
+                    if granted == 0 {
+                        zeros += 1;
+                    }
+                    b.on_grant(
+                        t,
+                        Grant {
+                            granted,
+                            instances: 3,
+                            wait,
+                        },
+                    );
+                }
+            }
+            for (i, b) in inst.iter().enumerate() {
+                carry[i] += 900.0 * shares[i] * step.as_secs_f64();
+                while carry[i] >= 1.0 {
+                    carry[i] -= 1.0;
+                    let d = b.admit(t);
+                    if d.admit.is_ok() {
+                        let sec = (t - t0).as_secs() as usize;
+                        if sec < 5 {
+                            admitted_per_sec[sec] += 1;
+                        }
+                    }
+                    if let Some(w) = d.lease {
+                        pending[i] = Some(w);
+                    }
+                }
+            }
+        }
+        for (sec, n) in admitted_per_sec.iter().enumerate().skip(1) {
+            assert!((270..=330).contains(n), "second {sec}: {n}");
+        }
+        let admitted: usize = admitted_per_sec.iter().sum();
+        assert!(
+            calls * 10 <= admitted,
+            "{calls} leases ({zeros} dry) for {admitted}"
+        );
+    }
+}

@@ -1,0 +1,422 @@
+//! Keyed, fleet-wide and adaptive limits (SPEC §11) through the real daemon: real
+//! upstreams, a throwaway Redis killed mid-test, and two opsgate processes sharing it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+
+use crate::support::eventually;
+use crate::support::opsgate::{Answer, Opsgate, check_config, get};
+use crate::support::redis::RedisServer;
+use crate::support::upstream::{Reply, Scripted};
+
+const LIMIT: Duration = Duration::from_secs(5);
+
+fn config(app: &str, route: &str, extra: &str) -> String {
+    format!(
+        "[proxy]\naccess_log = false\ntrusted_proxies = [\"127.0.0.1/32\"]\n\n\
+         [upstreams.app]\nurl = \"{app}\"\nconnect_timeout = \"500ms\"\ntimeout = \"5s\"\n\n\
+         {extra}\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n{route}\n"
+    )
+}
+
+async fn status(og: &Opsgate) -> Value {
+    let answer = get(&og.admin_url("/_ops/status"), &[]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    answer.json()
+}
+
+/// A sample from the proxy port's `/metrics`: exact name, wanted labels in any order.
+async fn metric(og: &Opsgate, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = get(&og.url("/metrics"), &[]).await.text();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let ok = n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse().ok()).flatten()
+        })
+}
+
+async fn get_as(og: &Opsgate, headers: &[(&str, &str)]) -> Answer {
+    get(&og.url("/x"), headers).await
+}
+
+#[tokio::test]
+async fn a_client_ip_key_gives_each_client_behind_a_trusted_proxy_its_own_bucket() {
+    let app = Scripted::start(Reply::Ok).await;
+    let og = Opsgate::start(&config(
+        &app.url(),
+        "rate_limit = { per_second = 0.5, burst = 1, key = \"client_ip\" }",
+        "",
+    ))
+    .await;
+    let a = [("x-forwarded-for", "203.0.113.7")];
+    let b = [("x-forwarded-for", "203.0.113.8")];
+    assert_eq!(get_as(&og, &a).await.status, StatusCode::OK);
+    let refused = get_as(&og, &a).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.text(), r#"{"detail":"rate limited"}"#);
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(
+        get_as(&og, &b).await.status,
+        StatusCode::OK,
+        "another client"
+    );
+    // A forged hop before the trusted proxy's does not make a new client.
+    let forged = [("x-forwarded-for", "198.51.100.1, 203.0.113.7")];
+    assert_eq!(
+        get_as(&og, &forged).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        metric(&og, "rate_limited_total", &[("route", "api")]).await,
+        Some(2.0)
+    );
+    let text = get(&og.url("/metrics"), &[]).await.text();
+    assert!(!text.contains("203.0.113"), "keys never become labels");
+}
+
+#[tokio::test]
+async fn a_header_key_limits_per_api_key_and_falls_back_to_the_client_ip() {
+    let app = Scripted::start(Reply::Ok).await;
+    let og = Opsgate::start(&config(
+        &app.url(),
+        "rate_limit = { per_second = 0.5, burst = 1, key = \"header:X-Api-Key\" }",
+        "",
+    ))
+    .await;
+    assert_eq!(
+        get_as(&og, &[("x-api-key", "k1")]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_as(&og, &[("x-api-key", "k1")]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        get_as(&og, &[("x-api-key", "k2")]).await.status,
+        StatusCode::OK
+    );
+    // No header: keyed by the client IP (127.0.0.1 here), its own bucket.
+    assert_eq!(get_as(&og, &[]).await.status, StatusCode::OK);
+    assert_eq!(get_as(&og, &[]).await.status, StatusCode::TOO_MANY_REQUESTS);
+    let limits = &status(&og).await["limits"];
+    assert_eq!(
+        limits["routes"]["api"],
+        serde_json::json!({"scope": "local", "key": "header:x-api-key", "fallback": false})
+    );
+}
+
+#[test]
+fn fleet_scope_without_a_control_redis_url_is_an_error_at_its_line() {
+    let text = "[upstreams.app]\nurl = \"http://127.0.0.1:1\"\n\n\
+                [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n\
+                [routes.rate_limit]\nper_second = 10\nscope = \"fleet\"\n";
+    let (out, _, _dir) = check_config(text);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(":10:"), "{stderr}");
+    assert!(stderr.contains("redis_url"), "{stderr}");
+
+    let bad_key = text.replace("scope = \"fleet\"", "key = \"cookie:session\"");
+    let (out, _, _dir) = check_config(&bad_key);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(":10:") && stderr.contains("key"),
+        "{stderr}"
+    );
+}
+
+/// An app with `workers` workers, each call `service` long; calls beyond the
+/// workers queue. Counts calls in flight at the app.
+struct Workers {
+    addr: SocketAddr,
+    in_flight: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Workers {
+    async fn start(workers: usize, service: Duration) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Arc::new(tokio::sync::Semaphore::new(workers));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let counter = in_flight.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let pool = pool.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let pool = pool.clone();
+                        let counter = counter.clone();
+                        async move {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            let _worker = pool.acquire().await.unwrap();
+                            tokio::time::sleep(service).await;
+                            counter.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from_static(b"{\"ok\":true}"),
+                            )))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            in_flight,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn adaptive_concurrency_sheds_non_critical_calls_first_with_503_overloaded() {
+    let app = Scripted::start(Reply::Hang).await;
+    let text = format!(
+        "[proxy]\naccess_log = false\n\n\
+         [upstreams.app]\nurl = \"{}\"\nconnect_timeout = \"500ms\"\ntimeout = \"30s\"\n\
+         [upstreams.app.breaker]\nfailure_threshold = 1\n\
+         [upstreams.app.adaptive_concurrency]\nmin_limit = 2\nmax_limit = 2\ninitial_limit = 2\n\n\
+         [[routes]]\nname = \"pay\"\nprefix = \"/pay\"\nupstream = \"app\"\nclass = \"critical\"\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        app.url()
+    );
+    let og = Opsgate::start(&text).await;
+    let url = og.url("/x");
+    // One non-critical call hangs at the app: 90% of 2 is 1 slot for public traffic.
+    let held = tokio::spawn(async move { get(&url, &[]).await });
+    eventually(LIMIT, "the first call reaches the app", || async {
+        app.hits() == 1
+    })
+    .await;
+    let refused = get(&og.url("/x"), &[]).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.text(), r#"{"detail":"overloaded"}"#);
+    assert_eq!(app.hits(), 1, "a shed call is not sent");
+    // Critical traffic still gets the last slot.
+    let url = og.url("/pay/y");
+    let critical = tokio::spawn(async move { get(&url, &[]).await });
+    eventually(LIMIT, "the critical call reaches the app", || async {
+        app.hits() == 2
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &og,
+            "adaptive_concurrency_rejected_total",
+            &[("upstream", "app")]
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&og, "adaptive_concurrency_limit", &[("upstream", "app")]).await,
+        Some(2.0)
+    );
+    let st = status(&og).await;
+    assert_eq!(
+        st["limits"]["upstreams"]["app"],
+        serde_json::json!({"adaptive_limit": 2, "in_flight": 2, "dry_run": false})
+    );
+    let breaker = get(&og.admin_url("/_ops/breakers"), &[]).await.json();
+    assert_eq!(
+        breaker["breakers"][0]["state"], "closed",
+        "a shed call is no breaker failure"
+    );
+    held.abort();
+    critical.abort();
+}
+
+#[tokio::test]
+async fn adaptive_concurrency_keeps_a_saturated_app_near_its_worker_count() {
+    // 4 workers, 20 ms a call; 32 clients in a closed loop is 8x capacity.
+    let app = Workers::start(4, Duration::from_millis(20)).await;
+    let og = Opsgate::start(&config(
+        &app.url(),
+        "",
+        "[upstreams.app.adaptive_concurrency]\nmin_limit = 2\nmax_limit = 200\ninitial_limit = 100\n",
+    ))
+    .await;
+    let url = og.url("/x");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut codes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    codes.push(get(&url, &[]).await.status);
+                }
+                codes
+            })
+        })
+        .collect();
+    // The limit comes down from 100 towards what 4 workers serve.
+    eventually(Duration::from_secs(20), "the limit to adapt", || async {
+        metric(&og, "adaptive_concurrency_limit", &[("upstream", "app")])
+            .await
+            .is_some_and(|l| l <= 12.0)
+    })
+    .await;
+    let watch_until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < watch_until {
+        peak.fetch_max(app.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut codes = Vec::new();
+    for c in clients {
+        codes.extend(c.await.unwrap());
+    }
+    assert!(codes.contains(&StatusCode::OK));
+    assert!(codes.contains(&StatusCode::SERVICE_UNAVAILABLE));
+    assert!(
+        codes
+            .iter()
+            .all(|c| *c == StatusCode::OK || *c == StatusCode::SERVICE_UNAVAILABLE)
+    );
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(
+        peak <= 16,
+        "the app saw {peak} calls at once (32 without the limit)"
+    );
+}
+
+fn fleet_config(app: &str, redis: &str) -> String {
+    config(
+        app,
+        "rate_limit = { per_second = 5, burst = 10, scope = \"fleet\" }",
+        &format!("[control]\nredis_url = \"{redis}\"\nkey_prefix = \"it\"\n"),
+    )
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn two_instances_share_one_fleet_budget_and_fall_back_while_redis_is_down() {
+    let app = Scripted::start(Reply::Ok).await;
+    let mut redis = RedisServer::start();
+    let a = Opsgate::start(&fleet_config(&app.url(), &redis.url())).await;
+    let b = Opsgate::start(&fleet_config(&app.url(), &redis.url())).await;
+
+    // 40 requests alternating between the instances, as fast as they answer.
+    let started = Instant::now();
+    let mut ok = 0;
+    for i in 0..40 {
+        let og = if i % 2 == 0 { &a } else { &b };
+        let answer = get_as(og, &[]).await;
+        match answer.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("{other}: {}", answer.text()),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // One budget: burst 10 + 5/s, plus what each instance admits locally
+    // before its first lease is answered. Two local limits would admit 20+.
+    let bound = 10.0 + 5.0 * elapsed + 4.0;
+    assert!(
+        f64::from(ok) <= bound,
+        "{ok} admitted in {elapsed:.2}s (bound {bound:.1})"
+    );
+    assert!(ok >= 10, "{ok}: the fleet burst is available");
+    for og in [&a, &b] {
+        assert_eq!(
+            status(og).await["limits"]["routes"]["api"],
+            serde_json::json!({"scope": "fleet", "key": "route", "fallback": false})
+        );
+    }
+    // The Redis keys expire on their own: nothing outlives the fleet.
+    let ttl: i64 = redis_cli(redis.port, &["PTTL", "it:rl:api:route"])
+        .parse()
+        .unwrap();
+    assert!(ttl > 0, "bucket TTL {ttl}");
+    let ttl: i64 = redis_cli(redis.port, &["PTTL", "it:rl:api:instances"])
+        .parse()
+        .unwrap();
+    assert!(ttl > 0, "instance set TTL {ttl}");
+    assert_eq!(
+        redis_cli(redis.port, &["ZCARD", "it:rl:api:instances"]),
+        "2"
+    );
+
+    // Redis dies: both instances keep answering (never waiting on it) and fall back.
+    redis.kill();
+    for og in [&a, &b] {
+        eventually(LIMIT, "fallback after Redis died", || async {
+            let answer = get_as(og, &[]).await;
+            assert!(
+                answer.status == StatusCode::OK || answer.status == StatusCode::TOO_MANY_REQUESTS,
+                "{}",
+                answer.status
+            );
+            status(og).await["limits"]["routes"]["api"]["fallback"] == true
+        })
+        .await;
+        assert_eq!(
+            metric(og, "rate_limit_fleet_fallback", &[("route", "api")]).await,
+            Some(1.0)
+        );
+        assert!(
+            og.logs().iter().any(|l| l.contains("Redis unreachable")),
+            "the fallback is logged"
+        );
+    }
+
+    // Redis back: both return to the fleet budget.
+    redis.restart();
+    for og in [&a, &b] {
+        eventually(LIMIT, "back on the fleet budget", || async {
+            let _ = get_as(og, &[]).await;
+            status(og).await["limits"]["routes"]["api"]["fallback"] == false
+        })
+        .await;
+        assert_eq!(
+            metric(og, "rate_limit_fleet_fallback", &[("route", "api")]).await,
+            Some(0.0)
+        );
+    }
+}

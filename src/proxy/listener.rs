@@ -202,7 +202,10 @@ where
                     tracing::debug!(%peer, "connection did not close in time; dropped");
                     return Ok(());
                 }
-                if !draining && idle_deadline.is_some_and(|d| Instant::now() >= d) {
+                // Asked afresh: a request may have started since the deadline was computed
+                // (a start does not wake this loop; only an end does).
+                let idle_now = state.idle_deadline(limits.header_read_timeout);
+                if !draining && idle_now.is_some_and(|d| Instant::now() >= d) {
                     tracing::debug!(%peer, "closing a connection idle for header_read_timeout");
                     conn.as_mut().close_gracefully();
                     draining = true;

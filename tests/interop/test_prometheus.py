@@ -87,8 +87,13 @@ GRAFANA_VARS = {
 }
 
 # Panels fed by features this scenario does not configure (bulkheads, rate limits,
-# retries): their queries must evaluate, but may be empty.
-OPTIONAL_PANELS = {"Shed, limited and retried"}
+# retries, adaptive concurrency, fleet rate limits): their queries must evaluate, but may
+# be empty.
+OPTIONAL_PANELS = {
+    "Shed, limited and retried",
+    "Adaptive concurrency limit vs in flight",
+    "Fleet rate limits enforced locally",
+}
 
 
 def shortened_rules(dst):

@@ -8,33 +8,23 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-/// Token bucket as GCRA: `per_second` sustained, `burst` at once.
-///
-/// The whole state is one theoretical arrival time in an atomic: a request is
-/// one CAS, no lock, and no refill task. Dry run is the caller's: on `Err`
-/// count and log, then let the request through (a refused request takes no
-/// token, so the limiter's state is the same either way).
-#[derive(Debug)]
-pub struct RateLimiter {
+use super::clock::nanos_since;
+
+/// GCRA arithmetic (a token bucket as one theoretical arrival time, `tat`, in
+/// nanoseconds since the limiter's origin): `per_second` sustained, `burst` at once.
+/// Shared by the route limiter below and the keyed and fleet buckets.
+#[derive(Debug, Clone, Copy)]
+pub struct Gcra {
     /// Nanoseconds between two tokens.
     interval_ns: u64,
     /// How far ahead of `now` the arrival time may run: `burst x interval`.
     tolerance_ns: u64,
-    base: Instant,
-    /// Theoretical arrival time of the next request, in nanos since `base`.
-    /// One atomic word is the whole state, so admission is a single CAS.
-    tat: AtomicU64,
 }
 
-impl RateLimiter {
+impl Gcra {
     /// `per_second` must be positive (validated by the config layer; anything
     /// else admits the burst and then next to nothing). `burst` 0 is treated as 1.
     pub fn new(per_second: f64, burst: u32) -> Self {
-        Self::new_at(per_second, burst, Instant::now())
-    }
-
-    /// As [`RateLimiter::new`] with an explicit clock origin.
-    pub fn new_at(per_second: f64, burst: u32, now: Instant) -> Self {
         let burst = u64::from(burst.max(1));
         // Keeps `tat + interval` and `interval x burst` far from saturation (a
         // saturated arrival time would admit everything).
@@ -47,6 +37,52 @@ impl RateLimiter {
         Self {
             interval_ns,
             tolerance_ns: interval_ns * burst,
+        }
+    }
+
+    /// The state of a bucket with no token left at `at`.
+    pub fn full_at(&self, at: u64) -> u64 {
+        at.saturating_add(self.tolerance_ns)
+    }
+
+    /// Takes one token from the bucket whose state is `tat`, or says how long
+    /// until one is available. A refusal leaves `tat` unchanged.
+    pub fn acquire(&self, tat: &mut u64, at: u64) -> Result<(), Duration> {
+        let next = (*tat).max(at).saturating_add(self.interval_ns);
+        let ahead = next - at;
+        if ahead > self.tolerance_ns {
+            Err(Duration::from_nanos(ahead - self.tolerance_ns))
+        } else {
+            *tat = next;
+            Ok(())
+        }
+    }
+}
+
+/// One route's token bucket ([`Gcra`]) in one atomic word.
+///
+/// A request is one CAS, no lock, and no refill task. Dry run is the caller's: on
+/// `Err` count and log, then let the request through (a refused request takes no
+/// token, so the limiter's state is the same either way).
+#[derive(Debug)]
+pub struct RateLimiter {
+    gcra: Gcra,
+    base: Instant,
+    /// Theoretical arrival time of the next request, in nanos since `base`.
+    /// One atomic word is the whole state, so admission is a single CAS.
+    tat: AtomicU64,
+}
+
+impl RateLimiter {
+    /// See [`Gcra::new`] for `per_second` and `burst`.
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        Self::new_at(per_second, burst, Instant::now())
+    }
+
+    /// As [`RateLimiter::new`] with an explicit clock origin.
+    pub fn new_at(per_second: f64, burst: u32, now: Instant) -> Self {
+        Self {
+            gcra: Gcra::new(per_second, burst),
             base: now,
             tat: AtomicU64::new(0),
         }
@@ -54,25 +90,20 @@ impl RateLimiter {
 
     /// Takes one token, or says how long until one is available (`Retry-After`).
     pub fn try_acquire(&self, now: Instant) -> Result<(), Duration> {
-        let at =
-            u64::try_from(now.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
-        let mut wait = 0;
-        let result = self
-            .tat
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
-                let next = tat.max(at).saturating_add(self.interval_ns);
-                let ahead = next - at;
-                if ahead > self.tolerance_ns {
-                    wait = ahead - self.tolerance_ns;
-                    None
-                } else {
-                    Some(next)
-                }
-            });
-        match result {
-            Ok(_) => Ok(()),
-            Err(_) => Err(Duration::from_nanos(wait)),
-        }
+        let at = nanos_since(self.base, now);
+        let mut wait = Duration::ZERO;
+        let result =
+            self.tat
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |mut tat| {
+                    match self.gcra.acquire(&mut tat, at) {
+                        Ok(()) => Some(tat),
+                        Err(w) => {
+                            wait = w;
+                            None
+                        }
+                    }
+                });
+        result.map(drop).map_err(|_| wait)
     }
 }
 

@@ -10,6 +10,7 @@ pub mod admission;
 pub mod body;
 pub mod breaker;
 pub mod call;
+pub mod clock;
 pub mod headers;
 pub mod limits;
 pub mod listener;

@@ -74,9 +74,7 @@ impl<const B: usize, const K: usize, const BITS: u32> SlidingWindow<B, K, BITS> 
     /// Read it once per event and pass it to every call for that event, so the
     /// record and the reads agree on the bucket and the clock is read once.
     pub fn epoch(&self, now: Instant) -> u64 {
-        let ns =
-            u64::try_from(now.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
-        ns / self.width_ns
+        crate::proxy::clock::nanos_since(self.base, now) / self.width_ns
     }
 
     /// Adds `deltas` to the bucket of `epoch`. `false` (nothing counted) when a

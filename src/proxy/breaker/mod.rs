@@ -274,7 +274,7 @@ impl Breaker {
     }
 
     fn offset(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+        crate::proxy::clock::nanos_since(self.base, now)
     }
 
     fn remaining(&self, now: Instant) -> Duration {

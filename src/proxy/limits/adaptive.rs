@@ -294,7 +294,7 @@ impl AdaptiveLimiter {
     }
 
     fn nanos(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+        crate::proxy::clock::nanos_since(self.base, now)
     }
 
     /// One call's latency. Closes the window when it is due.

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::keyed::Gcra;
+use crate::proxy::admission::Gcra;
+use crate::proxy::clock::nanos_since;
 
 /// A batch covers this much of the instance's demand (at least its share of the rate).
 pub const LEASE_PERIOD: Duration = Duration::from_millis(200);
@@ -125,7 +126,7 @@ impl FleetBucket {
     }
 
     fn nanos(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+        nanos_since(self.base, now)
     }
 
     /// Tokens to ask for: `LEASE_PERIOD` of this instance's demand, at least

@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::proxy::admission::Gcra;
+use crate::proxy::clock::nanos_since;
+
 /// What a keyed bucket is keyed by, borrowed from the request.
 #[derive(Debug, Clone, Copy)]
 pub enum KeyRef<'a> {
@@ -217,48 +220,6 @@ impl<V> KeyedMap<V> {
     }
 }
 
-/// GCRA arithmetic shared by every keyed bucket: the per-key state is one
-/// theoretical arrival time (`u64` nanoseconds since `base`).
-#[derive(Debug, Clone, Copy)]
-pub struct Gcra {
-    interval_ns: u64,
-    tolerance_ns: u64,
-}
-
-impl Gcra {
-    pub fn new(per_second: f64, burst: u32) -> Self {
-        let burst = u64::from(burst.max(1));
-        let max_interval = u64::MAX / 4 / (burst + 1);
-        let interval_ns = if per_second.is_finite() && per_second > 0.0 {
-            ((1e9 / per_second) as u64).clamp(1, max_interval)
-        } else {
-            max_interval
-        };
-        Self {
-            interval_ns,
-            tolerance_ns: interval_ns * burst,
-        }
-    }
-
-    /// The state of a bucket with no token left at `at`.
-    pub fn full_at(&self, at: u64) -> u64 {
-        at.saturating_add(self.tolerance_ns)
-    }
-
-    /// Takes one token from the bucket whose state is `tat`, or says how long
-    /// until one is available. A refusal leaves `tat` unchanged.
-    pub fn acquire(&self, tat: &mut u64, at: u64) -> Result<(), Duration> {
-        let next = (*tat).max(at).saturating_add(self.interval_ns);
-        let ahead = next - at;
-        if ahead > self.tolerance_ns {
-            Err(Duration::from_nanos(ahead - self.tolerance_ns))
-        } else {
-            *tat = next;
-            Ok(())
-        }
-    }
-}
-
 /// `per_second` / `burst` for every key of a route, keys bounded by `max_keys`.
 pub struct KeyedLimiter {
     gcra: Gcra,
@@ -282,8 +243,7 @@ impl KeyedLimiter {
 
     /// Takes one token from `key`'s bucket, or says how long until one is available.
     pub fn try_acquire(&self, key: KeyRef<'_>, now: Instant) -> Result<(), Duration> {
-        let at =
-            u64::try_from(now.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
+        let at = nanos_since(self.base, now);
         // A new key starts with a full burst: tat 0 is "long ago".
         self.buckets
             .with(key, || 0, |tat| self.gcra.acquire(tat, at))

@@ -298,29 +298,6 @@ fn breaker_action(shared: &Shared, rest: &str) -> Response<Body> {
     ok_json(&one)
 }
 
-fn percent_decode(s: &str) -> String {
-    fn hex(c: u8) -> Option<u8> {
-        (c as char).to_digit(16).map(|d| d as u8)
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if let (b'%', Some(h), Some(l)) = (
-            b[i],
-            b.get(i + 1).and_then(|c| hex(*c)),
-            b.get(i + 2).and_then(|c| hex(*c)),
-        ) {
-            out.push(h * 16 + l);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 pub fn status_json(shared: &Shared) -> Value {
     let rt = shared.live.load_full();
     let snap = shared.health.snapshot();
@@ -394,6 +371,13 @@ fn limits_json(rt: &crate::proxy::Runtime) -> Value {
         }
     }
     json!({"upstreams": upstreams, "routes": routes})
+}
+
+/// Decodes `%XX` escapes; invalid escapes are kept as written.
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

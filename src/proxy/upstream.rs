@@ -393,7 +393,7 @@ fn split_userinfo(a: &Authority) -> Result<(Authority, Option<HeaderValue>), &'s
         return Ok((a.clone(), None));
     };
     let bare: Authority = host.parse().map_err(|_| "invalid host")?;
-    let decoded = percent_decode(userinfo.as_bytes());
+    let decoded: Vec<u8> = percent_encoding::percent_decode(userinfo.as_bytes()).collect();
     use base64::Engine as _;
     let mut value = b"Basic ".to_vec();
     value.extend_from_slice(
@@ -404,25 +404,6 @@ fn split_userinfo(a: &Authority) -> Result<(Authority, Option<HeaderValue>), &'s
     let mut value = HeaderValue::from_bytes(&value).map_err(|_| "invalid userinfo")?;
     value.set_sensitive(true);
     Ok((bare, Some(value)))
-}
-
-fn percent_decode(s: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'%'
-            && i + 2 < s.len()
-            && let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2]))
-        {
-            out.push(h << 4 | l);
-            i += 3;
-            continue;
-        }
-        out.push(s[i]);
-        i += 1;
-    }
-    out
 }
 
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {

@@ -226,7 +226,12 @@ mod tests {
         let b = t.get_ref().get("b").unwrap().get_ref().as_array().unwrap();
         let b0 = b[0].get_ref().as_table().unwrap();
         assert!(b0.get("y").is_none() && b0.get("z").is_some());
-        assert!(!remove_at(t.get_mut(), 0) || t.get_ref().get("a").is_none());
+        let x = text.find("x = 1").unwrap() + 4;
+        assert!(remove_at(t.get_mut(), x));
+        let a = t.get_ref().get("a").unwrap().get_ref().as_table().unwrap();
+        assert!(a.get("x").is_none());
+        // Past the end of the text no key covers the offset.
+        assert!(!remove_at(t.get_mut(), text.len() + 10));
     }
 
     #[test]

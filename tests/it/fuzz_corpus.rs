@@ -49,5 +49,8 @@ fn fuzz_corpus_replays_clean() {
 #[test]
 fn fuzz_regressions_stay_fixed() {
     let total: usize = replay("regressions").iter().map(|(_, n)| n).sum();
-    assert!(total >= 7, "only {total} regression inputs found (7 were committed)");
+    assert!(
+        total >= 7,
+        "only {total} regression inputs found (7 were committed)"
+    );
 }

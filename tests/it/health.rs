@@ -720,13 +720,19 @@ async fn a_changed_check_keeps_its_last_result_until_the_new_definition_has_run(
     );
 
     // Until the new definition's first run ends (its whole timeout), the old result stays.
-    while health.snapshot().get("moved").unwrap().checked_at == before.checked_at {
-        assert_eq!(
-            health.snapshot().get("moved").unwrap().status,
-            Status::Healthy
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::support::eventually(
+        Duration::from_secs(5),
+        "the new definition's first result",
+        || async {
+            let moved = health.snapshot().get("moved").unwrap().clone();
+            if moved.checked_at == before.checked_at {
+                assert_eq!(moved.status, Status::Healthy, "the old result must stay");
+                return false;
+            }
+            true
+        },
+    )
+    .await;
     let after = health.snapshot().get("moved").unwrap().clone();
     assert_eq!(after.status, Status::Unhealthy);
     assert!(message(&after).contains("timed out"), "{after:?}");

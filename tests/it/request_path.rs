@@ -232,10 +232,11 @@ async fn an_http10_upstream_still_gives_http11_clients_keep_alive() {
 
 /// An app speaking HTTP/1.1 and h2c (prior knowledge) answering with what it saw:
 /// `{"authority": ..., "host": [...]}` (`?sleep_ms=N` first waits), and counting the TCP
-/// connections it accepted.
+/// connections it accepted and the requests that reached it.
 struct H2App {
     addr: std::net::SocketAddr,
     conns: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -249,25 +250,35 @@ impl H2App {
         let addr = listener.local_addr().unwrap();
         let conns = Arc::new(AtomicUsize::new(0));
         let counter = conns.clone();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let seen = requests.clone();
         let task = tokio::spawn(async move {
             let mut set = tokio::task::JoinSet::new();
             while let Ok((sock, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    if let Some(ms) = req.uri().query().and_then(|q| q.strip_prefix("sleep_ms=")) {
-                        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+                let seen = seen.clone();
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        if let Some(ms) =
+                            req.uri().query().and_then(|q| q.strip_prefix("sleep_ms="))
+                        {
+                            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+                        }
+                        let hosts: Vec<String> = req
+                            .headers()
+                            .get_all("host")
+                            .iter()
+                            .map(|v| v.to_str().unwrap().to_owned())
+                            .collect();
+                        let echo = serde_json::json!({
+                            "authority": req.uri().authority().map(|a| a.as_str()),
+                            "host": hosts,
+                        });
+                        Ok::<_, std::convert::Infallible>(http::Response::new(full(
+                            echo.to_string(),
+                        )))
                     }
-                    let hosts: Vec<String> = req
-                        .headers()
-                        .get_all("host")
-                        .iter()
-                        .map(|v| v.to_str().unwrap().to_owned())
-                        .collect();
-                    let echo = serde_json::json!({
-                        "authority": req.uri().authority().map(|a| a.as_str()),
-                        "host": hosts,
-                    });
-                    Ok::<_, std::convert::Infallible>(http::Response::new(full(echo.to_string())))
                 });
                 set.spawn(async move {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -276,11 +287,20 @@ impl H2App {
                 });
             }
         });
-        H2App { addr, conns, task }
+        H2App {
+            addr,
+            conns,
+            requests,
+            task,
+        }
     }
 
     fn connections(&self) -> usize {
         self.conns.load(Ordering::SeqCst)
+    }
+
+    fn hits(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
     }
 }
 
@@ -396,18 +416,25 @@ async fn h2_rapid_reset_gets_goaway_and_does_not_churn_upstream_connections() {
     let mut goaway = false;
     // HEADERS, then RST_STREAM a moment later: each stream is accepted and dispatched first.
     while sent < 1000 {
-        let ready = tokio::time::timeout(LIMIT, client.clone().ready()).await;
-        let Ok(Ok(ready)) = ready else {
-            goaway = true;
-            break;
+        let ready = tokio::time::timeout(LIMIT, client.clone().ready())
+            .await
+            .unwrap_or_else(|_| panic!("the connection stalled after {sent} streams"));
+        client = match ready {
+            Ok(ready) => ready,
+            Err(e) => {
+                goaway = e.is_go_away();
+                break;
+            }
         };
-        client = ready;
         let req = http::Request::get(og.url("/slow?sleep_ms=500"))
             .body(())
             .unwrap();
-        let Ok((_resp, mut stream)) = client.send_request(req, true) else {
-            goaway = true;
-            break;
+        let mut stream = match client.send_request(req, true) {
+            Ok((_resp, stream)) => stream,
+            Err(e) => {
+                goaway = e.is_go_away();
+                break;
+            }
         };
         sent += 1;
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -418,6 +445,12 @@ async fn h2_rapid_reset_gets_goaway_and_does_not_churn_upstream_connections() {
     assert!(ended.is_ok(), "the abusive connection is still open");
     let conns = app.connections();
     println!("{sent} streams reset before GOAWAY; the upstream saw {conns} connections");
+    // The resets hit streams already dispatched (else the bound below says nothing).
+    assert!(
+        app.hits() >= 20,
+        "only {} streams reached the upstream",
+        app.hits()
+    );
     assert!(
         conns <= 150,
         "{sent} resets made {conns} upstream connections"

@@ -6,14 +6,14 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::eventually;
 use crate::support::opsgate::{Opsgate, get, h2c, http1, raw_exchange, raw_status, send};
-use crate::support::upstream::{Filler, Hangup, Upstream, WsEcho, full, refused_url};
+use crate::support::upstream::{Filler, Hangup, Upstream, WsEcho, full, refused_url, seen};
 
 const MIB: u64 = 1024 * 1024;
 /// opsgate's peak RSS while streaming 100 MiB either way must stay under this.
@@ -22,14 +22,6 @@ const RSS_LIMIT_KIB: u64 = 64 * 1024;
 /// The shorthand config: one upstream, one catch-all route named `default`.
 fn shorthand(upstream: &str, proxy_extra: &str) -> String {
     format!("[proxy]\nupstream = \"{upstream}\"\n{proxy_extra}\n")
-}
-
-/// The values the echo upstream saw for header `name`.
-fn seen(echo: &Value, name: &str) -> Vec<String> {
-    echo["headers"][name]
-        .as_array()
-        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
-        .unwrap_or_default()
 }
 
 #[tokio::test]

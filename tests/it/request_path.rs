@@ -8,24 +8,15 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::eventually;
-use crate::support::opsgate::{Launch, Opsgate, get, raw_exchange, raw_status};
-use crate::support::upstream::{Upstream, full};
+use crate::support::opsgate::{Launch, breaker, get, raw_exchange, raw_status};
+use crate::support::upstream::{Upstream, full, seen};
 
 /// Upper bound for any condition awaited below; the configs use far shorter timeouts.
 const LIMIT: Duration = Duration::from_secs(5);
-
-/// The values the echo upstream saw for header `name`.
-fn seen(echo: &Value, name: &str) -> Vec<String> {
-    echo["headers"][name]
-        .as_array()
-        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
-        .unwrap_or_default()
-}
 
 #[tokio::test]
 async fn upstream_url_credentials_are_sent_as_basic_auth_and_never_logged() {
@@ -83,19 +74,6 @@ fn guarded(url: &str, upstream_extra: &str) -> String {
     )
 }
 
-/// The `/_ops/breakers` entry of breaker `name`.
-async fn breaker(og: &Opsgate, name: &str) -> Value {
-    let answer = get(&og.admin_url("/_ops/breakers"), &[]).await;
-    assert_eq!(answer.status, 200, "{}", answer.text());
-    answer.json()["breakers"]
-        .as_array()
-        .expect("a breakers list")
-        .iter()
-        .find(|b| b["name"] == name)
-        .unwrap_or_else(|| panic!("no breaker {name} in {}", answer.text()))
-        .clone()
-}
-
 #[tokio::test]
 async fn client_body_faults_never_count_against_the_upstream() {
     let app = Upstream::echo("app").await;
@@ -139,7 +117,7 @@ async fn client_body_faults_never_count_against_the_upstream() {
         "a client fault was retried: {} hits",
         app.hits()
     );
-    let b = breaker(&og, "app").await;
+    let b = breaker(og.admin_addr(), "app").await;
     assert_eq!(b["state"], "closed", "{b}");
     assert_eq!(b["failed_calls"], 0, "{b}");
     let answer = get(&og.url("/after"), &[]).await;

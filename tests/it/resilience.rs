@@ -112,15 +112,7 @@ impl Rig {
 
     /// The `/_ops/breakers` entry of breaker `name`.
     async fn breaker(&self, name: &str) -> Value {
-        let answer = get(&format!("http://{}/_ops/breakers", self.admin), &[]).await;
-        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
-        answer.json()["breakers"]
-            .as_array()
-            .expect("a breakers list")
-            .iter()
-            .find(|b| b["name"] == name)
-            .unwrap_or_else(|| panic!("no breaker {name} in {}", answer.text()))
-            .clone()
+        crate::support::opsgate::breaker(self.admin, name).await
     }
 
     /// The value of sample `name` whose labels include every `labels` pair, from the

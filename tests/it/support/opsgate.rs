@@ -465,6 +465,19 @@ pub async fn read_all(resp: Response<Incoming>) -> Answer {
 }
 
 /// GET `url` with extra headers, over a new HTTP/1.1 connection.
+/// The `/_ops/breakers` entry of breaker `name`, from the admin port at `admin`.
+pub async fn breaker(admin: SocketAddr, name: &str) -> serde_json::Value {
+    let answer = get(&format!("http://{admin}/_ops/breakers"), &[]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    answer.json()["breakers"]
+        .as_array()
+        .expect("a breakers list")
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no breaker {name} in {}", answer.text()))
+        .clone()
+}
+
 pub async fn get(url: &str, headers: &[(&str, &str)]) -> Answer {
     let mut b = Request::get(url);
     for (k, v) in headers {

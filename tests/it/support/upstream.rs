@@ -392,3 +392,11 @@ async fn scripted_answer(
     }
     Ok(resp)
 }
+
+/// The values the echo upstream saw for header `name`.
+pub fn seen(echo: &serde_json::Value, name: &str) -> Vec<String> {
+    echo["headers"][name]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default()
+}

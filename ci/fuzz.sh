@@ -22,15 +22,16 @@ fi
 # resumes it.
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-${HOME:-/tmp}/.cache/opsgate-fuzz-target}"
 build=(-O)
-left=$build_budget
+
 rc=0
-timeout "$left" cargo +nightly fuzz build "${build[@]}" >/tmp/opsgate-fuzz-build.log 2>&1 || rc=$?
+build_log=$(mktemp)
+timeout "$build_budget" cargo +nightly fuzz build "${build[@]}" >"$build_log" 2>&1 || rc=$?
 if ((rc == 124)); then
-    echo "fuzz: skipped (the fuzz build did not finish in ${left}s; it resumes next run)"
+    echo "fuzz: skipped (the fuzz build did not finish in ${build_budget}s; it resumes next run)"
     exit 0
 elif ((rc != 0)); then
     echo "fuzz: the fuzz build failed" >&2
-    tail -30 /tmp/opsgate-fuzz-build.log >&2
+    tail -30 "$build_log" >&2
     exit 1
 fi
 start=$SECONDS

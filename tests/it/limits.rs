@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -326,15 +325,6 @@ fn fleet_config(app: &str, redis: &str) -> String {
     )
 }
 
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 #[tokio::test]
 async fn two_instances_share_one_fleet_budget_and_fall_back_while_redis_is_down() {
     let app = Scripted::start(Reply::Ok).await;
@@ -370,18 +360,11 @@ async fn two_instances_share_one_fleet_budget_and_fall_back_while_redis_is_down(
         );
     }
     // The Redis keys expire on their own: nothing outlives the fleet.
-    let ttl: i64 = redis_cli(redis.port, &["PTTL", "it:rl:api:route"])
-        .parse()
-        .unwrap();
+    let ttl: i64 = redis.cli(&["PTTL", "it:rl:api:route"]).parse().unwrap();
     assert!(ttl > 0, "bucket TTL {ttl}");
-    let ttl: i64 = redis_cli(redis.port, &["PTTL", "it:rl:api:instances"])
-        .parse()
-        .unwrap();
+    let ttl: i64 = redis.cli(&["PTTL", "it:rl:api:instances"]).parse().unwrap();
     assert!(ttl > 0, "instance set TTL {ttl}");
-    assert_eq!(
-        redis_cli(redis.port, &["ZCARD", "it:rl:api:instances"]),
-        "2"
-    );
+    assert_eq!(redis.cli(&["ZCARD", "it:rl:api:instances"]), "2");
 
     // Redis dies: both instances keep answering (never waiting on it) and fall back.
     redis.kill();

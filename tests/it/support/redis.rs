@@ -54,8 +54,8 @@ impl RedisServer {
     }
 
     /// Runs `redis-cli` against it (authenticating when started with `--requirepass`);
-    /// panics unless it succeeds.
-    pub fn cli(&self, args: &[&str]) {
+    /// panics unless it succeeds. Returns what it printed, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
         let password = self
             .extra_args
             .iter()
@@ -66,12 +66,9 @@ impl RedisServer {
         if let Some(pw) = password {
             cmd.args(["--no-auth-warning", "-a", pw]);
         }
-        let status = cmd
-            .args(args)
-            .stdout(Stdio::null())
-            .status()
-            .expect("redis-cli on PATH");
-        assert!(status.success(), "redis-cli {args:?} failed");
+        let out = cmd.args(args).output().expect("redis-cli on PATH");
+        assert!(out.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// SIGKILL: the server dies without a goodbye, like a crashed dependency.

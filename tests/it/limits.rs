@@ -89,6 +89,14 @@ async fn a_client_ip_key_gives_each_client_behind_a_trusted_proxy_its_own_bucket
     );
     let text = get(&og.url("/metrics"), &[]).await.text();
     assert!(!text.contains("203.0.113"), "keys never become labels");
+    assert_eq!(
+        status(&og).await["limits"]["routes"]["api"],
+        serde_json::json!({"scope": "local", "key": "client_ip", "fallback": false})
+    );
+    assert_eq!(
+        status(&og).await["limits"]["upstreams"],
+        serde_json::json!({})
+    );
 }
 
 #[tokio::test]
@@ -139,6 +147,15 @@ fn fleet_scope_without_a_control_redis_url_is_an_error_at_its_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(":10:") && stderr.contains("key"),
+        "{stderr}"
+    );
+
+    let no_keys = text.replace("scope = \"fleet\"", "max_keys = 0");
+    let (out, _, _dir) = check_config(&no_keys);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(":10:") && stderr.contains("max_keys"),
         "{stderr}"
     );
 }
@@ -203,19 +220,24 @@ impl Drop for Workers {
     }
 }
 
+/// An app `app` with an adaptive limit pinned at 2, a critical route `/pay` and a public
+/// catch-all, and a breaker that would open on one failure.
+fn pinned_limit_config(app: &str, dry_run: bool) -> String {
+    format!(
+        "[proxy]\naccess_log = false\n\n\
+         [upstreams.app]\nurl = \"{app}\"\nconnect_timeout = \"500ms\"\ntimeout = \"30s\"\n\
+         [upstreams.app.breaker]\nfailure_threshold = 1\n\
+         [upstreams.app.adaptive_concurrency]\nmin_limit = 2\nmax_limit = 2\ninitial_limit = 2\n\
+         dry_run = {dry_run}\n\n\
+         [[routes]]\nname = \"pay\"\nprefix = \"/pay\"\nupstream = \"app\"\nclass = \"critical\"\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n"
+    )
+}
+
 #[tokio::test]
 async fn adaptive_concurrency_sheds_non_critical_calls_first_with_503_overloaded() {
     let app = Scripted::start(Reply::Hang).await;
-    let text = format!(
-        "[proxy]\naccess_log = false\n\n\
-         [upstreams.app]\nurl = \"{}\"\nconnect_timeout = \"500ms\"\ntimeout = \"30s\"\n\
-         [upstreams.app.breaker]\nfailure_threshold = 1\n\
-         [upstreams.app.adaptive_concurrency]\nmin_limit = 2\nmax_limit = 2\ninitial_limit = 2\n\n\
-         [[routes]]\nname = \"pay\"\nprefix = \"/pay\"\nupstream = \"app\"\nclass = \"critical\"\n\n\
-         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
-        app.url()
-    );
-    let og = Opsgate::start(&text).await;
+    let og = Opsgate::start(&pinned_limit_config(&app.url(), false)).await;
     let url = og.url("/x");
     // One non-critical call hangs at the app: 90% of 2 is 1 slot for public traffic.
     let held = tokio::spawn(async move { get(&url, &[]).await });
@@ -234,6 +256,10 @@ async fn adaptive_concurrency_sheds_non_critical_calls_first_with_503_overloaded
         app.hits() == 2
     })
     .await;
+    // ... and no more than the whole limit.
+    let over = get(&og.url("/pay/z"), &[]).await;
+    assert_eq!(over.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.hits(), 2);
     assert_eq!(
         metric(
             &og,
@@ -241,7 +267,7 @@ async fn adaptive_concurrency_sheds_non_critical_calls_first_with_503_overloaded
             &[("upstream", "app")]
         )
         .await,
-        Some(1.0)
+        Some(2.0)
     );
     assert_eq!(
         metric(&og, "adaptive_concurrency_limit", &[("upstream", "app")]).await,
@@ -252,6 +278,8 @@ async fn adaptive_concurrency_sheds_non_critical_calls_first_with_503_overloaded
         st["limits"]["upstreams"]["app"],
         serde_json::json!({"adaptive_limit": 2, "in_flight": 2, "dry_run": false})
     );
+    // Routes without a rate limit are not listed.
+    assert_eq!(st["limits"]["routes"], serde_json::json!({}));
     let breaker = get(&og.admin_url("/_ops/breakers"), &[]).await.json();
     assert_eq!(
         breaker["breakers"][0]["state"], "closed",
@@ -259,6 +287,36 @@ async fn adaptive_concurrency_sheds_non_critical_calls_first_with_503_overloaded
     );
     held.abort();
     critical.abort();
+}
+
+#[tokio::test]
+async fn adaptive_concurrency_dry_run_counts_would_be_sheds_and_sends_them() {
+    let app = Scripted::start(Reply::Hang).await;
+    let og = Opsgate::start(&pinned_limit_config(&app.url(), true)).await;
+    let mut calls = Vec::new();
+    for n in 1..=2 {
+        let url = og.url("/x");
+        calls.push(tokio::spawn(async move { get(&url, &[]).await }));
+        eventually(LIMIT, "the call reaches the app", || async {
+            app.hits() == n
+        })
+        .await;
+    }
+    // The second public call was over the 90% share: counted, and sent all the same.
+    assert_eq!(
+        metric(
+            &og,
+            "adaptive_concurrency_rejected_total",
+            &[("upstream", "app")]
+        )
+        .await,
+        Some(1.0)
+    );
+    let st = status(&og).await;
+    assert_eq!(st["limits"]["upstreams"]["app"]["dry_run"], true);
+    for call in calls {
+        call.abort();
+    }
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use http::{HeaderValue, Method, Uri};
 use http_body::{Frame, SizeHint};
 
 use super::body::{Body, BoxError};
+use super::respond::{CLIENT_CLOSED, ProxyError};
 use crate::telemetry::RouteMetrics;
 use crate::telemetry::access::{AccessLog, Entry};
 use crate::telemetry::metrics::method_index;
@@ -66,8 +67,8 @@ impl Drop for Record {
     fn drop(&mut self) {
         // Dropped before any answer was decided: the client went away while we waited.
         if self.status == 0 {
-            self.status = super::pipeline::CLIENT_CLOSED;
-            self.error = self.error.or(Some("client_abort"));
+            self.status = CLIENT_CLOSED;
+            self.error = self.error.or(Some(ProxyError::ClientAbort.label()));
         }
         let elapsed = self.start.elapsed();
         self.metrics.finish(

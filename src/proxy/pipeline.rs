@@ -61,9 +61,6 @@ pub struct Proxy {
     pub resilience: crate::telemetry::metrics::ResilienceMetrics,
 }
 
-/// What the access log and metrics say when the client left before its answer (nginx's 499).
-pub const CLIENT_CLOSED: u16 = 499;
-
 /// How long a client is asked to wait while critical checks hold traffic at startup.
 const STARTING_RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -379,7 +376,6 @@ fn respond_err(
     request_id: Option<HeaderValue>,
 ) -> Response<ObservedBody> {
     rec.error = Some(e.label());
-    let client_abort = e == ProxyError::ClientAbort;
     let mut resp = match (&route.fallback, e.takes_fallback()) {
         (Some(fb), true) => {
             let mut r = Response::new(Body::Full(Some(fb.body.clone())));
@@ -388,16 +384,12 @@ fn respond_err(
                 .insert(header::CONTENT_TYPE, fb.content_type.clone());
             r
         }
-        _ => e.into_response(),
+        _ => e.clone().into_response(),
     };
     if let Some(id) = request_id {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
     }
-    rec.status = if client_abort {
-        CLIENT_CLOSED
-    } else {
-        resp.status().as_u16()
-    };
+    rec.status = e.logged_status(resp.status());
     with_record_status(resp, rec, None)
 }
 

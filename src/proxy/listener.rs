@@ -142,7 +142,9 @@ pub async fn serve(
                 let proxy = proxy.clone();
                 let mut in_flight = InFlight::start(&service_state);
                 async move {
-                    let resp = proxy.handle(req, conn_info).await;
+                    // Boxed: the handler's state machine is a few KiB, and hyper's dispatcher
+                    // would otherwise move it by value on every request.
+                    let resp = Box::pin(proxy.handle(req, conn_info)).await;
                     in_flight.answered(resp.status());
                     Ok::<_, Infallible>(resp.map(|b| b.with_in_flight(in_flight)))
                 }

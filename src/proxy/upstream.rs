@@ -371,12 +371,9 @@ impl Target {
                 Ok(resp)
             }
             Ok(Err(e)) if e.is_connect() => {
-                if is_timeout(&e) {
-                    Err(ProxyError::UpstreamConnect)
-                } else {
-                    tracing::debug!(upstream = %self.name, error = %ErrorChain(&e), "upstream connect failed");
-                    Err(ProxyError::UpstreamConnect)
-                }
+                let timed_out = is_timeout(&e);
+                tracing::debug!(upstream = %self.name, timed_out, error = %ErrorChain(&e), "upstream connect failed");
+                Err(ProxyError::UpstreamConnect)
             }
             Ok(Err(e)) => {
                 tracing::debug!(upstream = %self.name, error = %ErrorChain(&e), "upstream request failed");
@@ -406,10 +403,15 @@ fn split_userinfo(a: &Authority) -> Result<(Authority, Option<HeaderValue>), &'s
     Ok((bare, Some(value)))
 }
 
+/// Whether a connect failed on the connect timeout: the connector reports it as an
+/// `io::Error` of kind `TimedOut` somewhere down the error's source chain.
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        if err.to_string().contains("timed out") {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
             return true;
         }
         cur = err.source();
@@ -607,5 +609,29 @@ mod tests {
         assert!(auth.is_sensitive());
         let plain: Authority = "example.com".parse().unwrap();
         assert_eq!(split_userinfo(&plain).unwrap(), (plain, None));
+    }
+
+    #[test]
+    fn a_timeout_is_recognised_by_its_kind_not_its_text() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("tcp connect error")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let timed_out = Outer(std::io::Error::new(std::io::ErrorKind::TimedOut, "elapsed"));
+        assert!(is_timeout(&timed_out));
+        // The text alone decides nothing: a refusal that says "timed out" is not a timeout.
+        let refused = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "timed out",
+        ));
+        assert!(!is_timeout(&refused));
     }
 }

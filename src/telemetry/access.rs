@@ -81,13 +81,16 @@ pub fn format_json(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
     json_str(out, e.method.as_bytes());
     out.extend_from_slice(b",\"path\":");
     json_str(out, e.path.as_bytes());
-    let _ = write!(
-        out,
-        ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"route\":",
-        e.status,
-        e.duration.as_secs_f64() * 1000.0,
-        e.bytes
-    );
+    // Integers through itoa: this runs once per request, and float formatting
+    // (`{:.3}`) costs more than the rest of the line.
+    let mut ints = itoa::Buffer::new();
+    out.extend_from_slice(b",\"status\":");
+    out.extend_from_slice(ints.format(e.status).as_bytes());
+    out.extend_from_slice(b",\"duration_ms\":");
+    millis_3(out, e.duration);
+    out.extend_from_slice(b",\"bytes\":");
+    out.extend_from_slice(ints.format(e.bytes).as_bytes());
+    out.extend_from_slice(b",\"route\":");
     json_str(out, e.route.as_bytes());
     if let Some(u) = e.upstream {
         out.extend_from_slice(b",\"upstream\":");
@@ -103,6 +106,21 @@ pub fn format_json(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
         json_str(out, err.as_bytes());
     }
     out.extend_from_slice(b",\"target\":\"access\"}\n");
+}
+
+/// A duration in milliseconds with three decimals (microseconds, rounded), as `{:.3}`
+/// would print it.
+fn millis_3(out: &mut Vec<u8>, d: Duration) {
+    let micros = (d.as_nanos() + 500) / 1000;
+    let mut ints = itoa::Buffer::new();
+    out.extend_from_slice(ints.format(micros / 1000).as_bytes());
+    let frac = (micros % 1000) as u16;
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
 }
 
 /// A JSON string. Runs of plain bytes are copied whole; quotes, backslashes and control
@@ -164,5 +182,21 @@ mod tests {
         assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000000Z");
         assert_eq!(v["request_id"], "abc");
         assert!(v.get("error").is_none());
+    }
+
+    #[test]
+    fn durations_print_as_milliseconds_with_three_decimals() {
+        for (d, text) in [
+            (Duration::ZERO, "0.000"),
+            (Duration::from_nanos(499), "0.000"),
+            (Duration::from_nanos(500), "0.001"),
+            (Duration::from_micros(1500), "1.500"),
+            (Duration::from_micros(12_345_678), "12345.678"),
+            (Duration::from_nanos(999_999_600), "1000.000"),
+        ] {
+            let mut out = Vec::new();
+            millis_3(&mut out, d);
+            assert_eq!(std::str::from_utf8(&out).unwrap(), text, "{d:?}");
+        }
     }
 }

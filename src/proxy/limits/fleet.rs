@@ -26,6 +26,13 @@ pub const LEASE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Leased tokens unspent after this are dropped, so an idle instance cannot
 /// sit on a stock and spend it in a burst long after the fleet refilled.
 pub const STOCK_TTL: Duration = Duration::from_secs(1);
+/// A stock this close to its expiry is refreshed (a lease answered later
+/// than `LEASE_TIMEOUT` is a failure anyway), so an unspent batch expiring
+/// under load does not leave requests without tokens for a round trip.
+pub const REFRESH_LEAD: Duration = LEASE_TIMEOUT;
+/// The low-water mark covers this many lease round trips of demand: one for
+/// the answer, one for a round trip slower than the last ones.
+const ROUND_TRIPS_COVERED: u32 = 2;
 /// In fallback, how often a request may try Redis again (recovery within 1 s).
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 /// An instance not seen for this long is no longer counted in N.
@@ -71,8 +78,12 @@ struct State {
     next_lease: Instant,
     /// When the last lease was asked for (demand is counted since then).
     last_ask: Instant,
-    /// Size of the last batch asked for (prefetch below half of it).
-    last_batch: u32,
+    /// Low-water mark that goes with the batch asked for: at or below it,
+    /// the next lease is asked for.
+    next_mark: u32,
+    /// Lease round trip as last seen: rises with a slow answer at once,
+    /// decays by an eighth per faster one.
+    rtt: Duration,
     /// Local limit state (Starting and Fallback): GCRA arrival time, ns since `base`.
     local_tat: u64,
     local: Gcra,
@@ -89,6 +100,9 @@ pub struct FleetBucket {
     /// Nanoseconds since `base` until which the stock may be spent; 0 while
     /// not leasing, so the fast path is closed in Starting and Fallback.
     fresh_until: AtomicU64,
+    /// From this (ns since `base`) a request takes the lock to see about
+    /// refreshing a stock close to expiry; `fresh_until` once one is asked for.
+    refresh_at: AtomicU64,
     /// At or below this stock a request takes the lock to see about a prefetch.
     prefetch_mark: AtomicU32,
     /// Requests since the last lease was asked for: the demand a batch is sized from.
@@ -106,6 +120,7 @@ impl FleetBucket {
             base: now,
             stock: AtomicU32::new(0),
             fresh_until: AtomicU64::new(0),
+            refresh_at: AtomicU64::new(0),
             prefetch_mark: AtomicU32::new(0),
             demand: AtomicU32::new(0),
             state: Mutex::new(State {
@@ -114,7 +129,8 @@ impl FleetBucket {
                 pending_since: None,
                 next_lease: now,
                 last_ask: now,
-                last_batch: 1,
+                next_mark: 0,
+                rtt: Duration::ZERO,
                 local_tat: 0,
                 local: Gcra::new(per_second, burst),
             }),
@@ -129,10 +145,15 @@ impl FleetBucket {
         nanos_since(self.base, now)
     }
 
-    /// Tokens to ask for: `LEASE_PERIOD` of this instance's demand, at least
-    /// its share of the rate, never more than the fleet burst. Sizing by
-    /// demand lets a busy instance take most of the budget in few calls.
-    fn batch(&self, s: &State, now: Instant) -> u32 {
+    /// Tokens to ask for, and the low-water mark that goes with them. The
+    /// mark is what this instance's demand spends in `ROUND_TRIPS_COVERED`
+    /// lease round trips, at least half the batch; the batch is that plus
+    /// `LEASE_PERIOD` of demand. Demand is the recent rate, at least this
+    /// instance's share, at most the fleet rate; never more than the fleet
+    /// burst. Sizing by demand lets a busy instance take most of the budget in
+    /// few calls; sizing the mark by the round trip has the refill arrive
+    /// before the stock runs out on a slow Redis.
+    fn batch(&self, s: &State, now: Instant) -> (u32, u32) {
         let share = self.per_second / f64::from(s.instances.max(1));
         let elapsed = now.saturating_duration_since(s.last_ask).as_secs_f64();
         let demand = if elapsed > 0.0 {
@@ -140,7 +161,9 @@ impl FleetBucket {
         } else {
             0.0
         };
-        let batch = (share.max(demand) * LEASE_PERIOD.as_secs_f64()).ceil() as u32;
+        let rate = share.max(demand);
+        let low_water = rate * (s.rtt * ROUND_TRIPS_COVERED).as_secs_f64();
+        let batch = (rate * LEASE_PERIOD.as_secs_f64() + low_water).ceil() as u32;
         // The first lease takes this instance's share of the burst, so a fleet
         // burst is usable at once even at low rates.
         let first = if s.mode == Mode::Starting {
@@ -148,7 +171,9 @@ impl FleetBucket {
         } else {
             0
         };
-        batch.max(first).clamp(1, self.burst.max(1))
+        let batch = batch.max(first).clamp(1, self.burst.max(1));
+        let mark = (low_water.ceil() as u32).max(batch / 2).min(batch);
+        (batch, mark)
     }
 
     pub fn mode(&self) -> Mode {
@@ -159,10 +184,10 @@ impl FleetBucket {
         self.lock().instances
     }
 
-    /// Takes a leased token without the lock while the stock is fresh and above
-    /// the prefetch mark.
+    /// Takes a leased token without the lock while the stock is fresh, not
+    /// due for a refresh, and above the prefetch mark.
     fn take_fast(&self, at: u64) -> bool {
-        if at >= self.fresh_until.load(Ordering::Acquire) {
+        if at >= self.refresh_at.load(Ordering::Acquire) {
             return false;
         }
         let mark = self.prefetch_mark.load(Ordering::Relaxed);
@@ -213,19 +238,22 @@ impl FleetBucket {
                 local.acquire(&mut s.local_tat, at)
             }
         };
+        let low = self.stock.load(Ordering::Acquire) <= self.prefetch_mark.load(Ordering::Relaxed)
+            || at >= self.refresh_at.load(Ordering::Acquire);
         let want = s.pending_since.is_none()
             && now >= s.next_lease
             && (s.mode != Mode::Leasing
-                || (self.stock.load(Ordering::Acquire) <= s.last_batch / 2
-                    && now.saturating_duration_since(s.last_ask) >= MIN_LEASE_GAP));
+                || (low && now.saturating_duration_since(s.last_ask) >= MIN_LEASE_GAP));
         let lease = want.then(|| {
-            let batch = self.batch(&s, now);
+            let (batch, mark) = self.batch(&s, now);
             s.pending_since = Some(now);
             s.last_ask = now;
-            s.last_batch = batch;
+            s.next_mark = mark;
             self.demand.store(0, Ordering::Relaxed);
             // Until this lease is answered, nobody else needs the lock to ask.
             self.prefetch_mark.store(0, Ordering::Relaxed);
+            self.refresh_at
+                .store(self.fresh_until.load(Ordering::Acquire), Ordering::Release);
             batch
         });
         Decision { admit, lease }
@@ -240,6 +268,13 @@ impl FleetBucket {
     pub fn on_grant(&self, now: Instant, grant: Grant) {
         let mut s = self.lock();
         s.pending_since = None;
+        // A late answer (after a timeout) still tells how slow Redis is.
+        let rtt = now.saturating_duration_since(s.last_ask).min(LEASE_TIMEOUT);
+        s.rtt = if rtt >= s.rtt {
+            rtt
+        } else {
+            s.rtt - (s.rtt - rtt) / 8
+        };
         if s.instances != grant.instances.max(1) {
             s.instances = grant.instances.max(1);
             s.local = self.local_gcra(s.instances);
@@ -248,12 +283,23 @@ impl FleetBucket {
         if at >= self.fresh_until.load(Ordering::Acquire) {
             self.stock.store(grant.granted, Ordering::Release);
         } else {
-            self.stock.fetch_add(grant.granted, Ordering::AcqRel);
+            // Tokens left from a batch asked for before its expiry: only what
+            // bridges a round trip is carried over, so a refresh cannot keep
+            // an unspent stock alive past `STOCK_TTL`.
+            let carry = s.next_mark;
+            let _ = self
+                .stock
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some(n.min(carry).saturating_add(grant.granted))
+                });
         }
-        self.prefetch_mark
-            .store(s.last_batch / 2, Ordering::Relaxed);
-        self.fresh_until
-            .store(self.nanos(now + STOCK_TTL), Ordering::Release);
+        self.prefetch_mark.store(s.next_mark, Ordering::Relaxed);
+        let fresh_until = self.nanos(now + STOCK_TTL);
+        self.fresh_until.store(fresh_until, Ordering::Release);
+        self.refresh_at.store(
+            fresh_until.saturating_sub(REFRESH_LEAD.as_nanos() as u64),
+            Ordering::Release,
+        );
         s.mode = Mode::Leasing;
         // Dry fleet bucket: do not ask again before it could hold half a batch
         // for each of the instances competing for its refill.
@@ -285,6 +331,7 @@ impl FleetBucket {
             // just spending at the fleet rate).
             s.local_tat = s.local.full_at(self.nanos(now));
             self.fresh_until.store(0, Ordering::Release);
+            self.refresh_at.store(0, Ordering::Release);
             self.stock.store(0, Ordering::Release);
         }
         s.next_lease = now + RETRY_INTERVAL;
@@ -528,6 +575,64 @@ mod tests {
         assert_eq!(b.mode(), Mode::Fallback);
         b.on_grant(t0 + LEASE_TIMEOUT + ms(1), grant(5, 1));
         assert_eq!(b.mode(), Mode::Leasing);
+    }
+
+    /// A Redis that answers every lease after `delay` and grants all that is
+    /// asked (a limit that never binds), on the paused clock. Offered
+    /// `offered`/s for `secs`; returns (refused, admitted, leases).
+    async fn against_a_slow_redis(
+        per_second: f64,
+        burst: u32,
+        offered: f64,
+        delay: Duration,
+        secs: u64,
+    ) -> (usize, usize, usize) {
+        let b = std::sync::Arc::new(FleetBucket::new(per_second, burst, Instant::now()));
+        let end = Instant::now() + Duration::from_secs(secs);
+        let (mut refused, mut admitted, mut leases) = (0, 0, 0);
+        let mut carry = 0.0;
+        while Instant::now() < end {
+            tokio::time::sleep(ms(1)).await;
+            carry += offered / 1000.0;
+            while carry >= 1.0 {
+                carry -= 1.0;
+                let d = b.admit(Instant::now());
+                match d.admit {
+                    Ok(()) => admitted += 1,
+                    Err(_) => refused += 1,
+                }
+                if let Some(want) = d.lease {
+                    leases += 1;
+                    let b = b.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        b.on_grant(Instant::now(), grant(want, 1));
+                    });
+                }
+            }
+        }
+        (refused, admitted, leases)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_slower_than_half_a_batch_is_asked_for_early_enough() {
+        // 150 ms per lease (under the 200 ms timeout): half of a 200 ms batch
+        // runs out before the answer arrives unless the low-water mark
+        // covers the round trip.
+        let (refused, admitted, leases) =
+            against_a_slow_redis(1000.0, 1000, 900.0, ms(150), 5).await;
+        assert_eq!(refused, 0, "{admitted} admitted, {leases} leases");
+        assert!(leases * 10 <= admitted, "{leases} leases for {admitted}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stock_about_to_expire_is_refreshed_before_it_does() {
+        // A big first batch (the burst) that the instance does not spend
+        // within STOCK_TTL: the refill must be asked for before it expires.
+        let (refused, admitted, leases) =
+            against_a_slow_redis(50_000.0, 50_000, 12_000.0, ms(5), 4).await;
+        assert_eq!(refused, 0, "{admitted} admitted, {leases} leases");
+        assert!(leases * 10 <= admitted, "{leases} leases for {admitted}");
     }
 
     /// Three instances sharing a simulated Redis bucket, load spread 70/20/10

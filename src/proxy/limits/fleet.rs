@@ -382,6 +382,8 @@ return {granted, n, wait}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use tokio::time::advance;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -477,103 +479,136 @@ mod tests {
         assert!(b.admit(t0 + ms(160)).lease.is_some());
     }
 
-    #[test]
-    fn a_failure_falls_back_to_the_share_of_the_last_known_fleet() {
-        let t0 = Instant::now();
-        let b = FleetBucket::new(300.0, 30, t0);
-        let _ = b.admit(t0);
-        b.on_grant(t0, grant(0, 3));
-        let _ = b.admit(t0 + ms(100));
-        b.on_failure(t0 + ms(100));
+    /// Answers `want` after `delay` of paused time, as the driver would:
+    /// `Some(grant)` from Redis, `None` a failed lease.
+    fn answer(b: &Arc<FleetBucket>, delay: Duration, result: Option<Grant>) {
+        let b = Arc::clone(b);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            match result {
+                Some(g) => b.on_grant(Instant::now(), g),
+                None => b.on_failure(Instant::now()),
+            }
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_falls_back_to_the_share_of_the_last_known_fleet() {
+        let b = Arc::new(FleetBucket::new(300.0, 30, Instant::now()));
+        let _ = b.admit(Instant::now());
+        b.on_grant(Instant::now(), grant(0, 3));
+        advance(ms(100)).await;
+        let d = b.admit(Instant::now());
+        assert!(d.lease.is_some());
+        answer(&b, ms(1), None);
+        // Auto-advance: the answer (due at 1 ms) runs before this sleep ends.
+        tokio::time::sleep(ms(2)).await;
         assert_eq!(b.mode(), Mode::Fallback);
         // Local limit: 100/s, entered empty. Over 1 s offered 1000/s: ~100 admitted.
         let mut ok = 0;
-        for step in 0..1000 {
-            ok += usize::from(b.admit(t0 + ms(101 + step)).admit.is_ok());
+        for _ in 0..1000 {
+            advance(ms(1)).await;
+            let d = b.admit(Instant::now());
+            ok += usize::from(d.admit.is_ok());
+            if d.lease.is_some() {
+                b.on_failure(Instant::now());
+            }
         }
         assert!((98..=101).contains(&ok), "{ok}");
     }
 
-    #[test]
-    fn never_known_fleet_falls_back_to_the_whole_rate() {
-        let t0 = Instant::now();
-        let b = FleetBucket::new(50.0, 5, t0);
-        let _ = b.admit(t0);
-        b.on_failure(t0);
+    #[tokio::test(start_paused = true)]
+    async fn never_known_fleet_falls_back_to_the_whole_rate() {
+        let b = FleetBucket::new(50.0, 5, Instant::now());
+        let _ = b.admit(Instant::now());
+        b.on_failure(Instant::now());
         assert_eq!(b.mode(), Mode::Fallback);
         assert_eq!(b.instances(), 1);
-        let ok = (0..1000)
-            .filter(|s| b.admit(t0 + ms(*s)).admit.is_ok())
-            .count();
+        let mut ok = 0;
+        for _ in 0..1000 {
+            let d = b.admit(Instant::now());
+            ok += usize::from(d.admit.is_ok());
+            if d.lease.is_some() {
+                b.on_failure(Instant::now());
+            }
+            advance(ms(1)).await;
+        }
         assert!((48..=51).contains(&ok), "{ok}");
     }
 
-    #[test]
-    fn a_stalled_lease_falls_back_within_the_lease_timeout() {
-        let t0 = Instant::now();
-        let b = FleetBucket::new(100.0, 100, t0);
-        let _ = b.admit(t0);
-        b.on_grant(t0, grant(20, 2));
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_lease_falls_back_within_the_lease_timeout() {
+        let b = FleetBucket::new(100.0, 100, Instant::now());
+        let _ = b.admit(Instant::now());
+        b.on_grant(Instant::now(), grant(20, 2));
         // Drain to trigger a prefetch that Redis never answers.
+        advance(ms(60)).await;
         let mut asked = None;
-        for i in 0..20 {
-            if b.admit(t0 + ms(60 + i)).lease.is_some() {
-                asked = Some(t0 + ms(60 + i));
+        for _ in 0..20 {
+            advance(ms(1)).await;
+            if b.admit(Instant::now()).lease.is_some() {
+                asked = Some(Instant::now());
             }
         }
         let asked = asked.expect("prefetch");
         assert_eq!(b.mode(), Mode::Leasing);
-        let _ = b.admit(asked + LEASE_TIMEOUT - ms(1));
-        assert_eq!(b.mode(), Mode::Leasing, "not before the timeout");
-        let d = b.admit(asked + LEASE_TIMEOUT);
-        assert_eq!(b.mode(), Mode::Fallback);
-        assert!(d.admit.is_err(), "the local bucket starts empty");
+        // One request per millisecond from then on.
+        let fell_back = loop {
+            advance(ms(1)).await;
+            let d = b.admit(Instant::now());
+            if b.mode() == Mode::Fallback {
+                assert!(d.admit.is_err(), "the local bucket starts empty");
+                break Instant::now();
+            }
+        };
+        assert_eq!(fell_back - asked, LEASE_TIMEOUT, "not a moment later");
         // ... and admits at the local rate (100/s over 2 instances) from then on.
-        let local = asked + LEASE_TIMEOUT + ms(20);
-        assert_eq!(b.admit(local).admit, Ok(()));
+        advance(ms(20)).await;
+        assert_eq!(b.admit(Instant::now()).admit, Ok(()));
     }
 
-    #[test]
-    fn recovers_within_a_second_of_redis_returning() {
+    #[tokio::test(start_paused = true)]
+    async fn recovers_within_a_second_of_redis_returning() {
         let t0 = Instant::now();
-        let b = FleetBucket::new(100.0, 100, t0);
-        let _ = b.admit(t0);
-        b.on_failure(t0);
-        // Down: a lease is retried every RETRY_INTERVAL, not per request.
-        let mut t = t0;
+        let b = Arc::new(FleetBucket::new(100.0, 100, t0));
+        let redis_back = t0 + Duration::from_secs(2);
+        // 200 requests/s; a lease fails after 1 ms while Redis is down (refused).
         let mut tries = 0;
-        while t < t0 + Duration::from_secs(2) {
-            t += ms(5);
-            if b.admit(t).lease.is_some() {
-                tries += 1;
-                b.on_failure(t);
-            }
-        }
-        assert!((7..=8).contains(&tries), "{tries}");
-        // Redis back: the next try succeeds and the bucket leases again.
-        let back = t;
         let mut recovered = None;
-        while t < back + Duration::from_secs(1) {
-            t += ms(5);
-            if b.admit(t).lease.is_some() {
-                b.on_grant(t, grant(20, 1));
-                recovered = Some(t);
-                break;
+        while recovered.is_none() && Instant::now() < redis_back + Duration::from_secs(1) {
+            tokio::time::sleep(ms(5)).await;
+            let now = Instant::now();
+            if b.admit(now).lease.is_some() {
+                if now < redis_back {
+                    tries += 1;
+                    answer(&b, ms(1), None);
+                } else {
+                    answer(&b, ms(1), Some(grant(20, 1)));
+                }
+            }
+            if now >= redis_back && b.mode() == Mode::Leasing {
+                recovered = Some(now);
             }
         }
-        let recovered = recovered.expect("retried within 1 s");
-        assert!(recovered - back <= RETRY_INTERVAL);
-        assert_eq!(b.mode(), Mode::Leasing);
+        // Down: a lease is retried every RETRY_INTERVAL, not per request.
+        assert!((8..=9).contains(&tries), "{tries}");
+        let recovered = recovered.expect("back on the fleet budget within 1 s");
+        assert!(
+            recovered - redis_back <= RETRY_INTERVAL + ms(5),
+            "{:?}",
+            recovered - redis_back
+        );
     }
 
-    #[test]
-    fn a_late_grant_after_fallback_is_still_used() {
-        let t0 = Instant::now();
-        let b = FleetBucket::new(100.0, 100, t0);
-        let _ = b.admit(t0);
-        let _ = b.admit(t0 + LEASE_TIMEOUT);
+    #[tokio::test(start_paused = true)]
+    async fn a_late_grant_after_fallback_is_still_used() {
+        let b = FleetBucket::new(100.0, 100, Instant::now());
+        let _ = b.admit(Instant::now());
+        advance(LEASE_TIMEOUT).await;
+        let _ = b.admit(Instant::now());
         assert_eq!(b.mode(), Mode::Fallback);
-        b.on_grant(t0 + LEASE_TIMEOUT + ms(1), grant(5, 1));
+        advance(ms(1)).await;
+        b.on_grant(Instant::now(), grant(5, 1));
         assert_eq!(b.mode(), Mode::Leasing);
     }
 
@@ -587,7 +622,7 @@ mod tests {
         delay: Duration,
         secs: u64,
     ) -> (usize, usize, usize) {
-        let b = std::sync::Arc::new(FleetBucket::new(per_second, burst, Instant::now()));
+        let b = Arc::new(FleetBucket::new(per_second, burst, Instant::now()));
         let end = Instant::now() + Duration::from_secs(secs);
         let (mut refused, mut admitted, mut leases) = (0, 0, 0);
         let mut carry = 0.0;

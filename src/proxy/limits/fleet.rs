@@ -81,8 +81,8 @@ struct State {
     /// Low-water mark that goes with the batch asked for: at or below it,
     /// the next lease is asked for.
     next_mark: u32,
-    /// Stock carried over when the batch asked for lands: the mark in force
-    /// when it was asked for, so only a refresh before expiry trims anything.
+    /// Most of the stock carried over when the batch asked for lands: the new
+    /// mark for a refresh before expiry, everything for a prefetch.
     carry: u32,
     /// Lease round trip as last seen: rises with a slow answer at once,
     /// decays by an eighth per faster one.
@@ -242,18 +242,21 @@ impl FleetBucket {
                 local.acquire(&mut s.local_tat, at)
             }
         };
-        let low = self.stock.load(Ordering::Acquire) <= self.prefetch_mark.load(Ordering::Relaxed)
-            || at >= self.refresh_at.load(Ordering::Acquire);
+        let low = self.stock.load(Ordering::Acquire) <= self.prefetch_mark.load(Ordering::Relaxed);
+        let refresh = at >= self.refresh_at.load(Ordering::Acquire);
         let want = s.pending_since.is_none()
             && now >= s.next_lease
             && (s.mode != Mode::Leasing
-                || (low && now.saturating_duration_since(s.last_ask) >= MIN_LEASE_GAP));
+                || ((low || refresh)
+                    && now.saturating_duration_since(s.last_ask) >= MIN_LEASE_GAP));
         let lease = want.then(|| {
             let (batch, mark) = self.batch(&s, now);
             s.pending_since = Some(now);
             s.last_ask = now;
             s.next_mark = mark;
-            s.carry = self.prefetch_mark.load(Ordering::Relaxed);
+            // A stock refreshed above its mark was leased for more demand than
+            // came: what the new mark does not need would have expired.
+            s.carry = if low { u32::MAX } else { mark };
             self.demand.store(0, Ordering::Relaxed);
             // Until this lease is answered, nobody else needs the lock to ask.
             self.prefetch_mark.store(0, Ordering::Relaxed);

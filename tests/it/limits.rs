@@ -376,43 +376,138 @@ async fn adaptive_concurrency_keeps_a_saturated_app_near_its_worker_count() {
     );
 }
 
+/// The fleet limit of the multi-process tests: 100/s across every instance.
+const FLEET_RATE: usize = 100;
+
 fn fleet_config(app: &str, redis: &str) -> String {
     config(
         app,
-        "rate_limit = { per_second = 5, burst = 10, scope = \"fleet\" }",
+        &format!(
+            "rate_limit = {{ per_second = {FLEET_RATE}, burst = {FLEET_RATE}, scope = \"fleet\" }}"
+        ),
         &format!("[control]\nredis_url = \"{redis}\"\nkey_prefix = \"it\"\n"),
     )
 }
 
-#[tokio::test]
-async fn two_instances_share_one_fleet_budget_and_fall_back_while_redis_is_down() {
-    let app = Scripted::start(Reply::Ok).await;
-    let mut redis = RedisServer::start();
-    let a = Opsgate::start(&fleet_config(&app.url(), &redis.url())).await;
-    let b = Opsgate::start(&fleet_config(&app.url(), &redis.url())).await;
+/// Open-loop load on several instances at once: each gets `rate` requests per
+/// second on pooled keep-alive connections, whatever the answers' latency.
+/// Records (instance, when sent, status; `None` for no answer).
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<std::sync::Mutex<Vec<(usize, Instant, Option<StatusCode>)>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
 
-    // 40 requests alternating between the instances, as fast as they answer.
-    let started = Instant::now();
-    let mut ok = 0;
-    for i in 0..40 {
-        let og = if i % 2 == 0 { &a } else { &b };
-        let answer = get_as(og, &[]).await;
-        match answer.status {
-            StatusCode::OK => ok += 1,
-            StatusCode::TOO_MANY_REQUESTS => {}
-            other => panic!("{other}: {}", answer.text()),
+impl Load {
+    fn start(targets: &[(String, f64)]) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = targets
+            .iter()
+            .enumerate()
+            .map(|(i, (url, rate))| {
+                let (url, rate) = (url.clone(), *rate);
+                let (stop, sent) = (stop.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                        .build_http::<crate::support::upstream::TestBody>();
+                    let start = tokio::time::Instant::now();
+                    let mut n = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        let due = start + Duration::from_secs_f64(f64::from(n) / rate);
+                        tokio::time::sleep_until(due).await;
+                        n += 1;
+                        let req = http::Request::get(url.as_str())
+                            .body(crate::support::upstream::full(Bytes::new()))
+                            .unwrap();
+                        let (client, sent) = (client.clone(), sent.clone());
+                        tokio::spawn(async move {
+                            let at = Instant::now();
+                            let answer = tokio::time::timeout(LIMIT, client.request(req)).await;
+                            let status = answer.ok().and_then(Result::ok).map(|r| r.status());
+                            sent.lock().unwrap().push((i, at, status));
+                        });
+                    }
+                })
+            })
+            .collect();
+        Self { stop, sent, tasks }
+    }
+
+    /// Answers to requests sent in `[from, to)`: (admitted, refused, other).
+    fn between(&self, from: Instant, to: Instant) -> (usize, usize, usize) {
+        let sent = self.sent.lock().unwrap();
+        let mut out = (0, 0, 0);
+        for (_, _, status) in sent.iter().filter(|(_, at, _)| *at >= from && *at < to) {
+            match *status {
+                Some(StatusCode::OK) => out.0 += 1,
+                Some(StatusCode::TOO_MANY_REQUESTS) => out.1 += 1,
+                _ => out.2 += 1,
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in &self.tasks {
+            t.abort();
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    // One budget: burst 10 + 5/s, plus what each instance admits locally
-    // before its first lease is answered. Two local limits would admit 20+.
-    let bound = 10.0 + 5.0 * elapsed + 4.0;
-    assert!(
-        f64::from(ok) <= bound,
-        "{ok} admitted in {elapsed:.2}s (bound {bound:.1})"
+}
+
+async fn fallback(og: &Opsgate) -> bool {
+    status(og).await["limits"]["routes"]["api"]["fallback"] == true
+}
+
+fn count_logs(og: &Opsgate, what: &str) -> usize {
+    og.logs().iter().filter(|l| l.contains(what)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_one_fleet_budget_and_fall_back_while_redis_is_down() {
+    let app = Scripted::start(Reply::Ok).await;
+    let mut redis = RedisServer::start();
+    let text = fleet_config(&app.url(), &redis.url());
+    let fleet = [
+        Opsgate::start(&text).await,
+        Opsgate::start(&text).await,
+        Opsgate::start(&text).await,
+    ];
+    // 3x the fleet limit, spread 70/20/10.
+    let offered = 3.0 * FLEET_RATE as f64;
+    let load = Load::start(
+        &[0.7, 0.2, 0.1]
+            .iter()
+            .zip(&fleet)
+            .map(|(share, og)| (og.url("/x"), offered * share))
+            .collect::<Vec<_>>(),
     );
-    assert!(ok >= 10, "{ok}: the fleet burst is available");
-    for og in [&a, &b] {
+    let started = Instant::now();
+    let second = Duration::from_secs(1);
+    tokio::time::sleep(4 * second).await;
+    let per_second: Vec<_> = (1..4)
+        .map(|s| load.between(started + s * second, started + (s + 1) * second))
+        .collect();
+    // After the first second the fleet admits its limit. At 100/s a lease lump
+    // is a tenth of a second's budget, and this machine is shared: a second is
+    // held to 20%, the mean to 10% (bench/overload.py measures 10% a second).
+    for (s, (ok, _, other)) in per_second.iter().enumerate() {
+        assert_eq!(*other, 0, "second {}: only 200 and 429", s + 1);
+        assert!(
+            (FLEET_RATE * 8 / 10..=FLEET_RATE * 12 / 10).contains(ok),
+            "second {}: {ok} admitted ({per_second:?})",
+            s + 1
+        );
+    }
+    let mean = per_second.iter().map(|p| p.0).sum::<usize>() / per_second.len();
+    assert!(
+        (FLEET_RATE * 9 / 10..=FLEET_RATE * 11 / 10).contains(&mean),
+        "{mean} a second ({per_second:?})"
+    );
+    for og in &fleet {
         assert_eq!(
             status(og).await["limits"]["routes"]["api"],
             serde_json::json!({"scope": "fleet", "key": "route", "fallback": false})
@@ -423,44 +518,62 @@ async fn two_instances_share_one_fleet_budget_and_fall_back_while_redis_is_down(
     assert!(ttl > 0, "bucket TTL {ttl}");
     let ttl: i64 = redis.cli(&["PTTL", "it:rl:api:instances"]).parse().unwrap();
     assert!(ttl > 0, "instance set TTL {ttl}");
-    assert_eq!(redis.cli(&["ZCARD", "it:rl:api:instances"]), "2");
+    assert_eq!(redis.cli(&["ZCARD", "it:rl:api:instances"]), "3");
 
-    // Redis dies: both instances keep answering (never waiting on it) and fall back.
+    // Redis dies: every instance keeps answering (never waiting on it) and
+    // falls back to its share, 100/3 per second.
     redis.kill();
-    for og in [&a, &b] {
-        eventually(LIMIT, "fallback after Redis died", || async {
-            let answer = get_as(og, &[]).await;
-            assert!(
-                answer.status == StatusCode::OK || answer.status == StatusCode::TOO_MANY_REQUESTS,
-                "{}",
-                answer.status
-            );
-            status(og).await["limits"]["routes"]["api"]["fallback"] == true
-        })
-        .await;
+    let killed = Instant::now();
+    for og in &fleet {
+        eventually(LIMIT, "fallback after Redis died", || fallback(og)).await;
         assert_eq!(
             metric(og, "rate_limit_fleet_fallback", &[("route", "api")]).await,
             Some(1.0)
         );
-        assert!(
-            og.logs().iter().any(|l| l.contains("Redis unreachable")),
-            "the fallback is logged"
-        );
+    }
+    // A second and a half of traffic on a dead Redis: leases are retried
+    // every 250 ms, the fallback is logged once.
+    tokio::time::sleep_until((killed + 3 * second / 2).into()).await;
+    let (ok, _, other) = load.between(killed, killed + 3 * second / 2);
+    assert_eq!(other, 0, "nothing fails or times out while Redis is down");
+    assert!(
+        ok <= 3 * FLEET_RATE,
+        "{ok} admitted in 1.5 s (2x the limit is 300)"
+    );
+    for og in &fleet {
+        assert_eq!(count_logs(og, "Redis unreachable"), 1, "{:?}", og.logs());
     }
 
-    // Redis back: both return to the fleet budget.
+    // Redis back: the whole fleet is on the shared budget within a second.
     redis.restart();
-    for og in [&a, &b] {
-        eventually(LIMIT, "back on the fleet budget", || async {
-            let _ = get_as(og, &[]).await;
-            status(og).await["limits"]["routes"]["api"]["fallback"] == false
-        })
-        .await;
+    let back = Instant::now();
+    let deadline = back + second;
+    let mut on_budget = [false; 3];
+    while on_budget.iter().any(|b| !b) {
+        assert!(
+            Instant::now() < deadline,
+            "still in fallback 1 s after Redis returned: {on_budget:?}"
+        );
+        for (i, og) in fleet.iter().enumerate() {
+            on_budget[i] = on_budget[i] || !fallback(og).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for og in &fleet {
         assert_eq!(
             metric(og, "rate_limit_fleet_fallback", &[("route", "api")]).await,
             Some(0.0)
         );
+        assert!(
+            og.wait_for_log(LIMIT, |l| l
+                .to_string()
+                .contains("back on the fleet budget"))
+                .await
+        );
+        assert_eq!(count_logs(og, "Redis unreachable"), 1);
     }
+    assert_eq!(redis.cli(&["ZCARD", "it:rl:api:instances"]), "3");
+    drop(load);
 }
 
 /// Three instances' buckets, each with its own lease driver (as three processes

@@ -389,12 +389,14 @@ fn fleet_config(app: &str, redis: &str) -> String {
     )
 }
 
+/// One request of a [`Load`]: instance, when sent, status (`None`: no answer).
+type Sent = (usize, Instant, Option<StatusCode>);
+
 /// Open-loop load on several instances at once: each gets `rate` requests per
 /// second on pooled keep-alive connections, whatever the answers' latency.
-/// Records (instance, when sent, status; `None` for no answer).
 struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    sent: Arc<std::sync::Mutex<Vec<(usize, Instant, Option<StatusCode>)>>>,
+    sent: Arc<std::sync::Mutex<Vec<Sent>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 

@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 
 use crate::support::eventually;
-use crate::support::opsgate::{Answer, Opsgate, check_config, get};
+use crate::support::opsgate::{Answer, Opsgate, check_config, get, request};
 use crate::support::redis::RedisServer;
 use crate::support::upstream::{Reply, Scripted};
 
@@ -660,4 +660,72 @@ async fn the_lease_script_holds_three_uneven_instances_to_one_budget() {
         assert!(!route.fallback.load(Ordering::Relaxed));
         assert_eq!(bucket.mode(), opsgate::proxy::limits::fleet::Mode::Leasing);
     }
+}
+
+/// Requests until one is refused; panics if more than `most` are admitted.
+async fn drain(og: &Opsgate, most: usize) {
+    for _ in 0..=most {
+        match get_as(og, &[]).await.status {
+            StatusCode::OK => {}
+            StatusCode::TOO_MANY_REQUESTS => return,
+            other => panic!("{other}"),
+        }
+    }
+    panic!("more than {most} admitted");
+}
+
+async fn reload(og: &Opsgate, text: &str) {
+    og.write_config(text);
+    let answer = request("POST", &og.admin_url("/_ops/reload"), &[], "").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_fleet_limit_and_its_lease_driver() {
+    let app = Scripted::start(Reply::Ok).await;
+    let redis = RedisServer::start();
+    let control = format!(
+        "[control]\nredis_url = \"{}\"\nkey_prefix = \"it\"\n",
+        redis.url()
+    );
+    // One token every 10 s: nothing refills during the test.
+    let limit = |rate: &str| {
+        format!("rate_limit = {{ per_second = {rate}, burst = 3, scope = \"fleet\" }}")
+    };
+    let text = config(&app.url(), &limit("0.1"), &control);
+    let og = Opsgate::start(&text).await;
+    // The local start-up allowance, then the leased burst, both spent.
+    drain(&og, 6).await;
+    eventually(LIMIT, "the first lease", || async {
+        redis.cli(&["ZCARD", "it:rl:api:instances"]) == "1"
+    })
+    .await;
+    drain(&og, 6).await;
+    let member = redis.cli(&["ZRANGE", "it:rl:api:instances", "0", "-1"]);
+
+    // An unrelated change: the limiter, its spent stock and the driver stay.
+    reload(
+        &og,
+        &text.replace("access_log = false", "access_log = true"),
+    )
+    .await;
+    assert_eq!(
+        get_as(&og, &[]).await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "a fresh bucket would admit its start-up allowance"
+    );
+
+    // A changed limit: a new limiter (admitting at start-up), on the same driver.
+    let seen = redis.cli(&["ZSCORE", "it:rl:api:instances", &member]);
+    reload(&og, &config(&app.url(), &limit("0.2"), &control)).await;
+    assert_eq!(get_as(&og, &[]).await.status, StatusCode::OK);
+    eventually(LIMIT, "the new limiter's first lease", || async {
+        redis.cli(&["ZSCORE", "it:rl:api:instances", &member]) != seen
+    })
+    .await;
+    assert_eq!(
+        redis.cli(&["ZRANGE", "it:rl:api:instances", "0", "-1"]),
+        member,
+        "one instance id: the lease driver was kept"
+    );
 }

@@ -295,9 +295,9 @@ impl FleetBucket {
         if at >= self.fresh_until.load(Ordering::Acquire) {
             self.stock.store(grant.granted, Ordering::Release);
         } else {
-            // Tokens left from a batch refreshed before its expiry: only what
-            // bridges a round trip is carried over, so a refresh cannot keep
-            // an unspent stock alive past `STOCK_TTL`.
+            // Tokens still fresh: all kept after a prefetch; after a refresh
+            // before expiry only the new mark, so a refresh cannot keep an
+            // unspent stock alive past `STOCK_TTL`.
             let carry = s.carry;
             let _ = self
                 .stock

@@ -20,7 +20,8 @@ pub struct Fallback {
 
 /// A route's token bucket and what to do when it is empty.
 pub struct RateLimit {
-    pub limiter: super::limits::rate::RouteRate,
+    /// Shared with the next snapshot when a reload leaves a fleet limit unchanged.
+    pub limiter: Arc<super::limits::rate::RouteRate>,
     /// Count and log, but let the request through.
     pub dry_run: bool,
     pub rejected: prometheus_client::metrics::counter::Counter,

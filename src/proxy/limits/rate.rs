@@ -125,7 +125,7 @@ impl RouteRate {
             Shape::Fleet { bucket, redis_key } => {
                 let d = bucket.admit(now);
                 if let Some(want) = d.lease {
-                    self.send(bucket, redis_key, want);
+                    self.send(now, bucket, redis_key, want);
                 }
                 d.admit
             }
@@ -153,15 +153,21 @@ impl RouteRate {
                     (d, lease)
                 });
                 if let Some((bucket, redis_key, want)) = lease {
-                    self.send(&bucket, &redis_key, want);
+                    self.send(now, &bucket, &redis_key, want);
                 }
                 d.admit
             }
         }
     }
 
-    fn send(&self, bucket: &Arc<FleetBucket>, redis_key: &Arc<str>, want: u32) {
+    fn send(&self, now: Instant, bucket: &Arc<FleetBucket>, redis_key: &Arc<str>, want: u32) {
         if let Some((route, sender)) = &self.fleet {
+            if !route.may_try(now) {
+                // Redis is down and another key has the route's next attempt:
+                // this bucket stays local and asks again after its own interval.
+                bucket.on_failure(now);
+                return;
+            }
             sender.send(LeaseJob {
                 route: Arc::clone(route),
                 bucket: Arc::clone(bucket),
@@ -231,6 +237,92 @@ mod tests {
         let rl = RouteRate::local(1.0, 1, KeySource::Route, 100);
         let now = Instant::now();
         assert!(rl.check(now, &HeaderMap::new(), || unreachable!()).is_ok());
+        assert!(!rl.fallback());
+    }
+
+    /// A keyed fleet limit with many keys through a long Redis outage, on the
+    /// paused clock: the keys share one retry schedule, so the outage costs a
+    /// bounded number of lease attempts per route, and all keys are back on
+    /// the fleet budget within a second of Redis returning.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_outage_costs_a_bounded_number_of_lease_attempts_per_route() {
+        use super::super::fleet::Grant;
+        use super::super::lease::{RETRY_CAP, RouteFleet};
+        use std::collections::HashSet;
+        use std::sync::Mutex;
+
+        let t0 = Instant::now();
+        let route = Arc::new(RouteFleet::new(
+            "t",
+            "api".into(),
+            100.0,
+            100,
+            Default::default(),
+        ));
+        let (sender, mut jobs) = LeaseSender::channel(100_000);
+        let rl = RouteRate::fleet(
+            KeySource::Header(HeaderName::from_static("x-api-key")),
+            10_000,
+            route.clone(),
+            sender,
+        );
+        let down_until = t0 + Duration::from_secs(10);
+        // (when asked, Redis key) of every lease, answered after 1 ms: refused
+        // while Redis is down, granted once it is back.
+        type Asked = Vec<(Instant, Arc<str>)>;
+        let asked: Arc<Mutex<Asked>> = Arc::default();
+        let redis = {
+            let asked = asked.clone();
+            tokio::spawn(async move {
+                while let Some(job) = jobs.recv().await {
+                    let now = Instant::now();
+                    asked.lock().unwrap().push((now, job.key.clone()));
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        let grant = (now >= down_until).then_some(Grant {
+                            granted: job.want,
+                            instances: 1,
+                            wait: Duration::ZERO,
+                        });
+                        job.answer(Instant::now(), grant);
+                    });
+                }
+            })
+        };
+        // 1000 keys, each with a request every 50 ms (20 000/s).
+        let keys: Vec<HeaderMap> = (0..1000)
+            .map(|i| {
+                let mut h = HeaderMap::new();
+                h.insert("x-api-key", format!("key-{i}").parse().unwrap());
+                h
+            })
+            .collect();
+        let client = || -> IpAddr { unreachable!("every request has a key") };
+        while Instant::now() < down_until + Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            for h in &keys {
+                let _ = rl.check(Instant::now(), h, client);
+            }
+        }
+        redis.abort();
+        let asked = asked.lock().unwrap();
+        // The first round finds Redis' state unknown: each new key asks once.
+        let after_first = asked
+            .iter()
+            .filter(|(at, _)| *at >= t0 + Duration::from_secs(1) && *at < down_until)
+            .count();
+        let bound = (Duration::from_secs(9).as_millis() / RETRY_CAP.as_millis()) as usize + 5;
+        assert!(
+            after_first <= bound,
+            "{after_first} lease attempts in 9 s of outage (bound {bound}; keys retrying on their own make ~30 000)"
+        );
+        // Back: every key leases again within a second.
+        let back: HashSet<_> = asked
+            .iter()
+            .filter(|(at, _)| *at >= down_until)
+            .map(|(_, key)| key.clone())
+            .collect();
+        assert_eq!(back.len(), keys.len(), "keys back on the fleet budget");
         assert!(!rl.fallback());
     }
 }

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
-use crate::config::{self, CheckType, Config, Details, MaintenanceMode};
+use crate::config::{CheckType, Config, Details, MaintenanceMode};
 use crate::health::{self, CheckKind, CheckSpec};
 use crate::ops::{MaintenanceSettings, Mode};
 use crate::proxy::runtime::is_truthy;
@@ -73,12 +73,7 @@ pub fn maintenance_settings(
     let windows = m
         .windows
         .iter()
-        .filter_map(|w| {
-            Some((
-                config::validate::parse_time(&w.start).ok()?,
-                config::validate::parse_time(&w.end).ok()?,
-            ))
-        })
+        .filter_map(|w| Some((w.start.to_system_time().ok()?, w.end.to_system_time().ok()?)))
         .collect::<Vec<(SystemTime, SystemTime)>>();
     Ok(MaintenanceSettings {
         enabled: m.enabled,

@@ -372,6 +372,14 @@ impl Timestamp {
             Timestamp::Toml(d) => d.to_string(),
         }
     }
+
+    /// The instant it names; the error is the message validation reports.
+    pub fn to_system_time(&self) -> Result<std::time::SystemTime, String> {
+        let text = self.as_text();
+        humantime::parse_rfc3339_weak(&text)
+            .or_else(|_| humantime::parse_rfc3339(&text))
+            .map_err(|_| format!("`{text}` is not an RFC 3339 time such as 2026-12-01T02:00:00Z"))
+    }
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]

@@ -5,6 +5,7 @@ pub mod defaults;
 mod diag;
 mod expand;
 pub mod file;
+pub mod status;
 pub mod units;
 pub mod validate;
 

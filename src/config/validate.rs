@@ -9,6 +9,8 @@ use toml::de::DeTable;
 
 use super::diag::{Diagnostic, Seg, Source, span_of};
 use super::file::*;
+use super::status::{StatusRange, StatusRanges};
+use crate::proxy::route::segment_prefix;
 
 /// Route names the metrics layer uses for itself.
 const RESERVED_ROUTE_NAMES: &[&str] = &["unmatched", "system"];
@@ -306,7 +308,7 @@ impl<'a> Checker<'a> {
             );
         }
         for (i, s) in b.failure_status.iter().enumerate() {
-            if parse_status_pattern(s).is_none() {
+            if StatusRange::from_pattern(s).is_none() {
                 let mut path = at("failure_status");
                 path.push(Seg::Idx(i));
                 self.error(
@@ -337,8 +339,8 @@ impl<'a> Checker<'a> {
         }
         for (i, on) in r.on.iter().enumerate() {
             let ok = RETRY_REASONS.contains(&on.as_str())
-                || parse_status_pattern(&StatusPattern::Text(on.clone()))
-                    .is_some_and(|(lo, _)| lo >= 400);
+                || StatusRange::from_pattern(&StatusPattern::Text(on.clone()))
+                    .is_some_and(|r| r.lo >= 400);
             if !ok {
                 let mut path = at("on");
                 path.push(Seg::Idx(i));
@@ -494,7 +496,7 @@ impl<'a> Checker<'a> {
         }
         for (i, w) in m.windows.iter().enumerate() {
             let path = [K("maintenance"), K("windows"), Seg::Idx(i)];
-            match (parse_time(&w.start), parse_time(&w.end)) {
+            match (w.start.to_system_time(), w.end.to_system_time()) {
                 (Ok(s), Ok(e)) if s >= e => {
                     self.error(&path, "window start must be before its end")
                 }
@@ -581,7 +583,7 @@ impl<'a> Checker<'a> {
                 self.error(&base, "expect_status and body_contains are for http checks");
             }
             if let Some(es) = &c.expect_status
-                && parse_status_ranges(es).is_none()
+                && StatusRanges::parse(es).is_none()
             {
                 self.error(
                     &at("expect_status"),
@@ -641,15 +643,6 @@ pub fn is_label_safe(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-/// Does `prefix` match `path` on a segment boundary? (`/api` matches `/api`, `/api/`, `/api/x`; never `/apix`.)
-pub fn segment_prefix(path: &str, prefix: &str) -> bool {
-    let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),
-        None => false,
-    }
-}
-
 fn check_upstream_url(raw: &str) -> Result<(), String> {
     // Errors quote the URL: never with its password.
     let url = crate::telemetry::redact::redact_url(raw);
@@ -671,47 +664,6 @@ fn check_upstream_url(raw: &str) -> Result<(), String> {
         return Err(format!("upstream url `{url}` must not have a query string"));
     }
     Ok(())
-}
-
-/// `"5xx"` -> 500..=599, `"503"`/`503` -> 503..=503.
-pub fn parse_status_pattern(p: &StatusPattern) -> Option<(u16, u16)> {
-    match p {
-        StatusPattern::Code(c) if (100..=599).contains(c) => Some((*c, *c)),
-        StatusPattern::Code(_) => None,
-        StatusPattern::Text(t) => match t.as_bytes() {
-            [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
-                let base = u16::from(d - b'0') * 100;
-                Some((base, base + 99))
-            }
-            _ => t
-                .parse::<u16>()
-                .ok()
-                .filter(|c| (100..=599).contains(c))
-                .map(|c| (c, c)),
-        },
-    }
-}
-
-/// `"200-399"`, `"200,204"`, `"2xx"` -> inclusive ranges.
-pub fn parse_status_ranges(s: &str) -> Option<Vec<(u16, u16)>> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim) {
-        let range = if let Some((a, b)) = part.split_once('-') {
-            let (a, b) = (a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?);
-            (a <= b && (100..=599).contains(&a) && b <= 599).then_some((a, b))?
-        } else {
-            parse_status_pattern(&StatusPattern::Text(part.to_string()))?
-        };
-        out.push(range);
-    }
-    (!out.is_empty()).then_some(out)
-}
-
-pub fn parse_time(t: &Timestamp) -> Result<std::time::SystemTime, String> {
-    let text = t.as_text();
-    humantime::parse_rfc3339_weak(&text)
-        .or_else(|_| humantime::parse_rfc3339(&text))
-        .map_err(|_| format!("`{text}` is not an RFC 3339 time such as 2026-12-01T02:00:00Z"))
 }
 
 /// `rate_limit.key`.
@@ -747,43 +699,5 @@ impl RateKey {
             Self::ClientIp => "client_ip".into(),
             Self::Header(h) => format!("header:{h}"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn segment_prefix_matches_on_boundaries() {
-        assert!(segment_prefix("/api", "/api"));
-        assert!(segment_prefix("/api/", "/api"));
-        assert!(segment_prefix("/api/x", "/api"));
-        assert!(segment_prefix("/api/x", "/api/"));
-        assert!(!segment_prefix("/apix", "/api"));
-        assert!(segment_prefix("/anything", "/"));
-        assert!(segment_prefix("/", "/"));
-    }
-
-    #[test]
-    fn status_patterns() {
-        assert_eq!(
-            parse_status_pattern(&StatusPattern::Text("5xx".into())),
-            Some((500, 599))
-        );
-        assert_eq!(
-            parse_status_pattern(&StatusPattern::Code(429)),
-            Some((429, 429))
-        );
-        assert_eq!(
-            parse_status_pattern(&StatusPattern::Text("6xx".into())),
-            None
-        );
-        assert_eq!(parse_status_ranges("200-399"), Some(vec![(200, 399)]));
-        assert_eq!(
-            parse_status_ranges("200,204"),
-            Some(vec![(200, 200), (204, 204)])
-        );
-        assert_eq!(parse_status_ranges("abc"), None);
     }
 }

@@ -17,7 +17,7 @@ use super::limits::rate::{KeySource, RouteRate};
 use super::retry::{RetryOn, RetryPolicy};
 use super::route::{Fallback, RateLimit, Route, RouteTable};
 use super::upstream::{BuildError, Target};
-use crate::config::validate::parse_status_pattern;
+use crate::config::status::StatusRange;
 use crate::config::{
     BreakerSection, Config, EncodedSlashes, RetrySection, RouteSection, UpstreamSection,
 };
@@ -359,7 +359,7 @@ impl Runtime {
     pub fn class_of(&self, path: &str) -> usize {
         self.classes
             .iter()
-            .position(|(p, _)| crate::config::validate::segment_prefix(path, p))
+            .position(|(p, _)| super::route::segment_prefix(path, p))
             .unwrap_or(self.classes.len())
     }
 }
@@ -501,7 +501,7 @@ fn guarded(name: Arc<str>, b: &BreakerSection, deps: &Deps<'_>) -> GuardedBreake
         breaker_policy(b),
         b.failure_status
             .iter()
-            .filter_map(parse_status_pattern)
+            .filter_map(StatusRange::from_pattern)
             .collect(),
         b.recover_on_check.clone(),
         deps.resilience,

@@ -8,6 +8,7 @@ pub mod file;
 pub mod status;
 pub mod units;
 pub mod validate;
+pub mod values;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -34,7 +34,8 @@ impl StatusRange {
         (100..=599).contains(&c).then_some(Self::new(c, c))
     }
 
-    fn from_text(t: &str) -> Option<Self> {
+    /// `"5xx"` (any case of `x`) or a code such as `"503"`.
+    pub fn from_text(t: &str) -> Option<Self> {
         match t.as_bytes() {
             [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
                 let base = u16::from(d - b'0') * 100;
@@ -52,15 +53,6 @@ pub struct StatusRanges(Vec<StatusRange>);
 impl StatusRanges {
     pub fn contains(&self, status: u16) -> bool {
         self.0.iter().any(|r| r.contains(status))
-    }
-
-    /// Every pattern of a `failure_status` list; `None` if one of them is not a status.
-    pub fn from_patterns(patterns: &[StatusPattern]) -> Option<Self> {
-        patterns
-            .iter()
-            .map(StatusRange::from_pattern)
-            .collect::<Option<Vec<_>>>()
-            .map(StatusRanges)
     }
 
     /// `"200-399"`, `"200,204"`, `"2xx"`; `None` for anything else or an empty list.

@@ -9,12 +9,11 @@ use toml::de::DeTable;
 
 use super::diag::{Diagnostic, Seg, Source, span_of};
 use super::file::*;
-use super::status::{StatusRange, StatusRanges};
+use super::values::Checked;
 use crate::proxy::route::segment_prefix;
 
 /// Route names the metrics layer uses for itself.
 const RESERVED_ROUTE_NAMES: &[&str] = &["unmatched", "system"];
-const RETRY_REASONS: &[&str] = &["connect-failure", "timeout", "reset"];
 
 pub struct Checker<'a> {
     spans: Option<&'a Spanned<DeTable<'a>>>,
@@ -308,7 +307,7 @@ impl<'a> Checker<'a> {
             );
         }
         for (i, s) in b.failure_status.iter().enumerate() {
-            if StatusRange::from_pattern(s).is_none() {
+            if !s.is_valid() {
                 let mut path = at("failure_status");
                 path.push(Seg::Idx(i));
                 self.error(
@@ -338,17 +337,16 @@ impl<'a> Checker<'a> {
             self.error(&at("budget"), "budget must be a ratio >= 0, e.g. 0.2");
         }
         for (i, on) in r.on.iter().enumerate() {
-            let ok = RETRY_REASONS.contains(&on.as_str())
-                || StatusRange::from_pattern(&StatusPattern::Text(on.clone()))
-                    .is_some_and(|r| r.lo >= 400);
-            if !ok {
+            if !on.is_valid() {
+                let on = on.raw();
                 let mut path = at("on");
                 path.push(Seg::Idx(i));
                 self.error(&path, format!("unknown retry reason `{on}`: use connect-failure, timeout, reset, a 4xx/5xx status code or 5xx"));
             }
         }
         for (i, m) in r.methods.iter().enumerate() {
-            if http::Method::from_bytes(m.as_bytes()).is_err() || m.to_ascii_uppercase() != *m {
+            if !m.is_valid() {
+                let m = m.raw();
                 let mut path = at("methods");
                 path.push(Seg::Idx(i));
                 self.error(
@@ -451,13 +449,13 @@ impl<'a> Checker<'a> {
             self.breaker(&at("breaker"), b, checks);
         }
         if let Some(fb) = &r.fallback {
-            if !(100..=599).contains(&fb.status) {
+            if !fb.status.is_valid() {
                 self.error(
                     &at("fallback"),
                     "fallback.status must be an HTTP status code",
                 );
             }
-            if http::HeaderValue::from_str(&fb.content_type).is_err() {
+            if !fb.content_type.is_valid() {
                 self.error(
                     &at("fallback"),
                     "fallback.content_type is not a valid header value",
@@ -469,10 +467,10 @@ impl<'a> Checker<'a> {
     fn maintenance(&mut self, m: &MaintenanceSection) {
         use Seg::Key as K;
         let at = |k: &'static str| [K("maintenance"), K(k)];
-        if !(100..=599).contains(&m.status) {
+        if !m.status.is_valid() {
             self.error(&at("status"), "status must be an HTTP status code");
         }
-        if http::HeaderValue::from_str(&m.content_type).is_err() {
+        if !m.content_type.is_valid() {
             self.error(
                 &at("content_type"),
                 "content_type is not a valid header value",
@@ -496,12 +494,13 @@ impl<'a> Checker<'a> {
         }
         for (i, w) in m.windows.iter().enumerate() {
             let path = [K("maintenance"), K("windows"), Seg::Idx(i)];
-            match (w.start.to_system_time(), w.end.to_system_time()) {
-                (Ok(s), Ok(e)) if s >= e => {
+            match (w.start.is_valid(), w.end.is_valid()) {
+                (true, true) if w.start.get() >= w.end.get() => {
                     self.error(&path, "window start must be before its end")
                 }
-                (Ok(_), Ok(_)) => {}
-                (Err(e), _) | (_, Err(e)) => self.error(&path, e),
+                (true, true) => {}
+                (false, _) => self.error(&path, not_a_time(&w.start)),
+                (_, false) => self.error(&path, not_a_time(&w.end)),
             }
         }
     }
@@ -583,8 +582,9 @@ impl<'a> Checker<'a> {
                 self.error(&base, "expect_status and body_contains are for http checks");
             }
             if let Some(es) = &c.expect_status
-                && StatusRanges::parse(es).is_none()
+                && !es.is_valid()
             {
+                let es = es.raw();
                 self.error(
                     &at("expect_status"),
                     format!("expect_status `{es}` must look like \"200-399\" or \"200,204\""),
@@ -630,6 +630,13 @@ impl<'a> Checker<'a> {
             }
         }
     }
+}
+
+fn not_a_time(t: &Checked<Timestamp, std::time::SystemTime>) -> String {
+    format!(
+        "`{}` is not an RFC 3339 time such as 2026-12-01T02:00:00Z",
+        t.raw().as_text()
+    )
 }
 
 fn same_port(a: SocketAddr, b: SocketAddr) -> bool {

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::HeaderValue;
 use ipnet::IpNet;
 
 use super::admission::Bulkhead;
@@ -17,7 +16,7 @@ use super::limits::rate::{KeySource, RouteRate};
 use super::retry::{RetryOn, RetryPolicy};
 use super::route::{Fallback, RateLimit, Route, RouteTable};
 use super::upstream::{BuildError, Target};
-use crate::config::status::StatusRange;
+use crate::config::values::Spelled;
 use crate::config::{
     BreakerSection, Config, EncodedSlashes, RetrySection, RouteSection, UpstreamSection,
 };
@@ -270,10 +269,8 @@ impl Runtime {
                             .map_or(upstream.section.timeout.get(), |t| t.get()),
                         strip_prefix: r.strip_prefix,
                         fallback: r.fallback.as_ref().map(|fb| Fallback {
-                            status: http::StatusCode::from_u16(fb.status)
-                                .unwrap_or(http::StatusCode::OK),
-                            content_type: HeaderValue::from_str(&fb.content_type)
-                                .unwrap_or(HeaderValue::from_static("application/json")),
+                            status: *fb.status.get(),
+                            content_type: fb.content_type.get().clone(),
                             body: Bytes::from(fb.body.clone()),
                         }),
                         upstream,
@@ -499,10 +496,7 @@ fn guarded(name: Arc<str>, b: &BreakerSection, deps: &Deps<'_>) -> GuardedBreake
     GuardedBreaker::new(
         name,
         breaker_policy(b),
-        b.failure_status
-            .iter()
-            .filter_map(StatusRange::from_pattern)
-            .collect(),
+        b.failure_status.iter().map(|s| *s.get()).collect(),
         b.recover_on_check.clone(),
         deps.resilience,
         deps.on_breaker.clone(),
@@ -532,13 +526,9 @@ pub fn retry_policy(r: &RetrySection) -> RetryPolicy {
         attempts: r.attempts,
         base_delay: r.base_delay.get(),
         max_delay: r.max_delay.get(),
-        on: RetryOn::parse(r.on.iter().map(String::as_str)).unwrap_or_default(),
-        per_try_timeout: (!r.per_try_timeout.is_zero()).then(|| r.per_try_timeout.get()),
-        methods: r
-            .methods
-            .iter()
-            .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
-            .collect(),
+        on: RetryOn::new(r.on.iter().map(Spelled::get)),
+        per_try_timeout: r.per_try_timeout.map(crate::config::Dur::get),
+        methods: r.methods.iter().map(|m| m.get().clone()).collect(),
         budget: r.budget,
         budget_min_per_second: r.budget_min_per_second,
         max_body: usize::try_from(r.max_body.0).unwrap_or(usize::MAX),

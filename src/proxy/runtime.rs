@@ -221,11 +221,17 @@ impl Runtime {
         let leases = fleet_leases(f, prev.and_then(|p| p.fleet.as_ref()), &deps)?;
         // Limiters of the previous snapshot are only reused on the same driver.
         let prev_fleet = leases.as_ref().and_then(|l| l.kept);
-        let compile = |table: &str, sections: &[RouteSection]| -> RouteTable {
+        let compile = |table: &str, sections: &[RouteSection]| -> Result<RouteTable, BuildError> {
             let routes = sections
                 .iter()
-                .filter_map(|r| {
-                    let upstream = upstreams.get(&r.upstream)?.clone();
+                .map(|r| {
+                    // Validation refuses such a route; a hand-built file must not lose it quietly.
+                    let upstream = upstreams
+                        .get(&r.upstream)
+                        .ok_or_else(|| {
+                            BuildError::UnknownUpstream(r.name.clone(), r.upstream.clone())
+                        })?
+                        .clone();
                     let name: Arc<str> = r.name.as_str().into();
                     let metrics = match &r.class {
                         Some(c) => vec![Arc::new(RouteMetrics::new(
@@ -242,7 +248,7 @@ impl Runtime {
                             _ => Arc::new(guarded(key.as_str().into(), b, &deps)),
                         }
                     });
-                    Some(Route {
+                    Ok(Route {
                         rate_limit: r.rate_limit.as_ref().map(|rl| RateLimit {
                             limiter: prev_fleet
                                 .and_then(|p| p.reusable(table, &r.name, rl))
@@ -285,17 +291,16 @@ impl Runtime {
                         metrics,
                     })
                 })
-                .collect();
-            RouteTable::new(routes)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(RouteTable::new(routes))
         };
-        let ingress = compile("ingress", &f.routes);
+        let ingress = compile("ingress", &f.routes)?;
         let route_breakers = collect_route_breakers(f.routes.iter(), &ingress);
         let egress_sections = f.egress.as_ref().map_or(&[][..], |e| &e.routes[..]);
-        let egress = f
-            .egress
-            .as_ref()
-            .map(|e| compile("egress", &e.routes))
-            .unwrap_or_default();
+        let egress = match &f.egress {
+            Some(e) => compile("egress", &e.routes)?,
+            None => RouteTable::default(),
+        };
         let fleet = leases.map(|Leases { sender, prefix, .. }| {
             let mut routes = HashMap::new();
             for (table, sections, built) in [
@@ -541,4 +546,42 @@ pub fn is_truthy(v: &str) -> bool {
         v.trim().to_ascii_lowercase().as_str(),
         "1" | "true" | "on" | "yes"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::MetricsRegistry;
+
+    #[tokio::test]
+    async fn a_route_without_its_upstream_fails_the_build_instead_of_vanishing() {
+        let text = "[upstreams.app]\nurl = \"http://127.0.0.1:9\"\n\n\
+                    [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n";
+        let mut config =
+            crate::config::parse_str(text, "t.toml", &Default::default(), &|_: &str| None).unwrap();
+        config.file.routes[0].upstream = "gone".into();
+        let config = Arc::new(config);
+        let metrics = MetricsRegistry::new(&config.file.metrics.buckets);
+        let maintenance = crate::app::build::maintenance_settings(&config, &|_: &str| None)
+            .map(Arc::new)
+            .unwrap();
+        let built = Runtime::build(
+            config,
+            None,
+            Deps {
+                http: &metrics.http,
+                ops: &metrics.ops,
+                resilience: &metrics.resilience,
+                on_breaker: Arc::new(|_: &str, _: &crate::proxy::breaker::Transition| {}),
+                access_log: Arc::new(AccessLog::Off),
+                maintenance,
+                env: &|_: &str| None,
+            },
+        );
+        assert!(
+            matches!(built, Err(BuildError::UnknownUpstream(ref r, ref u)) if r == "api" && u == "gone"),
+            "{:?}",
+            built.err()
+        );
+    }
 }

@@ -225,7 +225,10 @@ mod tests {
             .as_ref()
             .expect("retry set")
             .on;
-        assert!(!on.iter().any(|o| o == "timeout" || o == "504"), "{on:?}");
+        assert!(
+            !on.iter().any(|o| o.raw() == "timeout" || o.raw() == "504"),
+            "{on:?}"
+        );
     }
 
     #[test]

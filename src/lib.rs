@@ -3,7 +3,8 @@
 //! # Layout
 //! - `app`: wires the rooms, startup order, reload, shutdown sequence.
 //! - `cli`: the command line.
-//! - `config`: the TOML file, defaults, validation (pure).
+//! - `config`: the TOML file, defaults, typed leaf values parsed as the file is read
+//!   (`values`, `status`), validation (pure).
 //! - `proxy`: the hot path, stage by stage (see its module docs).
 //! - `endpoints`: `/_health/*` and `/metrics`, answered by opsgate itself.
 //! - `admin`: the admin listener and ops API.

@@ -4,9 +4,8 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
 
-use crate::config::{self, CheckType, Config, Details, MaintenanceMode};
+use crate::config::{CheckType, Config, Details, MaintenanceMode};
 use crate::health::{self, CheckKind, CheckSpec};
 use crate::ops::{MaintenanceSettings, Mode};
 use crate::proxy::runtime::is_truthy;
@@ -25,11 +24,11 @@ pub fn check_specs(c: &Config) -> Vec<CheckSpec> {
                 CheckType::Redis => CheckKind::Redis { url },
                 CheckType::Http => CheckKind::Http {
                     url,
+                    // Absent: SPEC's 200-399.
                     expect_status: s
                         .expect_status
-                        .as_deref()
-                        .and_then(|e| e.parse().ok())
-                        .unwrap_or_default(),
+                        .as_ref()
+                        .map_or_else(Default::default, |e| e.get().clone()),
                     body_contains: s.body_contains.clone(),
                 },
                 CheckType::Tcp => CheckKind::Tcp {
@@ -73,12 +72,7 @@ pub fn maintenance_settings(
     let windows = m
         .windows
         .iter()
-        .filter_map(|w| {
-            Some((
-                config::validate::parse_time(&w.start).ok()?,
-                config::validate::parse_time(&w.end).ok()?,
-            ))
-        })
+        .map(|w| (*w.start.get(), *w.end.get()))
         .collect::<Vec<(SystemTime, SystemTime)>>();
     Ok(MaintenanceSettings {
         enabled: m.enabled,
@@ -92,9 +86,8 @@ pub fn maintenance_settings(
         allow_ips: m.allow_ips.clone(),
         bypass_token: (!m.bypass_token.is_empty()).then(|| m.bypass_token.clone()),
         retry_after: m.retry_after.get(),
-        status: StatusCode::from_u16(m.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-        content_type: HeaderValue::from_str(&m.content_type)
-            .unwrap_or(HeaderValue::from_static("application/json")),
+        status: *m.status.get(),
+        content_type: m.content_type.get().clone(),
         body: Bytes::from(m.body.clone()),
         page,
         fail_readiness: m.fail_readiness,

@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use super::units::{Dur, Size};
+use super::values::{Checked, Spelled};
 
 /// Proxy listener: every interface, as a sidecar's port must be reachable from the pod network.
 pub const PROXY_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
@@ -45,11 +46,11 @@ pub const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-pub fn fallback_status() -> u16 {
-    200
+pub fn fallback_status() -> Checked<u16, http::StatusCode> {
+    Checked::builtin(200)
 }
-pub fn json_content_type() -> String {
-    "application/json".into()
+pub fn json_content_type() -> Spelled<http::HeaderValue> {
+    Checked::builtin("application/json".into())
 }
 pub fn yes() -> bool {
     true

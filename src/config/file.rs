@@ -1,15 +1,19 @@
 //! Serde mirror of `opsgate.toml`: every key of the file, its default, nothing resolved.
-//! `validate` turns this into checked runtime types; unknown keys fail here.
+//! Leaf values are parsed as they are read ([`Checked`]); `validate` reports those that did not
+//! parse and checks the rest. Unknown keys fail here.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::defaults as d;
+use super::status::{StatusRange, StatusRanges};
 use super::units::{Dur, Size};
+use super::values::{Checked, RetryCondition, Spelled};
 
 #[derive(Deserialize, Serialize, Debug, Clone, Default, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -150,7 +154,7 @@ pub struct BreakerSection {
     pub recovery_timeout: Dur,
     pub half_open_max_calls: u32,
     pub success_threshold: u32,
-    pub failure_status: Vec<StatusPattern>,
+    pub failure_status: Vec<Checked<StatusPattern, StatusRange>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_rate: Option<f64>,
     pub window: Dur,
@@ -172,7 +176,7 @@ impl Default for BreakerSection {
             recovery_timeout: d::RECOVERY_TIMEOUT,
             half_open_max_calls: 3,
             success_threshold: 2,
-            failure_status: vec![StatusPattern::Text("5xx".into())],
+            failure_status: vec![Checked::builtin(StatusPattern::Text("5xx".into()))],
             failure_rate: None,
             window: d::BREAKER_WINDOW,
             minimum_calls: 20,
@@ -191,9 +195,11 @@ pub struct RetrySection {
     pub attempts: u32,
     pub base_delay: Dur,
     pub max_delay: Dur,
-    pub on: Vec<String>,
-    pub per_try_timeout: Dur,
-    pub methods: Vec<String>,
+    pub on: Vec<Spelled<RetryCondition>>,
+    /// `"0s"` in the file: each attempt has the whole route/upstream timeout.
+    #[serde(with = "super::units::zero_is_off")]
+    pub per_try_timeout: Option<Dur>,
+    pub methods: Vec<Spelled<http::Method>>,
     pub budget: f64,
     pub budget_min_per_second: u32,
     pub max_body: Size,
@@ -205,9 +211,15 @@ impl Default for RetrySection {
             attempts: 3,
             base_delay: d::RETRY_BASE_DELAY,
             max_delay: d::RETRY_MAX_DELAY,
-            on: d::RETRY_ON.iter().map(|s| s.to_string()).collect(),
-            per_try_timeout: Dur::secs(0),
-            methods: d::RETRY_METHODS.iter().map(|s| s.to_string()).collect(),
+            on: d::RETRY_ON
+                .iter()
+                .map(|s| Checked::builtin(s.to_string()))
+                .collect(),
+            per_try_timeout: None,
+            methods: d::RETRY_METHODS
+                .iter()
+                .map(|s| Checked::builtin(s.to_string()))
+                .collect(),
             budget: 0.2,
             budget_min_per_second: 10,
             max_body: d::RETRY_MAX_BODY,
@@ -290,9 +302,9 @@ impl Default for AdaptiveConcurrencySection {
 #[serde(deny_unknown_fields)]
 pub struct FallbackSection {
     #[serde(default = "d::fallback_status")]
-    pub status: u16,
+    pub status: Checked<u16, http::StatusCode>,
     #[serde(default = "d::json_content_type")]
-    pub content_type: String,
+    pub content_type: Spelled<http::HeaderValue>,
     #[serde(default)]
     pub body: String,
 }
@@ -327,8 +339,8 @@ pub struct MaintenanceSection {
     pub allow_ips: Vec<IpNet>,
     pub bypass_token: String,
     pub retry_after: Dur,
-    pub status: u16,
-    pub content_type: String,
+    pub status: Checked<u16, http::StatusCode>,
+    pub content_type: Spelled<http::HeaderValue>,
     pub body: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub page: Option<PathBuf>,
@@ -347,7 +359,7 @@ impl Default for MaintenanceSection {
             allow_ips: Vec::new(),
             bypass_token: String::new(),
             retry_after: d::MAINTENANCE_RETRY_AFTER,
-            status: 503,
+            status: Checked::builtin(503),
             content_type: d::json_content_type(),
             body: r#"{"detail":"maintenance"}"#.into(),
             page: None,
@@ -377,8 +389,8 @@ impl Timestamp {
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WindowSection {
-    pub start: Timestamp,
-    pub end: Timestamp,
+    pub start: Checked<Timestamp, SystemTime>,
+    pub end: Checked<Timestamp, SystemTime>,
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -450,7 +462,7 @@ pub struct CheckSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expect_status: Option<String>,
+    pub expect_status: Option<Spelled<StatusRanges>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_contains: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

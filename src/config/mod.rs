@@ -5,8 +5,10 @@ pub mod defaults;
 mod diag;
 mod expand;
 pub mod file;
+pub mod status;
 pub mod units;
 pub mod validate;
+pub mod values;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -235,6 +235,22 @@ pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
 }
 
 /// serde adapters for listen addresses written as [`parse_listen`] accepts.
+/// A duration where `"0s"` means "off": `None` in the code, written back as `"0s"`.
+pub mod zero_is_off {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Dur;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Dur>, D::Error> {
+        let d = Dur::deserialize(d)?;
+        Ok((!d.is_zero()).then_some(d))
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Dur>, s: S) -> Result<S::Ok, S::Error> {
+        v.unwrap_or(Dur::secs(0)).serialize(s)
+    }
+}
+
 pub mod listen {
     use std::net::SocketAddr;
 

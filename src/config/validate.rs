@@ -9,10 +9,11 @@ use toml::de::DeTable;
 
 use super::diag::{Diagnostic, Seg, Source, span_of};
 use super::file::*;
+use super::values::Checked;
+use crate::proxy::route::segment_prefix;
 
 /// Route names the metrics layer uses for itself.
 const RESERVED_ROUTE_NAMES: &[&str] = &["unmatched", "system"];
-const RETRY_REASONS: &[&str] = &["connect-failure", "timeout", "reset"];
 
 pub struct Checker<'a> {
     spans: Option<&'a Spanned<DeTable<'a>>>,
@@ -306,7 +307,7 @@ impl<'a> Checker<'a> {
             );
         }
         for (i, s) in b.failure_status.iter().enumerate() {
-            if parse_status_pattern(s).is_none() {
+            if !s.is_valid() {
                 let mut path = at("failure_status");
                 path.push(Seg::Idx(i));
                 self.error(
@@ -336,17 +337,16 @@ impl<'a> Checker<'a> {
             self.error(&at("budget"), "budget must be a ratio >= 0, e.g. 0.2");
         }
         for (i, on) in r.on.iter().enumerate() {
-            let ok = RETRY_REASONS.contains(&on.as_str())
-                || parse_status_pattern(&StatusPattern::Text(on.clone()))
-                    .is_some_and(|(lo, _)| lo >= 400);
-            if !ok {
+            if !on.is_valid() {
+                let on = on.raw();
                 let mut path = at("on");
                 path.push(Seg::Idx(i));
                 self.error(&path, format!("unknown retry reason `{on}`: use connect-failure, timeout, reset, a 4xx/5xx status code or 5xx"));
             }
         }
         for (i, m) in r.methods.iter().enumerate() {
-            if http::Method::from_bytes(m.as_bytes()).is_err() || m.to_ascii_uppercase() != *m {
+            if !m.is_valid() {
+                let m = m.raw();
                 let mut path = at("methods");
                 path.push(Seg::Idx(i));
                 self.error(
@@ -449,13 +449,13 @@ impl<'a> Checker<'a> {
             self.breaker(&at("breaker"), b, checks);
         }
         if let Some(fb) = &r.fallback {
-            if !(100..=599).contains(&fb.status) {
+            if !fb.status.is_valid() {
                 self.error(
                     &at("fallback"),
                     "fallback.status must be an HTTP status code",
                 );
             }
-            if http::HeaderValue::from_str(&fb.content_type).is_err() {
+            if !fb.content_type.is_valid() {
                 self.error(
                     &at("fallback"),
                     "fallback.content_type is not a valid header value",
@@ -467,10 +467,10 @@ impl<'a> Checker<'a> {
     fn maintenance(&mut self, m: &MaintenanceSection) {
         use Seg::Key as K;
         let at = |k: &'static str| [K("maintenance"), K(k)];
-        if !(100..=599).contains(&m.status) {
+        if !m.status.is_valid() {
             self.error(&at("status"), "status must be an HTTP status code");
         }
-        if http::HeaderValue::from_str(&m.content_type).is_err() {
+        if !m.content_type.is_valid() {
             self.error(
                 &at("content_type"),
                 "content_type is not a valid header value",
@@ -494,12 +494,13 @@ impl<'a> Checker<'a> {
         }
         for (i, w) in m.windows.iter().enumerate() {
             let path = [K("maintenance"), K("windows"), Seg::Idx(i)];
-            match (parse_time(&w.start), parse_time(&w.end)) {
-                (Ok(s), Ok(e)) if s >= e => {
+            match (w.start.is_valid(), w.end.is_valid()) {
+                (true, true) if w.start.get() >= w.end.get() => {
                     self.error(&path, "window start must be before its end")
                 }
-                (Ok(_), Ok(_)) => {}
-                (Err(e), _) | (_, Err(e)) => self.error(&path, e),
+                (true, true) => {}
+                (false, _) => self.error(&path, not_a_time(&w.start)),
+                (_, false) => self.error(&path, not_a_time(&w.end)),
             }
         }
     }
@@ -581,8 +582,9 @@ impl<'a> Checker<'a> {
                 self.error(&base, "expect_status and body_contains are for http checks");
             }
             if let Some(es) = &c.expect_status
-                && parse_status_ranges(es).is_none()
+                && !es.is_valid()
             {
+                let es = es.raw();
                 self.error(
                     &at("expect_status"),
                     format!("expect_status `{es}` must look like \"200-399\" or \"200,204\""),
@@ -630,6 +632,13 @@ impl<'a> Checker<'a> {
     }
 }
 
+fn not_a_time(t: &Checked<Timestamp, std::time::SystemTime>) -> String {
+    format!(
+        "`{}` is not an RFC 3339 time such as 2026-12-01T02:00:00Z",
+        t.raw().as_text()
+    )
+}
+
 fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
@@ -639,15 +648,6 @@ pub fn is_label_safe(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
-/// Does `prefix` match `path` on a segment boundary? (`/api` matches `/api`, `/api/`, `/api/x`; never `/apix`.)
-pub fn segment_prefix(path: &str, prefix: &str) -> bool {
-    let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),
-        None => false,
-    }
 }
 
 fn check_upstream_url(raw: &str) -> Result<(), String> {
@@ -671,47 +671,6 @@ fn check_upstream_url(raw: &str) -> Result<(), String> {
         return Err(format!("upstream url `{url}` must not have a query string"));
     }
     Ok(())
-}
-
-/// `"5xx"` -> 500..=599, `"503"`/`503` -> 503..=503.
-pub fn parse_status_pattern(p: &StatusPattern) -> Option<(u16, u16)> {
-    match p {
-        StatusPattern::Code(c) if (100..=599).contains(c) => Some((*c, *c)),
-        StatusPattern::Code(_) => None,
-        StatusPattern::Text(t) => match t.as_bytes() {
-            [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
-                let base = u16::from(d - b'0') * 100;
-                Some((base, base + 99))
-            }
-            _ => t
-                .parse::<u16>()
-                .ok()
-                .filter(|c| (100..=599).contains(c))
-                .map(|c| (c, c)),
-        },
-    }
-}
-
-/// `"200-399"`, `"200,204"`, `"2xx"` -> inclusive ranges.
-pub fn parse_status_ranges(s: &str) -> Option<Vec<(u16, u16)>> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim) {
-        let range = if let Some((a, b)) = part.split_once('-') {
-            let (a, b) = (a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?);
-            (a <= b && (100..=599).contains(&a) && b <= 599).then_some((a, b))?
-        } else {
-            parse_status_pattern(&StatusPattern::Text(part.to_string()))?
-        };
-        out.push(range);
-    }
-    (!out.is_empty()).then_some(out)
-}
-
-pub fn parse_time(t: &Timestamp) -> Result<std::time::SystemTime, String> {
-    let text = t.as_text();
-    humantime::parse_rfc3339_weak(&text)
-        .or_else(|_| humantime::parse_rfc3339(&text))
-        .map_err(|_| format!("`{text}` is not an RFC 3339 time such as 2026-12-01T02:00:00Z"))
 }
 
 /// `rate_limit.key`.
@@ -747,43 +706,5 @@ impl RateKey {
             Self::ClientIp => "client_ip".into(),
             Self::Header(h) => format!("header:{h}"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn segment_prefix_matches_on_boundaries() {
-        assert!(segment_prefix("/api", "/api"));
-        assert!(segment_prefix("/api/", "/api"));
-        assert!(segment_prefix("/api/x", "/api"));
-        assert!(segment_prefix("/api/x", "/api/"));
-        assert!(!segment_prefix("/apix", "/api"));
-        assert!(segment_prefix("/anything", "/"));
-        assert!(segment_prefix("/", "/"));
-    }
-
-    #[test]
-    fn status_patterns() {
-        assert_eq!(
-            parse_status_pattern(&StatusPattern::Text("5xx".into())),
-            Some((500, 599))
-        );
-        assert_eq!(
-            parse_status_pattern(&StatusPattern::Code(429)),
-            Some((429, 429))
-        );
-        assert_eq!(
-            parse_status_pattern(&StatusPattern::Text("6xx".into())),
-            None
-        );
-        assert_eq!(parse_status_ranges("200-399"), Some(vec![(200, 399)]));
-        assert_eq!(
-            parse_status_ranges("200,204"),
-            Some(vec![(200, 200), (204, 204)])
-        );
-        assert_eq!(parse_status_ranges("abc"), None);
     }
 }

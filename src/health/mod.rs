@@ -24,7 +24,6 @@ mod tcp;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -32,6 +31,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
+pub use crate::config::status::StatusRanges;
 pub use crate::telemetry::redact::{REDACTED, redact_url};
 pub use scheduler::{check_once, wait_for_critical};
 
@@ -114,51 +114,6 @@ impl CheckKind {
             | CheckKind::Http { url, .. } => redact_url(url),
             CheckKind::Tcp { address } => address.clone(),
         }
-    }
-}
-
-/// Accepted HTTP statuses, e.g. `"200-399"` or `"200,204"` (ranges inclusive).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StatusRanges(Vec<(u16, u16)>);
-
-impl StatusRanges {
-    pub fn contains(&self, status: u16) -> bool {
-        self.0.iter().any(|&(lo, hi)| (lo..=hi).contains(&status))
-    }
-}
-
-impl Default for StatusRanges {
-    /// `200-399`, the SPEC default.
-    fn default() -> Self {
-        StatusRanges(vec![(200, 399)])
-    }
-}
-
-impl FromStr for StatusRanges {
-    type Err = String;
-
-    /// `"200-399"`, `"200,204"`, `"2xx"`: the config's own parser, so what validates
-    /// is exactly what the check applies.
-    fn from_str(s: &str) -> Result<Self, String> {
-        crate::config::validate::parse_status_ranges(s)
-            .map(StatusRanges)
-            .ok_or_else(|| format!("`{s}` must look like \"200-399\", \"200,204\" or \"2xx\""))
-    }
-}
-
-impl fmt::Display for StatusRanges {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (lo, hi)) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            if lo == hi {
-                write!(f, "{lo}")?;
-            } else {
-                write!(f, "{lo}-{hi}")?;
-            }
-        }
-        Ok(())
     }
 }
 

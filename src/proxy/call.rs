@@ -16,6 +16,7 @@ use super::breaker::{Breaker, Outcome, State, Transition};
 use super::respond::ProxyError;
 use super::retry::{Attempt, Decision, RetryBudget, RetryPolicy, Stop, parse_retry_after};
 use super::upstream::Target;
+use crate::config::status::StatusRanges;
 use crate::telemetry::metrics::{
     BreakerCallLabels, BreakerStateLabels, BreakerToLabels, ResilienceMetrics, RetryLabels,
     UpstreamLabel,
@@ -29,7 +30,7 @@ pub struct GuardedBreaker {
     pub name: Arc<str>,
     pub breaker: Arc<Breaker>,
     /// Inclusive status ranges that count as failures (`failure_status`).
-    pub failure_status: Vec<(u16, u16)>,
+    pub failure_status: StatusRanges,
     /// The health check whose success moves OPEN to HALF_OPEN early.
     pub recover_on_check: Option<String>,
     calls: [Counter; 3],
@@ -41,7 +42,7 @@ impl GuardedBreaker {
     pub fn new(
         name: Arc<str>,
         policy: super::breaker::BreakerPolicy,
-        failure_status: Vec<(u16, u16)>,
+        failure_status: StatusRanges,
         recover_on_check: Option<String>,
         metrics: &ResilienceMetrics,
         on_transition: TransitionHook,
@@ -94,10 +95,7 @@ impl GuardedBreaker {
     }
 
     fn is_failure(&self, status: StatusCode) -> bool {
-        let s = status.as_u16();
-        self.failure_status
-            .iter()
-            .any(|(lo, hi)| (*lo..=*hi).contains(&s))
+        self.failure_status.contains(status.as_u16())
     }
 }
 

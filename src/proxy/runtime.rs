@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::HeaderValue;
 use ipnet::IpNet;
 
 use super::admission::Bulkhead;
@@ -17,7 +16,7 @@ use super::limits::rate::{KeySource, RouteRate};
 use super::retry::{RetryOn, RetryPolicy};
 use super::route::{Fallback, RateLimit, Route, RouteTable};
 use super::upstream::{BuildError, Target};
-use crate::config::validate::parse_status_pattern;
+use crate::config::values::Spelled;
 use crate::config::{
     BreakerSection, Config, EncodedSlashes, RetrySection, RouteSection, UpstreamSection,
 };
@@ -222,11 +221,17 @@ impl Runtime {
         let leases = fleet_leases(f, prev.and_then(|p| p.fleet.as_ref()), &deps)?;
         // Limiters of the previous snapshot are only reused on the same driver.
         let prev_fleet = leases.as_ref().and_then(|l| l.kept);
-        let compile = |table: &str, sections: &[RouteSection]| -> RouteTable {
+        let compile = |table: &str, sections: &[RouteSection]| -> Result<RouteTable, BuildError> {
             let routes = sections
                 .iter()
-                .filter_map(|r| {
-                    let upstream = upstreams.get(&r.upstream)?.clone();
+                .map(|r| {
+                    // Validation refuses such a route; a hand-built file must not lose it quietly.
+                    let upstream = upstreams
+                        .get(&r.upstream)
+                        .ok_or_else(|| {
+                            BuildError::UnknownUpstream(r.name.clone(), r.upstream.clone())
+                        })?
+                        .clone();
                     let name: Arc<str> = r.name.as_str().into();
                     let metrics = match &r.class {
                         Some(c) => vec![Arc::new(RouteMetrics::new(
@@ -243,7 +248,7 @@ impl Runtime {
                             _ => Arc::new(guarded(key.as_str().into(), b, &deps)),
                         }
                     });
-                    Some(Route {
+                    Ok(Route {
                         rate_limit: r.rate_limit.as_ref().map(|rl| RateLimit {
                             limiter: prev_fleet
                                 .and_then(|p| p.reusable(table, &r.name, rl))
@@ -270,10 +275,8 @@ impl Runtime {
                             .map_or(upstream.section.timeout.get(), |t| t.get()),
                         strip_prefix: r.strip_prefix,
                         fallback: r.fallback.as_ref().map(|fb| Fallback {
-                            status: http::StatusCode::from_u16(fb.status)
-                                .unwrap_or(http::StatusCode::OK),
-                            content_type: HeaderValue::from_str(&fb.content_type)
-                                .unwrap_or(HeaderValue::from_static("application/json")),
+                            status: *fb.status.get(),
+                            content_type: fb.content_type.get().clone(),
                             body: Bytes::from(fb.body.clone()),
                         }),
                         upstream,
@@ -288,17 +291,16 @@ impl Runtime {
                         metrics,
                     })
                 })
-                .collect();
-            RouteTable::new(routes)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(RouteTable::new(routes))
         };
-        let ingress = compile("ingress", &f.routes);
+        let ingress = compile("ingress", &f.routes)?;
         let route_breakers = collect_route_breakers(f.routes.iter(), &ingress);
         let egress_sections = f.egress.as_ref().map_or(&[][..], |e| &e.routes[..]);
-        let egress = f
-            .egress
-            .as_ref()
-            .map(|e| compile("egress", &e.routes))
-            .unwrap_or_default();
+        let egress = match &f.egress {
+            Some(e) => compile("egress", &e.routes)?,
+            None => RouteTable::default(),
+        };
         let fleet = leases.map(|Leases { sender, prefix, .. }| {
             let mut routes = HashMap::new();
             for (table, sections, built) in [
@@ -359,7 +361,7 @@ impl Runtime {
     pub fn class_of(&self, path: &str) -> usize {
         self.classes
             .iter()
-            .position(|(p, _)| crate::config::validate::segment_prefix(path, p))
+            .position(|(p, _)| super::route::segment_prefix(path, p))
             .unwrap_or(self.classes.len())
     }
 }
@@ -499,10 +501,7 @@ fn guarded(name: Arc<str>, b: &BreakerSection, deps: &Deps<'_>) -> GuardedBreake
     GuardedBreaker::new(
         name,
         breaker_policy(b),
-        b.failure_status
-            .iter()
-            .filter_map(parse_status_pattern)
-            .collect(),
+        b.failure_status.iter().map(|s| *s.get()).collect(),
         b.recover_on_check.clone(),
         deps.resilience,
         deps.on_breaker.clone(),
@@ -532,13 +531,9 @@ pub fn retry_policy(r: &RetrySection) -> RetryPolicy {
         attempts: r.attempts,
         base_delay: r.base_delay.get(),
         max_delay: r.max_delay.get(),
-        on: RetryOn::parse(r.on.iter().map(String::as_str)).unwrap_or_default(),
-        per_try_timeout: (!r.per_try_timeout.is_zero()).then(|| r.per_try_timeout.get()),
-        methods: r
-            .methods
-            .iter()
-            .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
-            .collect(),
+        on: RetryOn::new(r.on.iter().map(Spelled::get)),
+        per_try_timeout: r.per_try_timeout.map(crate::config::Dur::get),
+        methods: r.methods.iter().map(|m| m.get().clone()).collect(),
         budget: r.budget,
         budget_min_per_second: r.budget_min_per_second,
         max_body: usize::try_from(r.max_body.0).unwrap_or(usize::MAX),
@@ -551,4 +546,42 @@ pub fn is_truthy(v: &str) -> bool {
         v.trim().to_ascii_lowercase().as_str(),
         "1" | "true" | "on" | "yes"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::MetricsRegistry;
+
+    #[tokio::test]
+    async fn a_route_without_its_upstream_fails_the_build_instead_of_vanishing() {
+        let text = "[upstreams.app]\nurl = \"http://127.0.0.1:9\"\n\n\
+                    [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n";
+        let mut config =
+            crate::config::parse_str(text, "t.toml", &Default::default(), &|_: &str| None).unwrap();
+        config.file.routes[0].upstream = "gone".into();
+        let config = Arc::new(config);
+        let metrics = MetricsRegistry::new(&config.file.metrics.buckets);
+        let maintenance = crate::app::build::maintenance_settings(&config, &|_: &str| None)
+            .map(Arc::new)
+            .unwrap();
+        let built = Runtime::build(
+            config,
+            None,
+            Deps {
+                http: &metrics.http,
+                ops: &metrics.ops,
+                resilience: &metrics.resilience,
+                on_breaker: Arc::new(|_: &str, _: &crate::proxy::breaker::Transition| {}),
+                access_log: Arc::new(AccessLog::Off),
+                maintenance,
+                env: &|_: &str| None,
+            },
+        );
+        assert!(
+            matches!(built, Err(BuildError::UnknownUpstream(ref r, ref u)) if r == "api" && u == "gone"),
+            "{:?}",
+            built.err()
+        );
+    }
 }

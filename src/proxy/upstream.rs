@@ -258,6 +258,8 @@ pub enum BuildError {
     Tls(String, String),
     #[error("fleet rate limits: {0}")]
     Fleet(String),
+    #[error("route `{0}` names unknown upstream `{1}`")]
+    UnknownUpstream(String, String),
 }
 
 impl Target {

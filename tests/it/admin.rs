@@ -17,12 +17,13 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use crate::support::metrics::{scrape, series};
 use crate::support::opsgate::{
-    Answer, Launch, Opsgate, command, get, http1, raw_exchange, raw_status, request,
+    Answer, Launch, Opsgate, command, get, http1, raw_exchange, raw_status, request, run_to_end,
 };
 use crate::support::redis::RedisServer;
 use crate::support::upstream::{Upstream, full};
-use crate::support::{eventually, free_port};
+use crate::support::{eventually, free_port, loopback_addr};
 
 const TOKEN: &str = "adm-tok-4711";
 
@@ -89,37 +90,25 @@ async fn post_status(og: &Opsgate) -> u16 {
         .as_u16()
 }
 
+/// The proxy port's `/metrics` text.
 async fn metrics(og: &Opsgate) -> String {
-    let a = get(&og.url("/metrics"), &[]).await;
-    assert_eq!(a.status, 200);
-    a.text()
-}
-
-/// The value of the sample line starting with `series ` (e.g. `x_total{a="b"}`).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap())
+    scrape(&og.url("/metrics")).await
 }
 
 /// Runs `opsgate <args>` to completion off the async threads: (exit code, stdout, stderr).
 async fn opsgate_cmd(args: Vec<String>, env: Vec<(String, String)>) -> (i32, String, String) {
-    tokio::task::spawn_blocking(move || {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cmd = command(dir.path());
-        cmd.args(&args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(dir.path());
+    cmd.args(&args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = run_to_end(cmd).await;
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// `opsgate ctl --admin <og's admin> [--token T] <args>`.
@@ -181,9 +170,9 @@ body = '{"detail":"down for an upgrade"}'
     assert_eq!(m["held_by"], json!(["config"]));
 
     let text = metrics(&og).await;
-    assert_eq!(sample(&text, "maintenance_mode"), Some(1.0), "{text}");
+    assert_eq!(series(&text, "maintenance_mode"), Some(1.0), "{text}");
     assert_eq!(
-        sample(&text, r#"maintenance_rejected_total{route="api"}"#),
+        series(&text, r#"maintenance_rejected_total{route="api"}"#),
         Some(4.0),
         "{text}"
     );
@@ -250,7 +239,7 @@ async fn all_mode_blocks_reads_but_not_exempt_paths_and_path_tricks_do_not_slip_
 
     let text = metrics(&og).await;
     assert_eq!(
-        sample(&text, r#"maintenance_rejected_total{route="api"}"#),
+        series(&text, r#"maintenance_rejected_total{route="api"}"#),
         Some(5.0),
         "{text}"
     );
@@ -336,7 +325,7 @@ async fn env_var_at_startup_turns_maintenance_on() {
     assert_eq!(m["held_by"], json!(["env"]));
     assert_eq!(m["sources"]["env"], true);
     assert_eq!(m["sources"]["config"], false);
-    assert_eq!(sample(&metrics(&og).await, "maintenance_mode"), Some(1.0));
+    assert_eq!(series(&metrics(&og).await, "maintenance_mode"), Some(1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,7 +361,7 @@ async fn flag_file_override_and_ctl_each_turn_maintenance_on_and_off() {
     let m = ops_json(&og, "/_ops/maintenance").await;
     assert_eq!(m["held_by"], json!(["flag_file"]));
     assert_eq!(m["sources"]["flag_file"], true);
-    assert_eq!(sample(&metrics(&og).await, "maintenance_mode"), Some(1.0));
+    assert_eq!(series(&metrics(&og).await, "maintenance_mode"), Some(1.0));
 
     // The override off wins over the flag file; clearing it hands back to the file.
     let m = set_override(&og, json!({"enabled": false})).await;
@@ -396,7 +385,7 @@ async fn flag_file_override_and_ctl_each_turn_maintenance_on_and_off() {
     .await;
     assert_eq!(ops_json(&og, "/_ops/maintenance").await["enabled"], false);
     eventually(Duration::from_secs(1), "maintenance_mode 0", || async {
-        sample(&metrics(&og).await, "maintenance_mode") == Some(0.0)
+        series(&metrics(&og).await, "maintenance_mode") == Some(0.0)
     })
     .await;
 
@@ -494,7 +483,7 @@ async fn admin_reload_applies_a_changed_route_timeout() {
     assert_ne!(status["config"]["sha256"], before["config"]["sha256"]);
     let text = metrics(&og).await;
     assert_eq!(
-        sample(&text, r#"config_reloads_total{result="success"}"#),
+        series(&text, r#"config_reloads_total{result="success"}"#),
         Some(1.0),
         "{text}"
     );
@@ -721,7 +710,7 @@ async fn invalid_edit_keeps_the_running_config_and_reports_the_error() {
     );
     let text = metrics(&og).await;
     assert_eq!(
-        sample(&text, r#"config_reloads_total{result="failure"}"#),
+        series(&text, r#"config_reloads_total{result="failure"}"#),
         Some(1.0),
         "{text}"
     );
@@ -887,8 +876,8 @@ async fn readiness_stays_up_through_a_reload_that_changes_a_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_address_change_warns_and_keeps_serving() {
     let up = Upstream::echo("app").await;
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let listen: SocketAddr = loopback_addr();
+    let admin: SocketAddr = loopback_addr();
     let text = |proxy: SocketAddr| {
         format!(
             "[proxy]\nlisten = \"{proxy}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{}",
@@ -904,7 +893,7 @@ async fn listen_address_change_warns_and_keeps_serving() {
         .start()
         .await;
 
-    let moved: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let moved: SocketAddr = loopback_addr();
     std::fs::write(&file, text(moved)).unwrap();
     let a = ops(&og, "POST", "/_ops/reload", "").await;
     assert_eq!(a.status, 200, "{}", a.text());

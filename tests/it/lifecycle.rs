@@ -1,27 +1,18 @@
 //! The process from the outside: config errors and exit codes, flag/env/file precedence,
 //! and the shutdown sequence (SIGTERM, shutdown_delay, drain_timeout, a second signal).
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 
 use crate::support::eventually;
-use crate::support::free_port;
-use crate::support::opsgate::{Launch, Opsgate, check_config, get, h2c, http1, send};
+use crate::support::loopback_addr;
+use crate::support::opsgate::{Launch, Opsgate, check_config, get, h2c, http1, send, shorthand};
 use crate::support::upstream::{Upstream, full, refused_url};
 
 /// How long a process may take to exit when it should exit at once.
 const EXIT_LIMIT: Duration = Duration::from_secs(5);
-
-fn loopback() -> SocketAddr {
-    format!("127.0.0.1:{}", free_port()).parse().unwrap()
-}
-
-fn shorthand(upstream: &str, proxy_extra: &str) -> String {
-    format!("[proxy]\nupstream = \"{upstream}\"\n{proxy_extra}\n")
-}
 
 /// True when `text` holds `<file>:<line>:<col>:` for the given file and line.
 fn has_place(text: &str, file: &str, line: usize) -> bool {
@@ -101,7 +92,7 @@ async fn run_with_a_bad_config_exits_2_before_binding() {
         .arg("--listen")
         .arg(busy.local_addr().unwrap().to_string())
         .arg("--admin")
-        .arg(loopback().to_string())
+        .arg(loopback_addr().to_string())
         .spawn();
     let status = og.wait_exit(EXIT_LIMIT).await;
     assert_eq!(status.code(), Some(2), "{:?}", og.stderr());
@@ -132,13 +123,13 @@ async fn run_without_config_or_upstream_is_a_usage_error() {
 #[tokio::test]
 async fn flags_override_the_file() {
     let app = Upstream::echo("app").await;
-    let file_listen = loopback();
-    let flag_listen = loopback();
+    let file_listen = loopback_addr();
+    let flag_listen = loopback_addr();
     let og = Launch::new()
         .config(&format!(
             "[proxy]\nlisten = \"{file_listen}\"\nupstream = \"{}\"\n[admin]\nlisten = \"{}\"\n",
             refused_url(),
-            loopback()
+            loopback_addr()
         ))
         .arg("--listen")
         .arg(flag_listen.to_string())
@@ -159,11 +150,11 @@ async fn flags_override_the_file() {
 #[tokio::test]
 async fn env_configures_run_without_a_file_and_flags_beat_env() {
     let app = Upstream::echo("app").await;
-    let listen = loopback();
+    let listen = loopback_addr();
     let og = Launch::new()
         .env("OPSGATE_UPSTREAM", app.url())
         .env("OPSGATE_LISTEN", listen.to_string())
-        .env("OPSGATE_ADMIN_LISTEN", loopback().to_string())
+        .env("OPSGATE_ADMIN_LISTEN", loopback_addr().to_string())
         .listening_on(listen)
         .start()
         .await;
@@ -172,11 +163,11 @@ async fn env_configures_run_without_a_file_and_flags_beat_env() {
     assert_eq!(answer.json()["path"], "/from-env");
     drop(og);
 
-    let listen = loopback();
+    let listen = loopback_addr();
     let og = Launch::new()
         .env("OPSGATE_UPSTREAM", refused_url())
         .env("OPSGATE_LISTEN", listen.to_string())
-        .env("OPSGATE_ADMIN_LISTEN", loopback().to_string())
+        .env("OPSGATE_ADMIN_LISTEN", loopback_addr().to_string())
         .arg("--upstream")
         .arg(app.url())
         .listening_on(listen)
@@ -194,7 +185,7 @@ async fn busy_listen_port_exits_1() {
         .arg("--listen")
         .arg(busy.local_addr().unwrap().to_string())
         .arg("--admin")
-        .arg(loopback().to_string())
+        .arg(loopback_addr().to_string())
         .spawn();
     let status = og.wait_exit(EXIT_LIMIT).await;
     assert_eq!(status.code(), Some(1), "{:?}", og.stderr());

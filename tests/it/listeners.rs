@@ -16,9 +16,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::free_port;
+use crate::support::metrics::{scrape, series};
 use crate::support::opsgate::{Launch, Opsgate, get};
 use crate::support::upstream::Upstream;
+use crate::support::{eventually, loopback_addr};
 
 /// A CA and a leaf for `localhost` / `127.0.0.1` signed by it, as PEM files in `dir`.
 struct Pki {
@@ -168,18 +169,13 @@ async fn tls_listener_speaks_h2_and_http1_by_alpn() {
     );
     let og = launch.config(&config).loopback().spawn();
     // The harness waits over plain HTTP; this port only speaks TLS.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tls_get(og.addr(), &pki.ca, &[b"h2"], "/_health/live")
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no TLS answer: {:?}",
-            og.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (addr, ca) = (og.addr(), &pki.ca);
+    eventually(
+        Duration::from_secs(10),
+        "a TLS answer on /_health/live",
+        move || async move { tls_get(addr, ca, &[b"h2"], "/_health/live").await.is_ok() },
+    )
+    .await;
 
     let (alpn, version, status, body) = tls_get(og.addr(), &pki.ca, &[b"h2", b"http/1.1"], "/x")
         .await
@@ -276,7 +272,7 @@ async fn https_upstream_is_verified_against_ca_file() {
 async fn egress_port_serves_only_egress_routes() {
     let app = Upstream::echo("app").await;
     let payments = Upstream::echo("payments").await;
-    let egress: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let egress: SocketAddr = loopback_addr();
     let config = format!(
         "[upstreams.app]\nurl = \"{}\"\n[upstreams.payments]\nurl = \"{}\"\n\
          [[routes]]\nname = \"api\"\nprefix = \"/api\"\nupstream = \"app\"\n\
@@ -339,18 +335,18 @@ async fn metrics_classes_label_requests_by_path() {
     for path in ["/admin/users", "/adminx", "/shop"] {
         assert_eq!(get(&og.url(path), &[]).await.status, 200, "{path}");
     }
-    let text = get(&og.url("/metrics"), &[]).await.text();
+    let text = scrape(&og.url("/metrics")).await;
     let count = |class: &str| {
-        let series = format!(
-            r#"http_requests_total{{method="GET",route="default",class="{class}",status="200"}} "#
-        );
-        text.lines()
-            .find_map(|l| l.strip_prefix(series.as_str()))
-            .map(str::to_owned)
+        series(
+            &text,
+            &format!(
+                r#"http_requests_total{{method="GET",route="default",class="{class}",status="200"}}"#
+            ),
+        )
     };
     // `/adminx` is not under `/admin`: segment boundaries, like every other prefix.
-    assert_eq!(count("admin").as_deref(), Some("1"), "{text}");
-    assert_eq!(count("public").as_deref(), Some("2"), "{text}");
+    assert_eq!(count("admin"), Some(1.0), "{text}");
+    assert_eq!(count("public"), Some(2.0), "{text}");
 }
 
 #[tokio::test]

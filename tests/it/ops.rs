@@ -13,6 +13,7 @@ use opsgate::ops::{
 };
 use tokio::sync::watch;
 
+use crate::support::init_tls;
 use crate::support::redis::RedisServer;
 
 fn ip(s: &str) -> IpAddr {
@@ -486,10 +487,6 @@ async fn window_turns_on_at_start_and_off_at_end_with_retry_after_to_its_end() {
 
 // ---- Redis ----------------------------------------------------------------------------
 
-fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 async fn wait_status(
     fleet: &FleetControl,
     within: Duration,
@@ -525,7 +522,7 @@ async fn wait_fleet(maintenance: &Maintenance, within: Duration, value: Option<b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_follow_one_fleet_set_within_a_second() {
-    install_crypto();
+    init_tls();
     let redis = RedisServer::start();
     let key = "opsgate:test:maintenance";
     // A long poll: only the pub/sub message can make the deadline.
@@ -567,7 +564,7 @@ async fn three_instances_follow_one_fleet_set_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_reads_a_key_set_without_publish() {
-    install_crypto();
+    init_tls();
     let redis = RedisServer::start();
     let key = "fleet-poll";
     let maintenance = Maintenance::new(MaintenanceSettings::default());
@@ -588,7 +585,7 @@ async fn poll_reads_a_key_set_without_publish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_keeps_the_last_state_and_reconnects() {
-    install_crypto();
+    init_tls();
     let mut redis = RedisServer::start_with(&["--requirepass", "hunter2"]);
     let key = "fleet-outage";
     let maintenance = Maintenance::new(MaintenanceSettings::default());

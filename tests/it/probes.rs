@@ -14,7 +14,8 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::support::opsgate::{self, Answer, Launch, Opsgate, get, http1, send};
+use crate::support::metrics::{sample, scrape, series};
+use crate::support::opsgate::{self, Answer, Launch, Opsgate, get, http1, run_to_end, send};
 use crate::support::redis::RedisServer;
 use crate::support::upstream::{Upstream, full, refused_url};
 use crate::support::{SilentServer, eventually, free_port};
@@ -564,7 +565,7 @@ async fn a_slow_check_is_degraded_passing_and_not_counted_healthy() {
     assert_eq!(startup.status, StatusCode::OK);
     let text = get(&og.url("/metrics"), &[]).await.text();
     assert_eq!(
-        sample(
+        series(
             &text,
             r#"health_check_status{check="slow",critical="true"}"#
         ),
@@ -572,7 +573,7 @@ async fn a_slow_check_is_degraded_passing_and_not_counted_healthy() {
         "{text}"
     );
     assert_eq!(
-        sample(&text, r#"health_status{status="degraded"}"#),
+        series(&text, r#"health_status{status="degraded"}"#),
         Some(1.0)
     );
 }
@@ -712,8 +713,28 @@ async fn passwords_in_check_urls_never_show() {
     let og = start(&checks).await;
     await_check(&og, "db", "unhealthy", SLACK).await;
     await_check(&og, "db2", "unhealthy", SLACK).await;
-    // Let a few more runs log whatever they log.
-    tokio::time::sleep(INTERVAL * 3).await;
+    // A few more runs of each, so whatever a run logs is in the logs.
+    let runs = |text: &str, check: &str| {
+        sample(
+            text,
+            "health_check_duration_seconds_count",
+            &[("check", check)],
+        )
+        .unwrap_or(0.0)
+    };
+    let metrics_url = og.url("/metrics");
+    let before = scrape(&metrics_url).await;
+    let (db, db2) = (runs(&before, "db"), runs(&before, "db2"));
+    let url = &metrics_url;
+    eventually(
+        SLACK * 2,
+        "three more runs of each check",
+        move || async move {
+            let text = scrape(url).await;
+            runs(&text, "db") >= db + 3.0 && runs(&text, "db2") >= db2 + 3.0
+        },
+    )
+    .await;
 
     let mut seen = Vec::new();
     for url in [
@@ -914,13 +935,6 @@ async fn wait_for_critical_does_not_hold_without_critical_checks() {
     assert!(began.elapsed() < Duration::from_secs(2));
 }
 
-/// The value of the sample line starting with `series ` in a Prometheus text body.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 #[tokio::test]
 async fn health_metrics_follow_the_checks() {
     let x = Port::open().await;
@@ -930,33 +944,33 @@ async fn health_metrics_follow_the_checks() {
     let status = r#"health_check_status{check="x",critical="true"}"#;
     let count = r#"health_check_duration_seconds_count{check="x"}"#;
     let text = get(&og.url("/metrics"), &[]).await.text();
-    assert_eq!(sample(&text, status), Some(1.0), "{text}");
-    assert!(sample(&text, count).is_some_and(|c| c > 0.0), "{text}");
+    assert_eq!(series(&text, status), Some(1.0), "{text}");
+    assert!(series(&text, count).is_some_and(|c| c > 0.0), "{text}");
     assert_eq!(
-        sample(&text, r#"health_status{status="healthy"}"#),
+        series(&text, r#"health_status{status="healthy"}"#),
         Some(1.0)
     );
     assert_eq!(
-        sample(&text, r#"health_status{status="unhealthy"}"#),
+        series(&text, r#"health_status{status="unhealthy"}"#),
         Some(0.0)
     );
 
     x.close().await;
     await_check(&og, "x", "unhealthy", SLACK).await;
     let text = get(&og.url("/metrics"), &[]).await.text();
-    assert_eq!(sample(&text, status), Some(0.0), "{text}");
+    assert_eq!(series(&text, status), Some(0.0), "{text}");
     assert_eq!(
-        sample(&text, r#"health_status{status="healthy"}"#),
+        series(&text, r#"health_status{status="healthy"}"#),
         Some(0.0)
     );
     assert_eq!(
-        sample(&text, r#"health_status{status="unhealthy"}"#),
+        series(&text, r#"health_status{status="unhealthy"}"#),
         Some(1.0),
         "{text}"
     );
     // The admin port serves the same families.
     let admin = get(&og.admin_url("/metrics"), &[]).await.text();
-    assert_eq!(sample(&admin, status), Some(0.0), "{admin}");
+    assert_eq!(series(&admin, status), Some(0.0), "{admin}");
 }
 
 /// Writes `text` as a config file in a fresh directory.
@@ -967,28 +981,11 @@ fn config_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, path)
 }
 
-/// `opsgate <args> --config <path>`, as a tokio child with piped output.
-fn command(
-    dir: &std::path::Path,
-    path: &std::path::Path,
-    args: &[&str],
-) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::from(opsgate::command(dir));
-    cmd.args(args)
-        .arg("--config")
-        .arg(path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+/// `opsgate <args> --config <path>`, run from `dir`.
+fn command(dir: &std::path::Path, path: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut cmd = opsgate::command(dir);
+    cmd.args(args).arg("--config").arg(path);
     cmd
-}
-
-async fn run_to_end(mut cmd: tokio::process::Command) -> std::process::Output {
-    tokio::time::timeout(Duration::from_secs(10), cmd.output())
-        .await
-        .expect("command finished within 10s")
-        .unwrap()
 }
 
 #[tokio::test]
@@ -1081,9 +1078,14 @@ async fn wait_command_returns_once_the_dependency_is_up() {
     );
     let (dir, path) = config_file(&text);
     let began = Instant::now();
-    let mut child = command(dir.path(), &path, &["wait", "--timeout", "5s"])
-        .spawn()
-        .unwrap();
+    let mut child =
+        tokio::process::Command::from(command(dir.path(), &path, &["wait", "--timeout", "5s"]))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         child.try_wait().unwrap().is_none(),

@@ -9,9 +9,10 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use serde_json::Value;
 
+use crate::support::eventually;
+use crate::support::metrics::{sample, scrape};
 use crate::support::opsgate::{Answer, Launch, Opsgate, get, http1, send};
 use crate::support::upstream::{Reply, Scripted, Upstream, full, refused_url};
-use crate::support::{eventually, free_port};
 
 /// Upper bound for any condition awaited below; the configs use far shorter timeouts.
 const LIMIT: Duration = Duration::from_secs(5);
@@ -51,10 +52,9 @@ impl<'a> Setup<'a> {
         Self { route, ..self }
     }
 
-    fn text(&self, listen: SocketAddr, admin: SocketAddr) -> String {
+    fn text(&self) -> String {
         format!(
-            "[proxy]\nlisten = \"{listen}\"\naccess_log = false\n\n\
-             [admin]\nlisten = \"{admin}\"\n\n\
+            "[proxy]\naccess_log = false\n\n\
              [upstreams.app]\nurl = \"{}\"\nconnect_timeout = \"500ms\"\ntimeout = \"5s\"\n{}\n\n\
              {}\n\n\
              [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n{}\n",
@@ -68,17 +68,14 @@ impl<'a> Setup<'a> {
     }
 
     async fn start_with_env(&self, env: &[(&str, &str)]) -> Rig {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut launch = Launch::new()
-            .config(&self.text(listen, admin))
-            .listening_on(listen);
+        let mut launch = Launch::new().config(&self.text()).loopback();
         for (k, v) in env {
             launch = launch.env(k, *v);
         }
+        let og = launch.start().await;
         Rig {
-            og: launch.start().await,
-            admin,
+            admin: og.admin_addr(),
+            og,
         }
     }
 }
@@ -118,28 +115,8 @@ impl Rig {
     /// The value of sample `name` whose labels include every `labels` pair, from the
     /// proxy port's `/metrics`; `None` when no such sample is exported.
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let answer = self.get("/metrics").await;
-        assert_eq!(answer.status, StatusCode::OK);
-        sample(&answer.text(), name, labels)
+        sample(&scrape(&self.og.url("/metrics")).await, name, labels)
     }
-}
-
-/// Finds a sample in Prometheus text: exact name, the wanted labels in any order.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (n, have) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            let have: Vec<&str> = have.split(',').collect();
-            let all = labels
-                .iter()
-                .all(|(k, v)| have.contains(&format!("{k}=\"{v}\"").as_str()));
-            (n == name && all).then(|| value.parse().ok())?
-        })
 }
 
 /// Asserts `answer` is opsgate's own circuit-open rejection.

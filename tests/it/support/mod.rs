@@ -1,8 +1,9 @@
 //! Shared test fixtures: free ports, tiny TCP/HTTP servers, throwaway Redis and PostgreSQL,
-//! test upstreams and the opsgate process harness.
+//! test upstreams, the opsgate process harness and the `/metrics` parser.
 
 #![allow(dead_code)]
 
+pub mod metrics;
 pub mod opsgate;
 pub mod postgres;
 pub mod redis;
@@ -47,6 +48,11 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A loopback address on a [`free_port`].
+pub fn loopback_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// Polls `cond` every 10 ms until it holds or `limit` passes; panics with `what` on timeout.

@@ -21,7 +21,7 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::free_port;
+use super::loopback_addr;
 use super::upstream::{TestBody, full};
 
 /// Environment variables of the test process that would leak into opsgate's config.
@@ -48,6 +48,25 @@ pub fn command(dir: &std::path::Path) -> Command {
     }
     cmd.args(["--log-format", "json"]);
     cmd
+}
+
+/// The shorthand config: one upstream, one catch-all route named `default`.
+pub fn shorthand(upstream: &str, proxy_extra: &str) -> String {
+    format!("[proxy]\nupstream = \"{upstream}\"\n{proxy_extra}\n")
+}
+
+/// Runs `cmd` (see [`command`]) to completion off the async threads, with output captured;
+/// killed and failed after 10 s.
+pub async fn run_to_end(cmd: Command) -> Output {
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(10), cmd.output())
+        .await
+        .expect("command finished within 10s")
+        .unwrap()
 }
 
 /// `opsgate check-config --config <file with text>`, run to completion.
@@ -154,8 +173,8 @@ impl Launch {
         cmd.arg("run").args(&self.args);
         let (mut listen, mut admin) = (self.listen, self.admin);
         if self.fresh_ports {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let addr = loopback_addr();
+            let admin_addr = loopback_addr();
             cmd.arg("--listen").arg(addr.to_string());
             cmd.arg("--admin").arg(admin_addr.to_string());
             listen = Some(addr);
@@ -464,7 +483,6 @@ pub async fn read_all(resp: Response<Incoming>) -> Answer {
     }
 }
 
-/// GET `url` with extra headers, over a new HTTP/1.1 connection.
 /// The `/_ops/breakers` entry of breaker `name`, from the admin port at `admin`.
 pub async fn breaker(admin: SocketAddr, name: &str) -> serde_json::Value {
     let answer = get(&format!("http://{admin}/_ops/breakers"), &[]).await;
@@ -478,6 +496,7 @@ pub async fn breaker(admin: SocketAddr, name: &str) -> serde_json::Value {
         .clone()
 }
 
+/// GET `url` with extra headers, over a new HTTP/1.1 connection.
 pub async fn get(url: &str, headers: &[(&str, &str)]) -> Answer {
     let mut b = Request::get(url);
     for (k, v) in headers {

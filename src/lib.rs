@@ -10,6 +10,7 @@
 //! - `admin`: the admin listener and ops API.
 //! - `health`: background dependency checks, cached snapshot, probe bodies.
 //! - `ops`: maintenance state and its sources (config, env, flag file, windows, fleet key, override).
+//! - `paths`: segment-boundary prefix matching, shared by routing, gates and validation.
 //! - `shutdown`: signals and the drain state.
 //! - `telemetry`: metrics registry and logging.
 //! - `ctl`, `demo`, `probe`, `inject`: the `ctl`, `demo`, `probe` and `inject` commands.
@@ -23,6 +24,7 @@ pub mod endpoints;
 pub mod health;
 pub mod inject;
 pub mod ops;
+pub mod paths;
 pub mod probe;
 pub mod proxy;
 pub mod shutdown;

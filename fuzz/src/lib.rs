@@ -12,6 +12,7 @@ use http::Method;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use opsgate::config::units::{Size, format_duration, parse_duration, parse_size};
+use opsgate::paths::segment_prefix;
 use opsgate::proxy::admission::RateLimiter;
 use opsgate::proxy::breaker::{
     Breaker, BreakerPolicy, Outcome, Permit, RateRule, State, Transition,
@@ -19,7 +20,6 @@ use opsgate::proxy::breaker::{
 use opsgate::proxy::headers;
 use opsgate::proxy::normalize::{Normalized, normalize};
 use opsgate::proxy::retry::{RetryBudget, parse_retry_after};
-use opsgate::proxy::route::segment_prefix;
 use tokio::time::Instant;
 
 /// The targets, by name: the corpus directory names under `fuzz/corpus/`.

@@ -77,7 +77,7 @@ async fn handle(shared: &Arc<Shared>, local: &Local, req: Request<Incoming>) -> 
         return local.metrics_response(&parts);
     }
     let health_prefix = shared.live.load().health_prefix.clone();
-    if crate::proxy::route::segment_prefix(&path, &health_prefix) {
+    if crate::paths::segment_prefix(&path, &health_prefix) {
         let sub = path[health_prefix.len()..].to_owned();
         return local.health_response(req, &sub, true);
     }

@@ -10,7 +10,7 @@ use toml::de::DeTable;
 use super::diag::{Diagnostic, Seg, Source, span_of};
 use super::file::*;
 use super::values::Checked;
-use crate::proxy::route::segment_prefix;
+use crate::paths::segment_prefix;
 
 /// Route names the metrics layer uses for itself.
 const RESERVED_ROUTE_NAMES: &[&str] = &["unmatched", "system"];

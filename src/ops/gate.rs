@@ -4,7 +4,7 @@
 //! routing, with the caller's snapshot of the settings and one `Maintenance::is_on` load.
 //! The allow path allocates nothing; the reject path only clones reference-counted bytes.
 
-use crate::proxy::route::segment_prefix;
+use crate::paths::segment_prefix;
 use std::net::IpAddr;
 use std::time::SystemTime;
 

@@ -18,8 +18,8 @@ use super::normalize::{Normalized, normalize};
 use super::observe::{ObservedBody, Record};
 use super::respond::ProxyError;
 use super::route::Route;
-use super::route::segment_prefix;
 use super::runtime::Runtime;
+use crate::paths::segment_prefix;
 
 /// Endpoints opsgate answers itself on the proxy port. Implemented by the app, which owns
 /// health and metrics; the proxy only decides when a path is theirs.

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 
 use super::runtime::Upstream;
+use crate::paths::segment_prefix;
 use crate::telemetry::RouteMetrics;
 
 /// A route's canned answer when its breaker is open or its bulkhead full.
@@ -103,17 +104,6 @@ impl RouteTable {
     }
 }
 
-/// Does `prefix` match `path` on a segment boundary? (`/api` matches `/api`, `/api/`,
-/// `/api/x`; never `/apix`.) Routes, metrics classes, exempt paths and validation all
-/// match prefixes this way.
-pub fn segment_prefix(path: &str, prefix: &str) -> bool {
-    let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),
-        None => false,
-    }
-}
-
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
@@ -130,17 +120,6 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn segment_prefix_matches_on_boundaries() {
-        assert!(segment_prefix("/api", "/api"));
-        assert!(segment_prefix("/api/", "/api"));
-        assert!(segment_prefix("/api/x", "/api"));
-        assert!(segment_prefix("/api/x", "/api/"));
-        assert!(!segment_prefix("/apix", "/api"));
-        assert!(segment_prefix("/anything", "/"));
-        assert!(segment_prefix("/", "/"));
-    }
 
     #[test]
     fn ports_are_ignored() {

@@ -361,7 +361,7 @@ impl Runtime {
     pub fn class_of(&self, path: &str) -> usize {
         self.classes
             .iter()
-            .position(|(p, _)| super::route::segment_prefix(path, p))
+            .position(|(p, _)| crate::paths::segment_prefix(path, p))
             .unwrap_or(self.classes.len())
     }
 }

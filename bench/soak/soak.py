@@ -5,6 +5,7 @@ SIGTERM. Accounts for every request (from bench/soak/load.lua's logs), samples R
 fds, times readiness against its bound, and exits 0 only when every criterion holds.
 Run through bench/soak.sh; docs/soak.md explains the schedule and the figures."""
 import argparse
+import datetime
 import hashlib
 import http.client
 import ipaddress
@@ -633,6 +634,12 @@ poll_interval = "1s"
         self.t_exit = now()
         if self.t_closed is None:
             self.t_closed = self.t_exit
+        # The poll above sees the close up to one poll late, more on a busy machine; opsgate
+        # logs the moment its listeners closed, so requests wrk wrote after it are not
+        # counted as sent to a live listener.
+        logged = self.logged_close()
+        if logged is not None and self.t_term <= logged < self.t_closed:
+            self.t_closed = logged
         wrk.send_signal(signal.SIGINT)
         try:
             wrk.wait(timeout=10)
@@ -643,6 +650,19 @@ poll_interval = "1s"
             p.join(timeout=DRAIN_TIMEOUT + 5)
         self.poller.stop.set()
         self.sampler.stop.set()
+
+    def logged_close(self):
+        """When opsgate logged that its listeners closed (epoch seconds), if it did."""
+        try:
+            with open(f"{self.out}/opsgate.log") as f:
+                for line in f:
+                    if "listeners closed" not in line:
+                        continue
+                    ts = json.loads(line)["timestamp"]
+                    return datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+        except (OSError, ValueError, KeyError):
+            pass
+        return None
 
     # ---------- accounting ----------
     def in_window(self, target, t_start, t_end):

@@ -276,6 +276,10 @@ pub async fn run(
             graceful.push(g);
         }
     }
+    tracing::info!(
+        in_flight = in_flight(&shared.live.load()),
+        "listeners closed: draining open connections"
+    );
     let all_closed = futures_util::future::join_all(graceful.into_iter().map(|g| g.shutdown()));
     tokio::select! {
         r = tokio::time::timeout(drain_timeout, all_closed) => {

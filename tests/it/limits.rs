@@ -627,13 +627,13 @@ async fn the_lease_script_holds_three_uneven_instances_to_one_budget() {
                 offered[i] += 1.0;
                 let d = bucket.admit(TokioInstant::now());
                 per_second[sec] += usize::from(d.admit.is_ok());
-                if let Some(want) = d.lease {
+                if let Some(lease) = d.lease {
                     leases += 1;
                     sender.send(LeaseJob {
                         route: route.clone(),
                         bucket: bucket.clone(),
                         key: key.clone(),
-                        want,
+                        lease,
                     });
                 }
             }
@@ -728,4 +728,121 @@ async fn a_reload_keeps_an_unchanged_fleet_limit_and_its_lease_driver() {
         member,
         "one instance id: the lease driver was kept"
     );
+}
+
+/// Three instances' route limits, each with its own lease driver (as three
+/// processes would have), on one Redis, through the same `check` as requests.
+fn three_fleet_limits(
+    redis: &RedisServer,
+    prefix: &str,
+    key: &opsgate::proxy::limits::rate::KeySource,
+    rate: f64,
+) -> Vec<opsgate::proxy::limits::rate::RouteRate> {
+    use opsgate::proxy::limits::lease::{self, RouteFleet};
+    use opsgate::proxy::limits::rate::RouteRate;
+    (0..3)
+        .map(|i| {
+            let sender = lease::start(&redis.url(), format!("{prefix}-{i}").into()).unwrap();
+            let route = Arc::new(RouteFleet::new(
+                prefix,
+                "api".into(),
+                rate,
+                rate as u32,
+                Default::default(),
+            ));
+            RouteRate::fleet(key.clone(), 16, route, sender)
+        })
+        .collect()
+}
+
+/// Offers 3x `rate` spread 70/20/10 for `seconds`, arrivals on the wall clock
+/// (a late tick catches up); `at_second(s)` runs as second `s` starts.
+/// Returns the fleet's admitted requests per second.
+async fn offer_uneven(
+    limits: &[opsgate::proxy::limits::rate::RouteRate],
+    headers: &http::HeaderMap,
+    rate: f64,
+    seconds: usize,
+    mut at_second: impl FnMut(usize),
+) -> Vec<usize> {
+    let shares = [0.7, 0.2, 0.1];
+    let client = || std::net::IpAddr::from([127, 0, 0, 1]);
+    let mut per_second = vec![0usize; seconds];
+    let mut offered = [0.0f64; 3];
+    let mut started = 0;
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    loop {
+        tick.tick().await;
+        let elapsed = start.elapsed();
+        let sec = elapsed.as_secs() as usize;
+        if sec >= seconds {
+            return per_second;
+        }
+        while started <= sec {
+            at_second(started);
+            started += 1;
+        }
+        for (i, limit) in limits.iter().enumerate() {
+            let due = 3.0 * rate * shares[i] * elapsed.as_secs_f64();
+            while offered[i] + 1.0 <= due {
+                offered[i] += 1.0;
+                let ok = limit
+                    .check(tokio::time::Instant::now(), headers, client)
+                    .is_ok();
+                per_second[sec] += usize::from(ok);
+            }
+        }
+    }
+}
+
+/// Redis killed for 3 s, then restarted empty (its bucket full again): the
+/// instances spent their local shares meanwhile, so the second Redis returns
+/// in must not add the restarted bucket's burst on top. Same for a keyed
+/// fleet limit (one key on every instance).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_back_from_a_redis_outage_does_not_spend_the_budget_twice() {
+    use opsgate::proxy::limits::rate::KeySource;
+
+    let rate = 300.0;
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-api-key", http::HeaderValue::from_static("k1"));
+    let keys = [
+        KeySource::Route,
+        KeySource::Header(http::HeaderName::from_static("x-api-key")),
+    ];
+    for key in &keys {
+        let mut redis = RedisServer::start();
+        let limits = three_fleet_limits(&redis, "out", key, rate);
+        let (kill_at, back_at) = (2, 5);
+        let per_second = offer_uneven(&limits, &headers, rate, 8, |s| {
+            if s == kill_at {
+                redis.kill();
+            } else if s == back_at {
+                redis.restart();
+            }
+        })
+        .await;
+        // Down: 100/s local per instance, and the 10% one offers 90/s.
+        for sec in kill_at + 1..back_at {
+            assert!(
+                (250..=330).contains(&per_second[sec]),
+                "{key:?} second {sec} (Redis down): {per_second:?}"
+            );
+        }
+        let back = per_second[back_at];
+        assert!(
+            (210..=345).contains(&back),
+            "{key:?}: {back} admitted in the second Redis returned, limit 300 ({per_second:?})"
+        );
+        for (sec, n) in per_second.iter().enumerate().skip(back_at + 1) {
+            assert!(
+                (255..=345).contains(n),
+                "{key:?} second {sec}: {n} ({per_second:?})"
+            );
+        }
+        for limit in &limits {
+            assert!(!limit.fallback(), "{key:?}: still in fallback");
+        }
+    }
 }

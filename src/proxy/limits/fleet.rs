@@ -55,6 +55,22 @@ pub enum Mode {
     Leasing,
     /// Redis unreachable or slow: local limit at `per_second / N`.
     Fallback,
+    /// Redis answered the first lease after a fallback by emptying the fleet
+    /// bucket (see [`Lease::rejoin`]): the local limit holds until a refill
+    /// is granted, so nothing is refused in between.
+    Rejoining,
+}
+
+/// A lease to ask Redis for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub want: u32,
+    /// This instance spent a local share since its last grant: Redis empties
+    /// the fleet bucket before granting (once per fallback, however many
+    /// leases carry the flag), since a bucket refilled over the outage (or
+    /// recreated full by a restart) would let the fleet spend that time's
+    /// budget twice.
+    pub rejoin: bool,
 }
 
 /// The answer to one request.
@@ -62,9 +78,9 @@ pub enum Mode {
 pub struct Decision {
     /// `Err(retry_after)` means 429.
     pub admit: Result<(), Duration>,
-    /// Ask Redis for this many tokens now (the caller hands it to the driver
-    /// and later reports [`FleetBucket::on_grant`] or [`FleetBucket::on_failure`]).
-    pub lease: Option<u32>,
+    /// Ask Redis for this lease now (the caller hands it to the driver and
+    /// later reports [`FleetBucket::on_grant`] or [`FleetBucket::on_failure`]).
+    pub lease: Option<Lease>,
 }
 
 #[derive(Debug)]
@@ -87,6 +103,12 @@ struct State {
     /// Lease round trip as last seen: rises with a slow answer at once,
     /// decays by an eighth per faster one.
     rtt: Duration,
+    /// Leases tell Redis this instance spent locally: from entering Fallback
+    /// to the next grant (a failed lease may or may not have reached Redis;
+    /// the script caps once per fallback).
+    rejoin: bool,
+    /// The lease in flight carries `rejoin`.
+    rejoin_sent: bool,
     /// Local limit state (Starting and Fallback): GCRA arrival time, ns since `base`.
     local_tat: u64,
     local: Gcra,
@@ -135,6 +157,8 @@ impl FleetBucket {
                 next_mark: 0,
                 carry: 0,
                 rtt: Duration::ZERO,
+                rejoin: false,
+                rejoin_sent: false,
                 local_tat: 0,
                 local: Gcra::new(per_second, burst),
             }),
@@ -229,6 +253,7 @@ impl FleetBucket {
         {
             // Redis is slow: stop waiting for it (the late answer is still taken).
             s.pending_since = None;
+            s.rejoin_sent = false;
             self.fall_back(&mut s, now);
         }
         let admit = match s.mode {
@@ -237,7 +262,7 @@ impl FleetBucket {
                 f64::from(s.instances.max(1)) / self.per_second.max(1e-9),
             )
             .max(s.next_lease.saturating_duration_since(now))),
-            Mode::Starting | Mode::Fallback => {
+            Mode::Starting | Mode::Fallback | Mode::Rejoining => {
                 let local = s.local;
                 local.acquire(&mut s.local_tat, at)
             }
@@ -262,14 +287,20 @@ impl FleetBucket {
             self.prefetch_mark.store(0, Ordering::Relaxed);
             self.refresh_at
                 .store(self.fresh_until.load(Ordering::Acquire), Ordering::Release);
-            batch
+            s.rejoin_sent = s.rejoin;
+            Lease {
+                want: batch,
+                rejoin: s.rejoin_sent,
+            }
         });
         Decision { admit, lease }
     }
 
     /// The driver could not hand the lease to Redis at all (queue full).
     pub fn on_not_sent(&self) {
-        self.lock().pending_since = None;
+        let mut s = self.lock();
+        s.pending_since = None;
+        s.rejoin_sent = false;
     }
 
     /// Redis answered a lease.
@@ -290,6 +321,14 @@ impl FleetBucket {
         if s.instances != grant.instances.max(1) {
             s.instances = grant.instances.max(1);
             s.local = self.local_gcra(s.instances);
+        }
+        s.rejoin = false;
+        if std::mem::take(&mut s.rejoin_sent) && grant.granted == 0 && s.mode == Mode::Fallback {
+            // The fleet bucket was emptied for this rejoin: keep the local
+            // share until the refill, instead of refusing meanwhile.
+            s.mode = Mode::Rejoining;
+            s.next_lease = now + grant.wait.min(LEASE_PERIOD);
+            return;
         }
         let at = self.nanos(now);
         if at >= self.fresh_until.load(Ordering::Acquire) {
@@ -326,6 +365,7 @@ impl FleetBucket {
     pub fn on_failure(&self, now: Instant) {
         let mut s = self.lock();
         s.pending_since = None;
+        s.rejoin_sent = false;
         self.fall_back(&mut s, now);
     }
 
@@ -337,6 +377,7 @@ impl FleetBucket {
     fn fall_back(&self, s: &mut State, now: Instant) {
         if s.mode != Mode::Fallback {
             s.mode = Mode::Fallback;
+            s.rejoin = true;
             s.local = self.local_gcra(s.instances);
             // Enter with an empty local bucket: a flapping Redis must not hand
             // out a fresh local burst at every switch (the fleet bucket was
@@ -356,7 +397,12 @@ impl FleetBucket {
 /// the live ones. Both keys carry a TTL, so a fleet that stops leaves nothing.
 ///
 /// KEYS: bucket hash, instances zset. ARGV: rate/s, burst, want, instance id,
-/// instance TTL ms. Returns `{granted, instances, wait_ms}`. Nothing is granted
+/// instance TTL ms, rejoin (`1`: empty the bucket first, see
+/// [`Lease::rejoin`]; the caller then waits `wait_ms` on its local limit).
+/// The bucket hash marks an instance that emptied it until that instance
+/// leases without the flag, so a fallback whose leases reach Redis but time
+/// out (a slow link) empties the bucket once, not at every retry.
+/// Returns `{granted, instances, wait_ms}`. Nothing is granted
 /// below half a batch or 50 ms of the fleet rate, whichever is less: a dry
 /// bucket answers "come back in `wait_ms`" instead of handing out crumbs that
 /// would each cost a round trip, and the same floor for big and small batches
@@ -372,10 +418,19 @@ redis.call('ZADD', KEYS[2], now, ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 local n = redis.call('ZCARD', KEYS[2])
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local mark = 'rejoined:' .. ARGV[4]
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts', mark)
 local tokens = tonumber(b[1]) or burst
 local ts = tonumber(b[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+if ARGV[6] == '1' then
+  if not b[3] then
+    tokens = math.min(tokens, 0)
+    redis.call('HSET', KEYS[1], mark, 1)
+  end
+elseif b[3] then
+  redis.call('HDEL', KEYS[1], mark)
+end
 local least = math.max(1, math.min(want / 2, math.ceil(rate / 20)))
 local granted = 0
 if tokens >= least then
@@ -415,7 +470,11 @@ mod tests {
         let b = FleetBucket::new(100.0, 10, t0);
         let d = b.admit(t0);
         assert_eq!(d.admit, Ok(()));
-        assert_eq!(d.lease, Some(10), "100/s x 200 ms, capped by the burst");
+        assert_eq!(
+            d.lease.map(|l| l.want),
+            Some(10),
+            "100/s x 200 ms, capped by the burst"
+        );
         // One lease in flight at a time.
         assert_eq!(b.admit(t0).lease, None);
         assert_eq!(b.mode(), Mode::Starting);
@@ -425,7 +484,7 @@ mod tests {
     fn spends_leased_tokens_and_prefetches_at_half_a_batch() {
         let t0 = Instant::now();
         let b = FleetBucket::new(300.0, 300, t0);
-        let first = b.admit(t0).lease.unwrap();
+        let first = b.admit(t0).lease.unwrap().want;
         assert_eq!(first, 300, "the first lease asks for the burst");
         b.on_grant(t0, grant(20, 3));
         assert_eq!(b.mode(), Mode::Leasing);
@@ -624,6 +683,74 @@ mod tests {
         assert_eq!(b.mode(), Mode::Leasing);
     }
 
+    /// A bucket that leased, then lost Redis; `at` is after its first retry is due.
+    fn fallen_back(t0: Instant) -> (FleetBucket, Instant) {
+        let b = FleetBucket::new(300.0, 300, t0);
+        let first = b.admit(t0).lease.unwrap();
+        assert!(!first.rejoin, "a starting instance spent nothing locally");
+        b.on_grant(t0, grant(300, 3));
+        for _ in 0..300 {
+            assert!(b.admit(t0).lease.is_none_or(|l| !l.rejoin));
+        }
+        b.on_failure(t0 + ms(60));
+        assert_eq!(b.mode(), Mode::Fallback);
+        (b, t0 + ms(60) + RETRY_INTERVAL)
+    }
+
+    #[test]
+    fn the_first_lease_after_a_fallback_rejoins_and_keeps_the_local_limit_until_a_refill() {
+        let t0 = Instant::now();
+        let (b, at) = fallen_back(t0);
+        let d = b.admit(at);
+        assert!(d.lease.unwrap().rejoin);
+        // Redis emptied the fleet bucket: the local share still admits.
+        b.on_grant(
+            at,
+            Grant {
+                granted: 0,
+                instances: 3,
+                wait: ms(50),
+            },
+        );
+        assert_eq!(b.mode(), Mode::Rejoining);
+        let later = at + ms(20);
+        let d = b.admit(later);
+        assert_eq!(d.admit, Ok(()), "the local limit, not a refusal");
+        assert_eq!(d.lease, None, "the refill is not due yet");
+        // The refill is asked for without the flag: one rejoin per fallback.
+        let d = b.admit(at + ms(50));
+        assert!(!d.lease.unwrap().rejoin);
+        b.on_grant(at + ms(51), grant(0, 3));
+        assert_eq!(
+            b.mode(),
+            Mode::Leasing,
+            "a dry bucket is waited for as usual"
+        );
+        assert!(b.admit(at + ms(52)).admit.is_err());
+    }
+
+    #[test]
+    fn leases_rejoin_from_a_fallback_until_a_grant_and_never_while_leasing() {
+        let t0 = Instant::now();
+        let (b, at) = fallen_back(t0);
+        assert!(b.admit(at).lease.unwrap().rejoin);
+        b.on_failure(at + LEASE_TIMEOUT);
+        let at = at + LEASE_TIMEOUT + RETRY_INTERVAL;
+        assert!(b.admit(at).lease.unwrap().rejoin, "failed: told again");
+        b.on_not_sent();
+        assert!(b.admit(at).lease.unwrap().rejoin, "not sent: told again");
+        b.on_grant(at, grant(10, 3));
+        assert_eq!(b.mode(), Mode::Leasing);
+        let mut asked = 0;
+        for i in 0..10 {
+            if let Some(lease) = b.admit(at + ms(60 + i)).lease {
+                asked += 1;
+                assert!(!lease.rejoin);
+            }
+        }
+        assert_eq!(asked, 1);
+    }
+
     /// A Redis that answers every lease after `delay` and grants all that is
     /// asked (a limit that never binds), on the paused clock. Offered
     /// `offered`/s for `secs`; returns (refused, admitted, leases).
@@ -648,7 +775,7 @@ mod tests {
                     Ok(()) => admitted += 1,
                     Err(_) => refused += 1,
                 }
-                if let Some(want) = d.lease {
+                if let Some(Lease { want, .. }) = d.lease {
                     leases += 1;
                     let b = b.clone();
                     tokio::spawn(async move {

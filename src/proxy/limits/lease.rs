@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::fleet::{FleetBucket, Grant, INSTANCE_TTL, LEASE_SCRIPT, LEASE_TIMEOUT};
+use super::fleet::{FleetBucket, Grant, INSTANCE_TTL, LEASE_SCRIPT, LEASE_TIMEOUT, Lease};
 use crate::proxy::clock::nanos_since;
 
 /// Jobs waiting for the driver; a full queue means Redis is not keeping up,
@@ -123,7 +123,7 @@ pub struct LeaseJob {
     pub bucket: Arc<FleetBucket>,
     /// The bucket's Redis key (route bucket or keyed bucket).
     pub key: Arc<str>,
-    pub want: u32,
+    pub lease: Lease,
 }
 
 impl LeaseJob {
@@ -217,9 +217,10 @@ async fn lease(
     let args = vec![
         job.route.per_second.to_string(),
         job.route.burst.to_string(),
-        job.want.to_string(),
+        job.lease.want.to_string(),
         instance.to_owned(),
         INSTANCE_TTL.as_millis().to_string(),
+        if job.lease.rejoin { "1" } else { "0" }.to_owned(),
     ];
     let answer: Result<Vec<i64>, _> = client.evalsha(sha, keys.clone(), args.clone()).await;
     let answer = match answer {

@@ -11,7 +11,7 @@ use http::HeaderMap;
 use http::HeaderName;
 use tokio::time::Instant;
 
-use super::fleet::{FleetBucket, Mode};
+use super::fleet::{FleetBucket, Lease, Mode};
 use super::keyed::{KeyRef, KeyedLimiter, KeyedMap};
 use super::lease::{LeaseJob, LeaseSender, RouteFleet, key_id};
 use crate::proxy::admission::RateLimiter;
@@ -124,8 +124,8 @@ impl RouteRate {
             }
             Shape::Fleet { bucket, redis_key } => {
                 let d = bucket.admit(now);
-                if let Some(want) = d.lease {
-                    self.send(now, bucket, redis_key, want);
+                if let Some(lease) = d.lease {
+                    self.send(now, bucket, redis_key, lease);
                 }
                 d.admit
             }
@@ -149,18 +149,18 @@ impl RouteRate {
                     let d = bucket.admit(now);
                     let lease = d
                         .lease
-                        .map(|want| (Arc::clone(bucket), Arc::clone(redis_key), want));
+                        .map(|lease| (Arc::clone(bucket), Arc::clone(redis_key), lease));
                     (d, lease)
                 });
-                if let Some((bucket, redis_key, want)) = lease {
-                    self.send(now, &bucket, &redis_key, want);
+                if let Some((bucket, redis_key, lease)) = lease {
+                    self.send(now, &bucket, &redis_key, lease);
                 }
                 d.admit
             }
         }
     }
 
-    fn send(&self, now: Instant, bucket: &Arc<FleetBucket>, redis_key: &Arc<str>, want: u32) {
+    fn send(&self, now: Instant, bucket: &Arc<FleetBucket>, redis_key: &Arc<str>, lease: Lease) {
         if let Some((route, sender)) = &self.fleet {
             if !route.may_try(now) {
                 // Redis is down and another key has the route's next attempt:
@@ -172,7 +172,7 @@ impl RouteRate {
                 route: Arc::clone(route),
                 bucket: Arc::clone(bucket),
                 key: Arc::clone(redis_key),
-                want,
+                lease,
             });
         }
     }
@@ -280,7 +280,7 @@ mod tests {
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                         let grant = (now >= down_until).then_some(Grant {
-                            granted: job.want,
+                            granted: job.lease.want,
                             instances: 1,
                             wait: Duration::ZERO,
                         });

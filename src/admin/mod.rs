@@ -427,14 +427,4 @@ fn percent_decode(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percent_decoding_of_breaker_names() {
-        assert_eq!(percent_decode("route%3Aapi"), "route:api");
-        assert_eq!(percent_decode("app"), "app");
-        assert_eq!(percent_decode("%a\u{e9}"), "%a\u{e9}");
-        assert_eq!(percent_decode("x%"), "x%");
-    }
-}
+mod tests;

@@ -22,7 +22,7 @@ use crate::telemetry::events::{Event, Events, now_rfc3339};
 
 /// With no event for this long a fresh `status` goes out anyway: counters and latencies
 /// change without transitions, and the regular frame keeps idle proxies from closing.
-const STATUS_EVERY: Duration = Duration::from_secs(5);
+pub(super) const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 pub fn stream<R: Reload>(admin: Arc<Admin<R>>, headers: &HeaderMap) -> Response<Body> {
     let last_id = headers

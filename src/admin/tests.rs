@@ -258,3 +258,44 @@ fn percent_decoding_of_breaker_names() {
     assert_eq!(percent_decode("%a\u{e9}"), "%a\u{e9}");
     assert_eq!(percent_decode("x%"), "x%");
 }
+
+/// The event stream through the service function, on tokio's paused clock: a quiet
+/// stream still sends a fresh `status` every 5 s, and a drain through the API shows up
+/// as its own event before the next `status`.
+#[tokio::test(start_paused = true)]
+async fn the_event_stream_sends_status_when_quiet_and_events_as_they_happen() {
+    let admin = admin(TOKEN, applied());
+    let auth = bearer();
+    let auth = [("authorization", auth.as_str())];
+    let req = Request::builder()
+        .uri("/_ops/events")
+        .header("authorization", &bearer())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = handle(&admin, req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut next_event = async || {
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        let text = String::from_utf8(frame.to_vec()).unwrap();
+        let kind = text
+            .lines()
+            .find_map(|l| l.strip_prefix("event: "))
+            .unwrap()
+            .to_owned();
+        (kind, tokio::time::Instant::now())
+    };
+
+    let (kind, first) = next_event().await;
+    assert_eq!(kind, "status");
+    let (kind, quiet) = next_event().await;
+    assert_eq!(kind, "status");
+    assert_eq!(quiet - first, events::STATUS_EVERY);
+
+    let (status, _, _) = call(&admin, "POST", "/_ops/drain", &auth, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(admin.drain.is_draining());
+    assert_eq!(next_event().await.0, "drain");
+    assert_eq!(next_event().await.0, "status");
+}

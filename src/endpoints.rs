@@ -11,14 +11,30 @@ use http_body::Frame;
 use http_body_util::StreamBody;
 use hyper::body::Incoming;
 
-use crate::app::{Shared, build};
+use arc_swap::ArcSwap;
+
+use crate::health::Health;
 use crate::health::render::{self, Format, Readiness, Rendered, View};
-use crate::proxy::Body;
+use crate::ops::Maintenance;
 use crate::proxy::body::BoxError;
 use crate::proxy::respond::json;
+use crate::proxy::{Body, Runtime};
+use crate::shutdown::Drain;
+use crate::telemetry::MetricsRegistry;
+
+/// What the endpoints read: the live runtime (config and maintenance settings), the
+/// metrics registry, the health cache, and the two switches that fail readiness.
+#[derive(Clone)]
+pub struct Handles {
+    pub live: Arc<ArcSwap<Runtime>>,
+    pub metrics: Arc<MetricsRegistry>,
+    pub health: Health,
+    pub maintenance: Maintenance,
+    pub drain: Arc<Drain>,
+}
 
 pub struct Local {
-    shared: Arc<Shared>,
+    handles: Handles,
     /// The last ready body rendered, with what it was rendered from. Probes arrive far
     /// more often than checks change, and 200 checks take ~100 µs to render; held only
     /// to compare and clone, never across an await.
@@ -36,9 +52,9 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 impl Local {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(handles: Handles) -> Self {
         Self {
-            shared,
+            handles,
             ready_cache: std::sync::Mutex::new(None),
         }
     }
@@ -52,7 +68,7 @@ impl Local {
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("application/openmetrics-text"));
-        let m = &self.shared.metrics;
+        let m = &self.handles.metrics;
         let (text, ctype) = if wants_om {
             (m.encode_openmetrics(), OPENMETRICS)
         } else {
@@ -69,17 +85,17 @@ impl Local {
     }
 
     pub fn readiness(&self) -> Readiness {
-        let m = &self.shared.maintenance;
+        let m = &self.handles.maintenance;
         Readiness {
-            draining: self.shared.drain.is_draining(),
-            maintenance_fail: m.is_on() && self.shared.live.load().maintenance.fail_readiness,
+            draining: self.handles.drain.is_draining(),
+            maintenance_fail: m.is_on() && self.handles.live.load().maintenance.fail_readiness,
         }
     }
 
     fn view(&self, accept: Option<&HeaderValue>, admin: bool) -> View {
         View {
             format: Format::from_accept(accept.and_then(|v| v.to_str().ok())),
-            details: build::details(&self.shared.live.load().config),
+            details: details(&self.handles.live.load().config),
             admin,
         }
     }
@@ -103,18 +119,13 @@ impl Local {
     }
 
     /// `sub` is the path after the health prefix, e.g. `/ready`.
-    pub fn health_response(
-        &self,
-        req: Request<Incoming>,
-        sub: &str,
-        admin: bool,
-    ) -> Response<Body> {
+    pub fn health_response<B>(&self, req: Request<B>, sub: &str, admin: bool) -> Response<Body> {
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
             return method_not_allowed();
         }
         let head = req.method() == Method::HEAD;
         let view = self.view(req.headers().get(header::ACCEPT), admin);
-        let snap = self.shared.health.snapshot();
+        let snap = self.handles.health.snapshot();
         let rendered = match sub {
             "/live" => render::live(),
             "/ready" => self.ready_cached(snap, view),
@@ -158,12 +169,12 @@ impl Local {
         interval: Duration,
         view: View,
     ) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + use<>> {
-        let local = Local::new(self.shared.clone());
+        let local = Local::new(self.handles.clone());
         // Any of health, maintenance or draining changing alters the ready body.
-        let health = self.shared.health.subscribe();
-        let mut maintenance = self.shared.maintenance.subscribe();
+        let health = self.handles.health.subscribe();
+        let mut maintenance = self.handles.maintenance.subscribe();
         maintenance.mark_unchanged();
-        let mut drain = self.shared.drain.subscribe();
+        let mut drain = self.handles.drain.subscribe();
         drain.mark_unchanged();
         let watches = (health, maintenance, drain);
         let state = (local, watches, true, tokio::time::interval(interval));
@@ -181,13 +192,21 @@ impl Local {
                     }
                 }
                 let body =
-                    render::ready(&local.shared.health.snapshot(), local.readiness(), view).body;
+                    render::ready(&local.handles.health.snapshot(), local.readiness(), view).body;
                 let text = std::str::from_utf8(&body).unwrap_or("{}");
                 let frame = render::sse_frame(None, "health", text);
                 Some((Ok(Frame::data(frame)), (local, w, false, tick)))
             },
         );
         StreamBody::new(stream)
+    }
+}
+
+fn details(c: &crate::config::Config) -> render::Details {
+    match c.file.health.details {
+        crate::config::Details::Always => render::Details::Always,
+        crate::config::Details::OnFailure => render::Details::OnFailure,
+        crate::config::Details::Never => render::Details::Never,
     }
 }
 

@@ -1,13 +1,15 @@
 //! opsgate: a sidecar health/ops proxy.
 //!
 //! # Layout
-//! - `app`: wires the rooms, startup order, reload, shutdown sequence.
+//! - `app`: wires the rooms, startup order, reload, shutdown sequence. It gives each
+//!   room only the handles it uses; no module below it imports it.
 //! - `cli`: the command line.
 //! - `config`: the TOML file, defaults, typed leaf values parsed as the file is read
 //!   (`values`, `status`), validation (pure).
 //! - `proxy`: the hot path, stage by stage (see its module docs).
-//! - `endpoints`: `/_health/*` and `/metrics`, answered by opsgate itself.
-//! - `admin`: the admin listener and ops API.
+//! - `endpoints`: `/_health/*` and `/metrics`, answered by opsgate itself (`endpoints::Handles`).
+//! - `admin`: the admin listener and ops API, built from `admin::Admin`: what it reads,
+//!   and the actions it may call (`Reload`, which the app implements).
 //! - `health`: background dependency checks, cached snapshot, probe bodies.
 //! - `ops`: maintenance state and its sources (config, env, flag file, windows, fleet key, override).
 //! - `paths`: segment-boundary prefix matching, shared by routing, gates and validation.

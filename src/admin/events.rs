@@ -14,7 +14,7 @@ use http_body_util::StreamBody;
 use serde_json::Value;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
-use crate::app::Shared;
+use super::{Admin, Reload};
 use crate::health::render::sse_frame;
 use crate::proxy::Body;
 use crate::proxy::body::BoxError;
@@ -22,15 +22,15 @@ use crate::telemetry::events::{Event, Events, now_rfc3339};
 
 /// With no event for this long a fresh `status` goes out anyway: counters and latencies
 /// change without transitions, and the regular frame keeps idle proxies from closing.
-const STATUS_EVERY: Duration = Duration::from_secs(5);
+pub(super) const STATUS_EVERY: Duration = Duration::from_secs(5);
 
-pub fn stream(shared: Arc<Shared>, headers: &HeaderMap) -> Response<Body> {
+pub fn stream<R: Reload>(admin: Arc<Admin<R>>, headers: &HeaderMap) -> Response<Body> {
     let last_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let events = shared.events.clone();
-    let frames = event_frames(events, last_id, move || super::status_json(&shared));
+    let events = admin.events.clone();
+    let frames = event_frames(events, last_id, move || super::status_json(&admin));
     let mut resp = Response::new(Body::boxed(StreamBody::new(frames)));
     let h = resp.headers_mut();
     h.insert(

@@ -3,9 +3,11 @@
 
 mod events;
 mod page;
+mod reload;
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -18,20 +20,45 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::app::{ReloadOutcome, Shared};
+use arc_swap::ArcSwap;
+
 use crate::endpoints::{Local, method_not_allowed};
-use crate::proxy::Body;
+use crate::health::Health;
+use crate::ops::{FleetControl, Maintenance};
+use crate::proxy::body::BoxError;
 use crate::proxy::listener::{Limits, http_builder, stopped};
 use crate::proxy::respond::json as json_response;
+use crate::proxy::{Body, Runtime};
+use crate::shutdown::Drain;
+use crate::telemetry::events::Events;
+
+pub use reload::{Reload, ReloadOutcome, ReloadStatus};
 
 /// Largest request body the admin API reads (maintenance reason, token).
 const MAX_BODY: usize = 64 * 1024;
 pub const SESSION_COOKIE: &str = "opsgate_session";
 
-pub async fn serve(
+/// What the admin API reads and the actions it may take; the app builds it.
+pub struct Admin<R> {
+    /// The proxy's snapshot: config (token, paths), breakers, limiters.
+    pub live: Arc<ArcSwap<Runtime>>,
+    /// `/metrics` and `/_health/*`, answered as on the proxy port.
+    pub local: Arc<Local>,
+    pub health: Health,
+    pub maintenance: Maintenance,
+    /// Replaced by reloads that change `[control]`; read here for its status only.
+    pub fleet: Arc<Mutex<Option<FleetControl>>>,
+    pub drain: Arc<Drain>,
+    pub events: Arc<Events>,
+    pub reload: R,
+    pub started: Instant,
+    /// Mixed into session cookies; new at every start.
+    pub session_secret: [u8; 32],
+}
+
+pub async fn serve<R: Reload>(
     listener: TcpListener,
-    shared: Arc<Shared>,
-    local: Arc<Local>,
+    admin: Arc<Admin<R>>,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -49,11 +76,11 @@ pub async fn serve(
                 }
             },
         };
-        let (shared, local, builder) = (shared.clone(), local.clone(), builder.clone());
+        let (admin, builder) = (admin.clone(), builder.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let (shared, local) = (shared.clone(), local.clone());
-                async move { Ok::<_, Infallible>(handle(&shared, &local, req).await) }
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(handle(&admin, req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
@@ -68,15 +95,22 @@ fn error(status: StatusCode, detail: &str) -> Response<Body> {
     json_response(status, Bytes::from(json!({ "detail": detail }).to_string()))
 }
 
-async fn handle(shared: &Arc<Shared>, local: &Local, req: Request<Incoming>) -> Response<Body> {
+/// Answers one admin request.
+pub async fn handle<R, B>(admin: &Arc<Admin<R>>, req: Request<B>) -> Response<Body>
+where
+    R: Reload,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let local = &admin.local;
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    let metrics_path = shared.live.load().config.file.metrics.path.clone();
+    let metrics_path = admin.live.load().config.file.metrics.path.clone();
     if path == metrics_path || path == "/metrics" {
         let (parts, _) = req.into_parts();
         return local.metrics_response(&parts);
     }
-    let health_prefix = shared.live.load().health_prefix.clone();
+    let health_prefix = admin.live.load().health_prefix.clone();
     if crate::paths::segment_prefix(&path, &health_prefix) {
         let sub = path[health_prefix.len()..].to_owned();
         return local.health_response(req, &sub, true);
@@ -85,13 +119,13 @@ async fn handle(shared: &Arc<Shared>, local: &Local, req: Request<Incoming>) -> 
         (&Method::GET | &Method::HEAD, "/_ops/" | "/_ops") => {
             return crate::endpoints::strip_body_for_head(page::shell(), method == Method::HEAD);
         }
-        (&Method::POST, "/_ops/session") => return session(shared, req).await,
+        (&Method::POST, "/_ops/session") => return session(admin, req).await,
         _ => {}
     }
     if !path.starts_with("/_ops/") {
         return error(StatusCode::NOT_FOUND, "not found");
     }
-    if !authorized(shared, req.headers()) {
+    if !authorized(admin, req.headers()) {
         let mut resp = error(StatusCode::UNAUTHORIZED, "unauthorized");
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -100,11 +134,11 @@ async fn handle(shared: &Arc<Shared>, local: &Local, req: Request<Incoming>) -> 
         return resp;
     }
     match (method, path.as_str()) {
-        (Method::GET, "/_ops/status") => ok_json(&status_json(shared)),
-        (Method::GET, "/_ops/maintenance") => ok_json(&maintenance_json(shared)),
-        (Method::PUT, "/_ops/maintenance") => put_maintenance(shared, req).await,
-        (Method::GET, "/_ops/breakers") => ok_json(&json!({ "breakers": breakers_json(shared) })),
-        (Method::POST, "/_ops/reload") => match shared.reload("admin").await {
+        (Method::GET, "/_ops/status") => ok_json(&status_json(admin)),
+        (Method::GET, "/_ops/maintenance") => ok_json(&maintenance_json(admin)),
+        (Method::PUT, "/_ops/maintenance") => put_maintenance(admin, req).await,
+        (Method::GET, "/_ops/breakers") => ok_json(&json!({ "breakers": breakers_json(admin) })),
+        (Method::POST, "/_ops/reload") => match admin.reload.reload().await {
             ReloadOutcome::Applied { warnings } => {
                 ok_json(&json!({"result": "success", "warnings": warnings}))
             }
@@ -114,16 +148,16 @@ async fn handle(shared: &Arc<Shared>, local: &Local, req: Request<Incoming>) -> 
             ),
         },
         (Method::POST, "/_ops/drain") => {
-            if shared.drain.start() {
-                shared.events.emit("drain", json!({"phase": "started"}));
+            if admin.drain.start() {
+                admin.events.emit("drain", json!({"phase": "started"}));
                 tracing::info!("drain started by the admin API: readiness is now 503");
             }
             ok_json(&json!({"draining": true}))
         }
-        (Method::GET, "/_ops/config") => ok_json(&shared.live.load().config.redacted_json()),
-        (Method::GET, "/_ops/events") => events::stream(shared.clone(), req.headers()),
+        (Method::GET, "/_ops/config") => ok_json(&admin.live.load().config.redacted_json()),
+        (Method::GET, "/_ops/events") => events::stream(admin.clone(), req.headers()),
         (Method::POST, p) if p.starts_with("/_ops/breakers/") => {
-            breaker_action(shared, &p["/_ops/breakers/".len()..])
+            breaker_action(admin, &p["/_ops/breakers/".len()..])
         }
         (
             _,
@@ -136,15 +170,15 @@ async fn handle(shared: &Arc<Shared>, local: &Local, req: Request<Incoming>) -> 
 
 /// The session cookie carries a digest of the token and a secret drawn at startup, never
 /// the token itself: a leaked cookie dies with the process and says nothing about the token.
-fn session_value(shared: &Shared, token: &str) -> String {
+fn session_value<R>(admin: &Admin<R>, token: &str) -> String {
     let mut input = Vec::with_capacity(32 + token.len());
-    input.extend_from_slice(&shared.session_secret);
+    input.extend_from_slice(&admin.session_secret);
     input.extend_from_slice(token.as_bytes());
     crate::config::sha256_hex(&input)
 }
 
-fn authorized(shared: &Shared, headers: &http::HeaderMap) -> bool {
-    let token = shared.live.load().config.file.admin.token.clone();
+fn authorized<R>(admin: &Admin<R>, headers: &http::HeaderMap) -> bool {
+    let token = admin.live.load().config.file.admin.token.clone();
     if token.is_empty() {
         return true;
     }
@@ -158,7 +192,7 @@ fn authorized(shared: &Shared, headers: &http::HeaderMap) -> bool {
     if bearer.is_some_and(|b| crate::ops::gate::constant_time_eq(b.as_bytes(), want.as_bytes())) {
         return true;
     }
-    let session = session_value(shared, &token);
+    let session = session_value(admin, &token);
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -172,7 +206,11 @@ fn authorized(shared: &Shared, headers: &http::HeaderMap) -> bool {
         .any(|v| crate::ops::gate::constant_time_eq(v.as_bytes(), session.as_bytes()))
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+async fn read_body<B>(req: Request<B>) -> Result<Bytes, Response<Body>>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
@@ -180,8 +218,12 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
         .map_err(|_| error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))
 }
 
-async fn session(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
-    let token = shared.live.load().config.file.admin.token.clone();
+async fn session<R, B>(admin: &Admin<R>, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let token = admin.live.load().config.file.admin.token.clone();
     let mut resp = Response::new(Body::Empty);
     *resp.status_mut() = StatusCode::NO_CONTENT;
     if token.is_empty() {
@@ -198,7 +240,7 @@ async fn session(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     }
     let cookie = format!(
         "{SESSION_COOKIE}={}; Path=/_ops; HttpOnly; SameSite=Strict",
-        session_value(shared, &token)
+        session_value(admin, &token)
     );
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -206,9 +248,9 @@ async fn session(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
-pub fn maintenance_json(shared: &Shared) -> Value {
-    let mut v = serde_json::to_value(shared.maintenance.status()).unwrap_or(Value::Null);
-    if let Some(fleet) = shared
+pub fn maintenance_json<R>(admin: &Admin<R>) -> Value {
+    let mut v = serde_json::to_value(admin.maintenance.status()).unwrap_or(Value::Null);
+    if let Some(fleet) = admin
         .fleet
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -219,7 +261,11 @@ pub fn maintenance_json(shared: &Shared) -> Value {
     v
 }
 
-async fn put_maintenance(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+async fn put_maintenance<R, B>(admin: &Admin<R>, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -246,12 +292,12 @@ async fn put_maintenance(shared: &Shared, req: Request<Incoming>) -> Response<Bo
         }
     };
     tracing::info!(enabled = ?put.enabled, reason = put.reason.as_deref(), "maintenance override set by the admin API");
-    shared.maintenance.set_override(put.enabled, put.reason);
-    ok_json(&maintenance_json(shared))
+    admin.maintenance.set_override(put.enabled, put.reason);
+    ok_json(&maintenance_json(admin))
 }
 
-pub fn breakers_json(shared: &Shared) -> Vec<Value> {
-    let rt = shared.live.load_full();
+pub fn breakers_json<R>(admin: &Admin<R>) -> Vec<Value> {
+    let rt = admin.live.load_full();
     let now = tokio::time::Instant::now();
     rt.breakers()
         .into_iter()
@@ -273,12 +319,12 @@ pub fn breakers_json(shared: &Shared) -> Vec<Value> {
         .collect()
 }
 
-fn breaker_action(shared: &Shared, rest: &str) -> Response<Body> {
+fn breaker_action<R>(admin: &Admin<R>, rest: &str) -> Response<Body> {
     let Some((name, action)) = rest.rsplit_once('/') else {
         return error(StatusCode::NOT_FOUND, "not found");
     };
     let name = percent_decode(name);
-    let rt = shared.live.load_full();
+    let rt = admin.live.load_full();
     let Some(b) = rt.breaker(&name) else {
         return error(StatusCode::NOT_FOUND, "no such breaker");
     };
@@ -290,7 +336,7 @@ fn breaker_action(shared: &Shared, rest: &str) -> Response<Body> {
         _ => return error(StatusCode::NOT_FOUND, "not found"),
     }
     tracing::info!(breaker = %name, action, "breaker changed by the admin API");
-    let list = breakers_json(shared);
+    let list = breakers_json(admin);
     let one = list
         .into_iter()
         .find(|v| v["name"] == name.as_str())
@@ -298,18 +344,18 @@ fn breaker_action(shared: &Shared, rest: &str) -> Response<Body> {
     ok_json(&one)
 }
 
-pub fn status_json(shared: &Shared) -> Value {
-    let rt = shared.live.load_full();
-    let snap = shared.health.snapshot();
+pub fn status_json<R: Reload>(admin: &Admin<R>) -> Value {
+    let rt = admin.live.load_full();
+    let snap = admin.health.snapshot();
     let view = crate::health::render::View {
         admin: true,
         ..Default::default()
     };
     let readiness = crate::health::render::Readiness {
-        draining: shared.drain.is_draining(),
-        maintenance_fail: shared.maintenance.is_on() && rt.maintenance.fail_readiness,
+        draining: admin.drain.is_draining(),
+        maintenance_fail: admin.maintenance.is_on() && rt.maintenance.fail_readiness,
     };
-    let reload = shared.last_reload.load();
+    let reload = admin.reload.last();
     let (mut requests, mut errors, mut in_flight) = (0u64, 0u64, 0i64);
     for m in rt
         .ingress
@@ -324,16 +370,16 @@ pub fn status_json(shared: &Shared) -> Value {
     }
     json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": shared.started.elapsed().as_secs_f64(),
+        "uptime_s": admin.started.elapsed().as_secs_f64(),
         "config": {
             "path": rt.config.path.as_ref().map(|p| p.display().to_string()),
             "sha256": rt.config.sha256,
-            "last_reload": &**reload,
+            "last_reload": &*reload,
         },
-        "maintenance": maintenance_json(shared),
-        "breakers": breakers_json(shared),
+        "maintenance": maintenance_json(admin),
+        "breakers": breakers_json(admin),
         "health": crate::health::render::ready_json(&snap, readiness, view),
-        "draining": shared.drain.is_draining(),
+        "draining": admin.drain.is_draining(),
         "traffic": {"requests_total": requests, "errors_5xx_total": errors, "in_flight": in_flight},
         "limits": limits_json(&rt),
     })
@@ -381,14 +427,4 @@ fn percent_decode(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percent_decoding_of_breaker_names() {
-        assert_eq!(percent_decode("route%3Aapi"), "route:api");
-        assert_eq!(percent_decode("app"), "app");
-        assert_eq!(percent_decode("%a\u{e9}"), "%a\u{e9}");
-        assert_eq!(percent_decode("x%"), "x%");
-    }
-}
+mod tests;

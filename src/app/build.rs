@@ -5,8 +5,8 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use crate::config::{CheckType, Config, Details, MaintenanceMode};
-use crate::health::{self, CheckKind, CheckSpec};
+use crate::config::{CheckType, Config, MaintenanceMode};
+use crate::health::{CheckKind, CheckSpec};
 use crate::ops::{MaintenanceSettings, Mode};
 use crate::proxy::runtime::is_truthy;
 
@@ -45,14 +45,6 @@ pub fn check_specs(c: &Config) -> Vec<CheckSpec> {
             spec
         })
         .collect()
-}
-
-pub fn details(c: &Config) -> health::render::Details {
-    match c.file.health.details {
-        Details::Always => health::render::Details::Always,
-        Details::OnFailure => health::render::Details::OnFailure,
-        Details::Never => health::render::Details::Never,
-    }
 }
 
 /// `[maintenance]` as the ops room takes it. `env` is read here, once per load.

@@ -12,8 +12,9 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admin::{Admin, ReloadStatus};
 use crate::config::{self, Config, Overrides};
-use crate::endpoints::Local;
+use crate::endpoints::{self, Local};
 use crate::health::Health;
 use crate::ops::{FleetControl, Maintenance};
 use crate::proxy::listener::{self, Limits};
@@ -23,8 +24,6 @@ use crate::shutdown::{Drain, Signal, Signals};
 use crate::telemetry::MetricsRegistry;
 use crate::telemetry::access::AccessLog;
 use crate::telemetry::events::Events;
-
-pub use reload::{ReloadOutcome, ReloadStatus};
 
 /// How `run` ended, for `main` to map to an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +57,7 @@ pub fn env_lookup(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// Everything that lives as long as the process; the admin API reads it.
+/// What reloads, signals and shutdown act on; each room gets only its own handles from it.
 pub struct Shared {
     pub source: ConfigSource,
     /// The proxy's snapshot; swapped whole on reload.
@@ -69,19 +68,16 @@ pub struct Shared {
     pub health: Health,
     pub maintenance: Maintenance,
     /// Replaced when `[control]` changes on reload; held only to swap or read status.
-    pub fleet: Mutex<Option<FleetControl>>,
+    pub fleet: Arc<Mutex<Option<FleetControl>>>,
     pub events: Arc<Events>,
     /// Last load/reload outcome, for `/_ops/status`.
     pub last_reload: ArcSwap<ReloadStatus>,
     /// Serializes reloads (watcher, SIGHUP and admin may fire together).
     pub reload_lock: tokio::sync::Mutex<()>,
-    pub started: Instant,
     /// Bound addresses, to warn when a reload asks for other ones.
     pub bound: Bound,
     pub tls: Option<Arc<ArcSwapOption<tokio_rustls::TlsAcceptor>>>,
     pub access_log: Arc<AccessLog>,
-    /// Mixed into admin session cookies; new at every start.
-    pub session_secret: [u8; 32],
 }
 
 #[derive(Debug, Clone)]
@@ -167,6 +163,8 @@ pub async fn run(
         admin: admin_listener.local_addr().unwrap_or(f.admin.listen),
         egress: egress_listener.as_ref().and_then(|l| l.local_addr().ok()),
     };
+    let session_secret = random_secret().map_err(RunError::Startup)?;
+    let started = Instant::now();
     let shared = Arc::new(Shared {
         source,
         live: live.clone(),
@@ -175,15 +173,13 @@ pub async fn run(
         gates: gates.clone(),
         health: health.clone(),
         maintenance: maintenance.clone(),
-        fleet: Mutex::new(fleet),
+        fleet: Arc::new(Mutex::new(fleet)),
         events,
         last_reload: ArcSwap::from_pointee(ReloadStatus::initial()),
         reload_lock: tokio::sync::Mutex::new(()),
-        started: Instant::now(),
         bound: bound.clone(),
         tls: tls.clone(),
         access_log,
-        session_secret: random_secret().map_err(RunError::Startup)?,
     });
     metrics.ops.last_reload_success.set(unix_now());
     metrics
@@ -197,7 +193,25 @@ pub async fn run(
     }
     let watcher = reload::watch_config(shared.clone());
 
-    let local = Arc::new(Local::new(shared.clone()));
+    let local = Arc::new(Local::new(endpoints::Handles {
+        live: live.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        maintenance: maintenance.clone(),
+        drain: shared.drain.clone(),
+    }));
+    let admin = Arc::new(Admin {
+        live: live.clone(),
+        local: local.clone(),
+        health: health.clone(),
+        maintenance: maintenance.clone(),
+        fleet: shared.fleet.clone(),
+        drain: shared.drain.clone(),
+        events: shared.events.clone(),
+        reload: reload::AdminReload(shared.clone()),
+        started,
+        session_secret,
+    });
     let proxy = Arc::new(Proxy {
         live: live.clone(),
         local: local.clone(),
@@ -238,8 +252,7 @@ pub async fn run(
     }
     let admin_task = tokio::spawn(crate::admin::serve(
         admin_listener,
-        shared.clone(),
-        local.clone(),
+        admin,
         limits,
         stop_rx.clone(),
     ));

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use serde::Serialize;
 
 use super::{Shared, build, env_lookup, unix_now};
+use crate::admin::{ReloadOutcome, ReloadStatus};
 use crate::config::Config;
 use crate::ops::FleetControl;
 use crate::proxy::Runtime;
@@ -16,30 +16,6 @@ use crate::proxy::breaker::Transition;
 use crate::proxy::runtime::Deps;
 use crate::telemetry::events::now_rfc3339;
 use crate::telemetry::metrics::ResultLabel;
-
-/// `last_reload` of `/_ops/status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ReloadStatus {
-    pub result: &'static str,
-    pub at: String,
-    pub error: Option<String>,
-}
-
-impl ReloadStatus {
-    pub fn initial() -> Self {
-        Self {
-            result: "success",
-            at: now_rfc3339(),
-            error: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub enum ReloadOutcome {
-    Applied { warnings: Vec<String> },
-    Failed(String),
-}
 
 impl Shared {
     /// Re-reads the config and swaps everything atomically, or keeps the old config.
@@ -165,6 +141,19 @@ impl Shared {
             }
             _ => Ok(None),
         }
+    }
+}
+
+/// The admin API's reload: the same path as SIGHUP and the watcher, one at a time.
+pub struct AdminReload(pub Arc<Shared>);
+
+impl crate::admin::Reload for AdminReload {
+    async fn reload(&self) -> ReloadOutcome {
+        self.0.reload("admin").await
+    }
+
+    fn last(&self) -> Arc<ReloadStatus> {
+        self.0.last_reload.load_full()
     }
 }
 

@@ -7,8 +7,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use super::body::Body;
+use super::body::{Body, BodyFault};
 use super::headers::X_OPSGATE_CIRCUIT;
+use super::retry::Attempt;
 
 /// What the access log and metrics say when the client left before its answer (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -41,7 +42,61 @@ pub enum ProxyError {
     ClientAbort,
 }
 
+/// Whose failure an error is: what the breaker may count and who a retry could help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The client sent something opsgate cannot serve, or left.
+    Client,
+    /// The upstream could not be reached or did not answer in time.
+    Upstream,
+    /// opsgate declined on its own: not ready yet, or a protection refused the call.
+    Proxy,
+}
+
+impl From<BodyFault> for ProxyError {
+    fn from(f: BodyFault) -> Self {
+        match f {
+            BodyFault::Malformed => ProxyError::BadRequestBody,
+            BodyFault::Aborted => ProxyError::ClientAbort,
+        }
+    }
+}
+
 impl ProxyError {
+    pub fn fault(&self) -> Fault {
+        match self {
+            ProxyError::NoRoute
+            | ProxyError::BadPath
+            | ProxyError::NotFound
+            | ProxyError::BadRequestBody
+            | ProxyError::ClientAbort => Fault::Client,
+            ProxyError::UpstreamConnect
+            | ProxyError::UpstreamReset
+            | ProxyError::UpstreamTimeout => Fault::Upstream,
+            ProxyError::Starting { .. }
+            | ProxyError::CircuitForced
+            | ProxyError::CircuitOpen { .. }
+            | ProxyError::Overloaded
+            | ProxyError::RateLimited { .. } => Fault::Proxy,
+        }
+    }
+
+    /// The `retry.on` condition this failure meets. `None`: sending again cannot help
+    /// (the client broke its side, or opsgate itself refused), whatever the policy says.
+    pub fn retry_condition(&self) -> Option<Attempt> {
+        match self {
+            ProxyError::UpstreamConnect => Some(Attempt::ConnectFailure),
+            ProxyError::UpstreamTimeout => Some(Attempt::Timeout),
+            ProxyError::UpstreamReset => Some(Attempt::Reset),
+            _ => None,
+        }
+    }
+
+    /// Whether a retry may follow this failure at all; the route's policy decides the rest.
+    pub fn retryable(&self) -> bool {
+        self.retry_condition().is_some()
+    }
+
     /// The status the access log and metrics record when `sent` answered this error: a
     /// client that left gets nothing, and is recorded as nginx's 499.
     pub fn logged_status(&self, sent: StatusCode) -> u16 {
@@ -168,5 +223,34 @@ mod tests {
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()["retry-after"], "1");
         assert_eq!(r.headers()["x-opsgate-circuit"], "open");
+    }
+
+    #[test]
+    fn only_upstream_failures_are_retryable() {
+        let all = [
+            ProxyError::NoRoute,
+            ProxyError::BadPath,
+            ProxyError::NotFound,
+            ProxyError::Starting {
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::CircuitForced,
+            ProxyError::CircuitOpen {
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::Overloaded,
+            ProxyError::RateLimited {
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::UpstreamConnect,
+            ProxyError::UpstreamReset,
+            ProxyError::UpstreamTimeout,
+            ProxyError::BadRequestBody,
+            ProxyError::ClientAbort,
+        ];
+        for e in all {
+            assert_eq!(e.retryable(), e.fault() == Fault::Upstream, "{e:?}");
+        }
+        assert_eq!(ProxyError::from(BodyFault::Aborted).fault(), Fault::Client);
     }
 }

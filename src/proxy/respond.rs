@@ -1,5 +1,6 @@
-//! Every synthetic response opsgate answers with, mapped from one error type in one place.
-//! Bodies are static JSON, so an error answer allocates nothing but its headers.
+//! Every response opsgate answers with itself: errors (one type, with whose fault and
+//! whether a retry may follow), a route's fallback and the maintenance refusal. Error
+//! bodies are static JSON, so an error answer allocates nothing but its headers.
 
 use std::time::Duration;
 
@@ -10,6 +11,8 @@ use http::{Response, StatusCode};
 use super::body::{Body, BodyFault};
 use super::headers::X_OPSGATE_CIRCUIT;
 use super::retry::Attempt;
+use super::route::Fallback;
+use crate::ops::{MaintenanceBody, MaintenanceReject};
 
 /// What the access log and metrics say when the client left before its answer (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -163,11 +166,26 @@ impl ProxyError {
     }
 
     /// Whether a route's fallback answer replaces this one (SPEC §4: breaker open or bulkhead full).
-    pub fn takes_fallback(&self) -> bool {
+    fn takes_fallback(&self) -> bool {
         matches!(
             self,
             ProxyError::CircuitForced | ProxyError::CircuitOpen { .. } | ProxyError::Overloaded
         )
+    }
+
+    /// The answer for this error on a route with `fallback`: the fallback when it replaces
+    /// this error, else the error's own.
+    pub fn respond(&self, fallback: Option<&Fallback>) -> Response<Body> {
+        match fallback {
+            Some(fb) if self.takes_fallback() => {
+                let mut r = Response::new(Body::Full(Some(fb.body.clone())));
+                *r.status_mut() = fb.status;
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, fb.content_type.clone());
+                r
+            }
+            _ => self.clone().into_response(),
+        }
     }
 
     pub fn into_response(self) -> Response<Body> {
@@ -185,6 +203,20 @@ impl ProxyError {
         }
         resp
     }
+}
+
+/// The maintenance gate's refusal: its page or configured body, and when to come back.
+pub fn maintenance(r: MaintenanceReject) -> Response<Body> {
+    let (ctype, body) = match r.body {
+        MaintenanceBody::Page(b) => (HeaderValue::from_static("text/html; charset=utf-8"), b),
+        MaintenanceBody::Body { content_type, body } => (content_type, body),
+    };
+    let mut resp = Response::new(Body::Full(Some(body)));
+    *resp.status_mut() = r.status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, ctype);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after_secs));
+    resp
 }
 
 pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
@@ -223,6 +255,22 @@ mod tests {
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()["retry-after"], "1");
         assert_eq!(r.headers()["x-opsgate-circuit"], "open");
+    }
+
+    #[test]
+    fn fallback_replaces_only_protection_refusals() {
+        let fb = Fallback {
+            status: StatusCode::OK,
+            content_type: HeaderValue::from_static("text/plain"),
+            body: Bytes::from_static(b"cached"),
+        };
+        let r = ProxyError::Overloaded.respond(Some(&fb));
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/plain");
+        assert_eq!(r.headers().len(), 1);
+        let r = ProxyError::UpstreamTimeout.respond(Some(&fb));
+        assert_eq!(r.status(), 504);
+        assert_eq!(r.headers()["content-type"], "application/json");
     }
 
     #[test]

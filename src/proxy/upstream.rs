@@ -2,6 +2,7 @@
 //! per-attempt timeout. One client (and pool) per configured upstream.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -255,11 +256,36 @@ pub enum BuildError {
     #[error("upstream `{0}`: invalid url: {1}")]
     Url(String, String),
     #[error("upstream `{0}`: {1}")]
-    Tls(String, String),
+    Tls(String, TlsFileError),
     #[error("fleet rate limits: {0}")]
     Fleet(String),
     #[error("route `{0}` names unknown upstream `{1}`")]
     UnknownUpstream(String, String),
+}
+
+/// A TLS file an upstream names that cannot be used, with the file and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFileError {
+    #[error("ca_file {}: {error}", .path.display())]
+    CaFile {
+        path: PathBuf,
+        error: rustls_pki_types::pem::Error,
+    },
+    #[error("ca_file {}: {error}", .path.display())]
+    CaCert { path: PathBuf, error: rustls::Error },
+    #[error("client_cert {}: {error}", .path.display())]
+    ClientCert {
+        path: PathBuf,
+        error: rustls_pki_types::pem::Error,
+    },
+    #[error("client_key {}: {error}", .path.display())]
+    ClientKey {
+        path: PathBuf,
+        error: rustls_pki_types::pem::Error,
+    },
+    /// The certificate and key do not make a usable client identity.
+    #[error("{0}")]
+    ClientAuth(rustls::Error),
 }
 
 impl Target {
@@ -565,17 +591,23 @@ impl H2Upstream {
 pub fn tls_config(name: &str, s: &UpstreamSection) -> Result<rustls::ClientConfig, BuildError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let err = |m: String| BuildError::Tls(name.into(), m);
+    let err = |e: TlsFileError| BuildError::Tls(name.into(), e);
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = &s.ca_file {
-        for cert in CertificateDer::pem_file_iter(ca)
-            .map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?
-        {
-            let cert = cert.map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?;
-            roots
-                .add(cert)
-                .map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?;
+        let pem = |error| {
+            err(TlsFileError::CaFile {
+                path: ca.clone(),
+                error,
+            })
+        };
+        for cert in CertificateDer::pem_file_iter(ca).map_err(pem)? {
+            roots.add(cert.map_err(pem)?).map_err(|error| {
+                err(TlsFileError::CaCert {
+                    path: ca.clone(),
+                    error,
+                })
+            })?;
         }
     }
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
@@ -583,12 +615,21 @@ pub fn tls_config(name: &str, s: &UpstreamSection) -> Result<rustls::ClientConfi
         (Some(cert), Some(key)) => {
             let certs = CertificateDer::pem_file_iter(cert)
                 .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| err(format!("client_cert {}: {e}", cert.display())))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| err(format!("client_key {}: {e}", key.display())))?;
+                .map_err(|error| {
+                    err(TlsFileError::ClientCert {
+                        path: cert.clone(),
+                        error,
+                    })
+                })?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|error| {
+                err(TlsFileError::ClientKey {
+                    path: key.clone(),
+                    error,
+                })
+            })?;
             builder
                 .with_client_auth_cert(certs, key)
-                .map_err(|e| err(e.to_string()))?
+                .map_err(|e| err(TlsFileError::ClientAuth(e)))?
         }
         _ => builder.with_no_client_auth(),
     };
@@ -599,6 +640,24 @@ pub fn tls_config(name: &str, s: &UpstreamSection) -> Result<rustls::ClientConfi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unreadable_tls_file_names_upstream_and_file() {
+        let s = UpstreamSection {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        let e = tls_config("app", &s).unwrap_err();
+        assert!(
+            matches!(&e, BuildError::Tls(_, TlsFileError::CaFile { .. })),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("upstream `app`: ca_file /nonexistent/ca.pem: "),
+            "{e}"
+        );
+    }
 
     #[test]
     fn userinfo_leaves_the_authority_and_becomes_basic_auth() {

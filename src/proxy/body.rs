@@ -86,7 +86,7 @@ impl http_body::Body for Body {
 
 /// How a client broke its request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
+pub enum BodyFault {
     /// Bad framing (chunk size overflow, bare LF, ...): a 400.
     Malformed,
     /// Hang-up before the announced end, or an h2 stream reset: a client abort (499).
@@ -98,29 +98,29 @@ pub enum Fault {
 pub struct ClientFault(AtomicU8);
 
 impl ClientFault {
-    fn set(&self, f: Fault) {
+    fn set(&self, f: BodyFault) {
         let v = match f {
-            Fault::Malformed => 1,
-            Fault::Aborted => 2,
+            BodyFault::Malformed => 1,
+            BodyFault::Aborted => 2,
         };
         let _ = self
             .0
             .compare_exchange(0, v, Ordering::Relaxed, Ordering::Relaxed);
     }
 
-    pub fn get(&self) -> Option<Fault> {
+    pub fn get(&self) -> Option<BodyFault> {
         match self.0.load(Ordering::Relaxed) {
-            1 => Some(Fault::Malformed),
-            2 => Some(Fault::Aborted),
+            1 => Some(BodyFault::Malformed),
+            2 => Some(BodyFault::Aborted),
             _ => None,
         }
     }
 }
 
 /// Tells a truncated or reset body from a malformed one by the error's causes.
-pub fn classify(e: &hyper::Error) -> Fault {
+pub fn classify(e: &hyper::Error) -> BodyFault {
     if e.is_incomplete_message() {
-        return Fault::Aborted;
+        return BodyFault::Aborted;
     }
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
@@ -133,14 +133,14 @@ pub fn classify(e: &hyper::Error) -> Fault {
                     | std::io::ErrorKind::BrokenPipe
             )
         {
-            return Fault::Aborted;
+            return BodyFault::Aborted;
         }
         if let Some(h2) = err.downcast_ref::<h2::Error>()
             && (h2.is_io() || h2.is_go_away() || h2.reason() == Some(h2::Reason::CANCEL))
         {
-            return Fault::Aborted;
+            return BodyFault::Aborted;
         }
         cur = err.source();
     }
-    Fault::Malformed
+    BodyFault::Malformed
 }

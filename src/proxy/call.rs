@@ -11,9 +11,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 
-use super::body::{Body, ClientFault, Fault, classify};
+use super::body::{Body, ClientFault, classify};
 use super::breaker::{Breaker, Outcome, State, Transition};
-use super::respond::ProxyError;
+use super::respond::{Fault, ProxyError};
 use super::retry::{Attempt, Decision, RetryBudget, RetryPolicy, Stop, parse_retry_after};
 use super::upstream::Target;
 use crate::config::status::StatusRanges;
@@ -177,7 +177,7 @@ pub async fn call(
     } else {
         body.collect()
             .await
-            .map_err(|e| client_error(classify(&e)))?
+            .map_err(|e| ProxyError::from(classify(&e)))?
             .to_bytes()
     };
     let per_try = retry.policy.per_try_timeout;
@@ -238,13 +238,6 @@ pub async fn call(
     }
 }
 
-fn client_error(f: Fault) -> ProxyError {
-    match f {
-        Fault::Malformed => ProxyError::BadRequestBody,
-        Fault::Aborted => ProxyError::ClientAbort,
-    }
-}
-
 fn replayable(req: &Outgoing, max_body: usize) -> bool {
     use http_body::Body as _;
     if req.body.is_end_stream() {
@@ -273,7 +266,8 @@ fn build(
 }
 
 /// One attempt. Returns the result and, when it failed in a way retries may care
-/// about, what kind of failure it was (`None`: success or breaker rejection, final).
+/// about, what kind of failure it was (`None`: success, breaker rejection or client
+/// fault, final).
 async fn attempt(
     target: &Target,
     breaker: Option<&GuardedBreaker>,
@@ -304,42 +298,36 @@ async fn attempt(
             }
         },
     };
-    let result = target.send(req, timeout).await;
-    // The client broke its own body: the upstream did nothing wrong. No breaker outcome
-    // (the permit drops as "neither"), no retry.
+    let mut result = target.send(req, timeout).await;
+    // The client broke its own body: the upstream did nothing wrong.
     if result.is_err()
         && let Some(f) = client_fault.and_then(ClientFault::get)
     {
-        return (Err(client_error(f)), None);
+        result = Err(f.into());
     }
-    let kind = match &result {
-        Ok(r) => Attempt::Status(r.status()),
-        Err(ProxyError::UpstreamTimeout) => Attempt::Timeout,
-        Err(ProxyError::UpstreamConnect) => Attempt::ConnectFailure,
-        Err(_) => Attempt::Reset,
-    };
     if let Some((b, permit)) = permit {
-        let failed = match &result {
-            Ok(r) => b.is_failure(r.status()),
-            Err(_) => true,
+        let outcome = match &result {
+            Ok(r) if b.is_failure(r.status()) => Some(Outcome::Failure),
+            Ok(_) => Some(Outcome::Success),
+            Err(e) if e.fault() == Fault::Upstream => Some(Outcome::Failure),
+            // Not the upstream's doing: the permit drops as "neither".
+            Err(_) => None,
         };
-        let outcome = if failed {
-            Outcome::Failure
-        } else {
-            Outcome::Success
-        };
-        b.calls[usize::from(failed)].inc();
-        permit.record(Instant::now(), outcome);
+        if let Some(outcome) = outcome {
+            b.calls[usize::from(outcome == Outcome::Failure)].inc();
+            permit.record(Instant::now(), outcome);
+        }
     }
-    let retryable = match (&result, kind) {
-        (Ok(r), _)
+    let retryable = match &result {
+        Ok(r)
             if r.status().is_success()
                 || r.status().is_redirection()
                 || r.status().is_informational() =>
         {
             None
         }
-        _ => Some(kind),
+        Ok(r) => Some(Attempt::Status(r.status())),
+        Err(e) => e.retry_condition(),
     };
     (result, retryable)
 }

@@ -16,7 +16,7 @@ use super::call::{self, Outgoing};
 use super::headers::{self, Upgrade, X_REQUEST_ID};
 use super::normalize::{Normalized, normalize};
 use super::observe::{ObservedBody, Record};
-use super::respond::ProxyError;
+use super::respond::{self, ProxyError};
 use super::route::Route;
 use super::runtime::Runtime;
 use crate::paths::segment_prefix;
@@ -138,7 +138,7 @@ impl Proxy {
             {
                 route.maintenance_rejected.inc();
                 rec.error = Some("maintenance");
-                return with_record(maintenance_response(reject), rec);
+                return with_record(respond::maintenance(reject), rec);
             }
         }
         if rt.force_open {
@@ -354,21 +354,6 @@ fn unrouted(
     with_record_status(resp, rec, None)
 }
 
-fn maintenance_response(r: crate::ops::MaintenanceReject) -> Response<Body> {
-    let (ctype, body) = match r.body {
-        crate::ops::MaintenanceBody::Page(b) => {
-            (HeaderValue::from_static("text/html; charset=utf-8"), b)
-        }
-        crate::ops::MaintenanceBody::Body { content_type, body } => (content_type, body),
-    };
-    let mut resp = Response::new(Body::Full(Some(body)));
-    *resp.status_mut() = r.status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, ctype);
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after_secs));
-    resp
-}
-
 fn respond_err(
     mut rec: Record,
     route: &Route,
@@ -376,16 +361,7 @@ fn respond_err(
     request_id: Option<HeaderValue>,
 ) -> Response<ObservedBody> {
     rec.error = Some(e.label());
-    let mut resp = match (&route.fallback, e.takes_fallback()) {
-        (Some(fb), true) => {
-            let mut r = Response::new(Body::Full(Some(fb.body.clone())));
-            *r.status_mut() = fb.status;
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, fb.content_type.clone());
-            r
-        }
-        _ => e.clone().into_response(),
-    };
+    let mut resp = e.respond(route.fallback.as_ref());
     if let Some(id) = request_id {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
     }

@@ -1,5 +1,6 @@
-//! Every synthetic response opsgate answers with, mapped from one error type in one place.
-//! Bodies are static JSON, so an error answer allocates nothing but its headers.
+//! Every response opsgate answers with itself: errors (one type, with whose fault and
+//! whether a retry may follow), a route's fallback and the maintenance refusal. Error
+//! bodies are static JSON, so an error answer allocates nothing but its headers.
 
 use std::time::Duration;
 
@@ -7,8 +8,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use super::body::Body;
+use super::body::{Body, BodyFault};
 use super::headers::X_OPSGATE_CIRCUIT;
+use super::retry::Attempt;
+use super::route::Fallback;
+use crate::ops::{MaintenanceBody, MaintenanceReject};
 
 /// What the access log and metrics say when the client left before its answer (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -41,7 +45,61 @@ pub enum ProxyError {
     ClientAbort,
 }
 
+/// Whose failure an error is: what the breaker may count and who a retry could help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The client sent something opsgate cannot serve, or left.
+    Client,
+    /// The upstream could not be reached or did not answer in time.
+    Upstream,
+    /// opsgate declined on its own: not ready yet, or a protection refused the call.
+    Proxy,
+}
+
+impl From<BodyFault> for ProxyError {
+    fn from(f: BodyFault) -> Self {
+        match f {
+            BodyFault::Malformed => ProxyError::BadRequestBody,
+            BodyFault::Aborted => ProxyError::ClientAbort,
+        }
+    }
+}
+
 impl ProxyError {
+    pub fn fault(&self) -> Fault {
+        match self {
+            ProxyError::NoRoute
+            | ProxyError::BadPath
+            | ProxyError::NotFound
+            | ProxyError::BadRequestBody
+            | ProxyError::ClientAbort => Fault::Client,
+            ProxyError::UpstreamConnect
+            | ProxyError::UpstreamReset
+            | ProxyError::UpstreamTimeout => Fault::Upstream,
+            ProxyError::Starting { .. }
+            | ProxyError::CircuitForced
+            | ProxyError::CircuitOpen { .. }
+            | ProxyError::Overloaded
+            | ProxyError::RateLimited { .. } => Fault::Proxy,
+        }
+    }
+
+    /// The `retry.on` condition this failure meets. `None`: sending again cannot help
+    /// (the client broke its side, or opsgate itself refused), whatever the policy says.
+    pub fn retry_condition(&self) -> Option<Attempt> {
+        match self {
+            ProxyError::UpstreamConnect => Some(Attempt::ConnectFailure),
+            ProxyError::UpstreamTimeout => Some(Attempt::Timeout),
+            ProxyError::UpstreamReset => Some(Attempt::Reset),
+            _ => None,
+        }
+    }
+
+    /// Whether a retry may follow this failure at all; the route's policy decides the rest.
+    pub fn retryable(&self) -> bool {
+        self.retry_condition().is_some()
+    }
+
     /// The status the access log and metrics record when `sent` answered this error: a
     /// client that left gets nothing, and is recorded as nginx's 499.
     pub fn logged_status(&self, sent: StatusCode) -> u16 {
@@ -108,11 +166,26 @@ impl ProxyError {
     }
 
     /// Whether a route's fallback answer replaces this one (SPEC §4: breaker open or bulkhead full).
-    pub fn takes_fallback(&self) -> bool {
+    fn takes_fallback(&self) -> bool {
         matches!(
             self,
             ProxyError::CircuitForced | ProxyError::CircuitOpen { .. } | ProxyError::Overloaded
         )
+    }
+
+    /// The answer for this error on a route with `fallback`: the fallback when it replaces
+    /// this error, else the error's own.
+    pub fn respond(&self, fallback: Option<&Fallback>) -> Response<Body> {
+        match fallback {
+            Some(fb) if self.takes_fallback() => {
+                let mut r = Response::new(Body::Full(Some(fb.body.clone())));
+                *r.status_mut() = fb.status;
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, fb.content_type.clone());
+                r
+            }
+            _ => self.clone().into_response(),
+        }
     }
 
     pub fn into_response(self) -> Response<Body> {
@@ -130,6 +203,20 @@ impl ProxyError {
         }
         resp
     }
+}
+
+/// The maintenance gate's refusal: its page or configured body, and when to come back.
+pub fn maintenance(r: MaintenanceReject) -> Response<Body> {
+    let (ctype, body) = match r.body {
+        MaintenanceBody::Page(b) => (HeaderValue::from_static("text/html; charset=utf-8"), b),
+        MaintenanceBody::Body { content_type, body } => (content_type, body),
+    };
+    let mut resp = Response::new(Body::Full(Some(body)));
+    *resp.status_mut() = r.status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, ctype);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after_secs));
+    resp
 }
 
 pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
@@ -168,5 +255,50 @@ mod tests {
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()["retry-after"], "1");
         assert_eq!(r.headers()["x-opsgate-circuit"], "open");
+    }
+
+    #[test]
+    fn fallback_replaces_only_protection_refusals() {
+        let fb = Fallback {
+            status: StatusCode::OK,
+            content_type: HeaderValue::from_static("text/plain"),
+            body: Bytes::from_static(b"cached"),
+        };
+        let r = ProxyError::Overloaded.respond(Some(&fb));
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/plain");
+        assert_eq!(r.headers().len(), 1);
+        let r = ProxyError::UpstreamTimeout.respond(Some(&fb));
+        assert_eq!(r.status(), 504);
+        assert_eq!(r.headers()["content-type"], "application/json");
+    }
+
+    #[test]
+    fn only_upstream_failures_are_retryable() {
+        let all = [
+            ProxyError::NoRoute,
+            ProxyError::BadPath,
+            ProxyError::NotFound,
+            ProxyError::Starting {
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::CircuitForced,
+            ProxyError::CircuitOpen {
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::Overloaded,
+            ProxyError::RateLimited {
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::UpstreamConnect,
+            ProxyError::UpstreamReset,
+            ProxyError::UpstreamTimeout,
+            ProxyError::BadRequestBody,
+            ProxyError::ClientAbort,
+        ];
+        for e in all {
+            assert_eq!(e.retryable(), e.fault() == Fault::Upstream, "{e:?}");
+        }
+        assert_eq!(ProxyError::from(BodyFault::Aborted).fault(), Fault::Client);
     }
 }

@@ -2,6 +2,7 @@
 //! per-attempt timeout. One client (and pool) per configured upstream.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -253,13 +254,57 @@ pub struct Target {
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("upstream `{0}`: invalid url: {1}")]
-    Url(String, String),
+    Url(String, UrlError),
     #[error("upstream `{0}`: {1}")]
-    Tls(String, String),
+    Tls(String, TlsFileError),
     #[error("fleet rate limits: {0}")]
     Fleet(String),
     #[error("route `{0}` names unknown upstream `{1}`")]
     UnknownUpstream(String, String),
+}
+
+/// Why an upstream's `url` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("{0}")]
+    Parse(http::uri::InvalidUri),
+    #[error("no host")]
+    NoHost,
+    #[error("invalid host")]
+    Host,
+    #[error("invalid userinfo")]
+    Userinfo,
+    /// The authority is not a valid `Host` header value.
+    #[error("{0}")]
+    HostHeader(http::header::InvalidHeaderValue),
+    /// The connector's fixed destination cannot be built from scheme and authority.
+    #[error("{0}")]
+    Destination(http::Error),
+}
+
+/// A TLS file an upstream names that cannot be used, with the file and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFileError {
+    #[error("ca_file {}: {error}", .path.display())]
+    CaFile {
+        path: PathBuf,
+        error: rustls_pki_types::pem::Error,
+    },
+    #[error("ca_file {}: {error}", .path.display())]
+    CaCert { path: PathBuf, error: rustls::Error },
+    #[error("client_cert {}: {error}", .path.display())]
+    ClientCert {
+        path: PathBuf,
+        error: rustls_pki_types::pem::Error,
+    },
+    #[error("client_key {}: {error}", .path.display())]
+    ClientKey {
+        path: PathBuf,
+        error: rustls_pki_types::pem::Error,
+    },
+    /// The certificate and key do not make a usable client identity.
+    #[error("{0}")]
+    ClientAuth(rustls::Error),
 }
 
 impl Target {
@@ -267,19 +312,19 @@ impl Target {
         let uri: Uri = s
             .url
             .parse()
-            .map_err(|e: http::uri::InvalidUri| BuildError::Url(name.into(), e.to_string()))?;
+            .map_err(|e| BuildError::Url(name.into(), UrlError::Parse(e)))?;
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
         let full_authority = uri
             .authority()
-            .ok_or_else(|| BuildError::Url(name.into(), "no host".into()))?;
+            .ok_or_else(|| BuildError::Url(name.into(), UrlError::NoHost))?;
         let (authority, authorization) =
-            split_userinfo(full_authority).map_err(|m| BuildError::Url(name.into(), m.into()))?;
+            split_userinfo(full_authority).map_err(|e| BuildError::Url(name.into(), e))?;
         let base_path = match uri.path().trim_end_matches('/') {
             "" => None,
             p => Some(p.to_string()),
         };
         let host_header = HeaderValue::from_str(authority.as_str())
-            .map_err(|e| BuildError::Url(name.into(), e.to_string()))?;
+            .map_err(|e| BuildError::Url(name.into(), UrlError::HostHeader(e)))?;
         let (client, h2) = build_client(name, s, &scheme, &authority)?;
         Ok(Self {
             name: name.into(),
@@ -387,11 +432,11 @@ impl Target {
 
 /// Splits `user:password@host:port` into the bare authority and a sensitive
 /// `Authorization: Basic` value (userinfo is percent-decoded first, as URL parsers do).
-fn split_userinfo(a: &Authority) -> Result<(Authority, Option<HeaderValue>), &'static str> {
+fn split_userinfo(a: &Authority) -> Result<(Authority, Option<HeaderValue>), UrlError> {
     let Some((userinfo, host)) = a.as_str().rsplit_once('@') else {
         return Ok((a.clone(), None));
     };
-    let bare: Authority = host.parse().map_err(|_| "invalid host")?;
+    let bare: Authority = host.parse().map_err(|_| UrlError::Host)?;
     let decoded: Vec<u8> = percent_encoding::percent_decode(userinfo.as_bytes()).collect();
     use base64::Engine as _;
     let mut value = b"Basic ".to_vec();
@@ -400,7 +445,7 @@ fn split_userinfo(a: &Authority) -> Result<(Authority, Option<HeaderValue>), &'s
             .encode(decoded)
             .as_bytes(),
     );
-    let mut value = HeaderValue::from_bytes(&value).map_err(|_| "invalid userinfo")?;
+    let mut value = HeaderValue::from_bytes(&value).map_err(|_| UrlError::Userinfo)?;
     value.set_sensitive(true);
     Ok((bare, Some(value)))
 }
@@ -462,7 +507,7 @@ fn build_client(
         .authority(authority.clone())
         .path_and_query("/")
         .build()
-        .map_err(|e| BuildError::Url(name.into(), e.to_string()))?;
+        .map_err(|e| BuildError::Url(name.into(), UrlError::Destination(e)))?;
     let connector = FixedDst {
         inner: connector,
         dst,
@@ -565,17 +610,23 @@ impl H2Upstream {
 pub fn tls_config(name: &str, s: &UpstreamSection) -> Result<rustls::ClientConfig, BuildError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let err = |m: String| BuildError::Tls(name.into(), m);
+    let err = |e: TlsFileError| BuildError::Tls(name.into(), e);
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = &s.ca_file {
-        for cert in CertificateDer::pem_file_iter(ca)
-            .map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?
-        {
-            let cert = cert.map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?;
-            roots
-                .add(cert)
-                .map_err(|e| err(format!("ca_file {}: {e}", ca.display())))?;
+        let pem = |error| {
+            err(TlsFileError::CaFile {
+                path: ca.clone(),
+                error,
+            })
+        };
+        for cert in CertificateDer::pem_file_iter(ca).map_err(pem)? {
+            roots.add(cert.map_err(pem)?).map_err(|error| {
+                err(TlsFileError::CaCert {
+                    path: ca.clone(),
+                    error,
+                })
+            })?;
         }
     }
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
@@ -583,12 +634,21 @@ pub fn tls_config(name: &str, s: &UpstreamSection) -> Result<rustls::ClientConfi
         (Some(cert), Some(key)) => {
             let certs = CertificateDer::pem_file_iter(cert)
                 .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| err(format!("client_cert {}: {e}", cert.display())))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| err(format!("client_key {}: {e}", key.display())))?;
+                .map_err(|error| {
+                    err(TlsFileError::ClientCert {
+                        path: cert.clone(),
+                        error,
+                    })
+                })?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|error| {
+                err(TlsFileError::ClientKey {
+                    path: key.clone(),
+                    error,
+                })
+            })?;
             builder
                 .with_client_auth_cert(certs, key)
-                .map_err(|e| err(e.to_string()))?
+                .map_err(|e| err(TlsFileError::ClientAuth(e)))?
         }
         _ => builder.with_no_client_auth(),
     };
@@ -599,6 +659,35 @@ pub fn tls_config(name: &str, s: &UpstreamSection) -> Result<rustls::ClientConfi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_without_host_is_refused_by_kind() {
+        let s = UpstreamSection {
+            url: "/only/a/path".into(),
+            ..Default::default()
+        };
+        let e = Target::new("app", &s).err().unwrap();
+        assert!(matches!(&e, BuildError::Url(_, UrlError::NoHost)), "{e:?}");
+        assert_eq!(e.to_string(), "upstream `app`: invalid url: no host");
+    }
+
+    #[test]
+    fn unreadable_tls_file_names_upstream_and_file() {
+        let s = UpstreamSection {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        let e = tls_config("app", &s).unwrap_err();
+        assert!(
+            matches!(&e, BuildError::Tls(_, TlsFileError::CaFile { .. })),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("upstream `app`: ca_file /nonexistent/ca.pem: "),
+            "{e}"
+        );
+    }
 
     #[test]
     fn userinfo_leaves_the_authority_and_becomes_basic_auth() {

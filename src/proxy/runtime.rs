@@ -562,9 +562,7 @@ mod tests {
         config.file.routes[0].upstream = "gone".into();
         let config = Arc::new(config);
         let metrics = MetricsRegistry::new(&config.file.metrics.buckets);
-        let maintenance = crate::app::build::maintenance_settings(&config, &|_: &str| None)
-            .map(Arc::new)
-            .unwrap();
+        let maintenance = Arc::new(crate::ops::MaintenanceSettings::default());
         let built = Runtime::build(
             config,
             None,

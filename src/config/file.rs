@@ -11,8 +11,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::defaults as d;
+pub use super::status::StatusPattern;
 use super::status::{StatusRange, StatusRanges};
 use super::units::{Dur, Size};
+pub use super::values::Timestamp;
 use super::values::{Checked, RetryCondition, Spelled};
 
 #[derive(Deserialize, Serialize, Debug, Clone, Default, PartialEq)]
@@ -137,14 +139,6 @@ impl Default for UpstreamSection {
             adaptive_concurrency: None,
         }
     }
-}
-
-/// A `failure_status` entry: `"5xx"`, `"4xx"`, `"503"` or `503`.
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(untagged)]
-pub enum StatusPattern {
-    Code(u16),
-    Text(String),
 }
 
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
@@ -365,23 +359,6 @@ impl Default for MaintenanceSection {
             page: None,
             fail_readiness: false,
             windows: Vec::new(),
-        }
-    }
-}
-
-/// A timestamp written either as a TOML datetime or as an RFC 3339 string.
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
-#[serde(untagged)]
-pub enum Timestamp {
-    Text(String),
-    Toml(toml::value::Datetime),
-}
-
-impl Timestamp {
-    pub fn as_text(&self) -> String {
-        match self {
-            Timestamp::Text(s) => s.clone(),
-            Timestamp::Toml(d) => d.to_string(),
         }
     }
 }

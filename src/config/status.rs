@@ -4,7 +4,15 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::file::StatusPattern;
+use serde::{Deserialize, Serialize};
+
+/// A `failure_status` entry: `"5xx"`, `"4xx"`, `"503"` or `503`.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum StatusPattern {
+    Code(u16),
+    Text(String),
+}
 
 /// An inclusive range of status codes; one code is a range of one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,8 +7,24 @@ use std::time::SystemTime;
 use http::{HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::file::{StatusPattern, Timestamp};
-use super::status::{StatusRange, StatusRanges};
+use super::status::{StatusPattern, StatusRange, StatusRanges};
+
+/// A timestamp written either as a TOML datetime or as an RFC 3339 string.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum Timestamp {
+    Text(String),
+    Toml(toml::value::Datetime),
+}
+
+impl Timestamp {
+    pub fn as_text(&self) -> String {
+        match self {
+            Timestamp::Text(s) => s.clone(),
+            Timestamp::Toml(d) => d.to_string(),
+        }
+    }
+}
 
 /// A value as written (`raw`) and what it parsed to.
 ///

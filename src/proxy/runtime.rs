@@ -13,13 +13,10 @@ use super::call::{GuardedBreaker, Retries};
 use super::limits::adaptive::{AdaptiveLimiter, AdaptiveSettings};
 use super::limits::lease::{self, LeaseSender, RouteFleet};
 use super::limits::rate::{KeySource, RouteRate};
-use super::retry::{RetryOn, RetryPolicy};
+use super::retry::RetryPolicy;
 use super::route::{Fallback, RateLimit, Route, RouteTable};
 use super::upstream::{BuildError, Target};
-use crate::config::values::Spelled;
-use crate::config::{
-    BreakerSection, Config, EncodedSlashes, RetrySection, RouteSection, UpstreamSection,
-};
+use crate::config::{BreakerSection, Config, EncodedSlashes, RouteSection, UpstreamSection};
 use crate::ops::MaintenanceSettings;
 use crate::telemetry::RouteMetrics;
 use crate::telemetry::access::AccessLog;
@@ -166,10 +163,9 @@ impl Runtime {
                             .breaker
                             .as_ref()
                             .map(|b| guarded(n.clone(), b, &deps)),
-                        retries: section
-                            .retry
-                            .as_ref()
-                            .map(|r| Retries::new(retry_policy(r), deps.resilience, &n)),
+                        retries: section.retry.as_ref().map(|r| {
+                            Retries::new(RetryPolicy::from_config(r), deps.resilience, &n)
+                        }),
                         adaptive: section.adaptive_concurrency.as_ref().map(|ac| {
                             let label = UpstreamLabel {
                                 upstream: n.clone(),
@@ -523,20 +519,6 @@ pub fn breaker_policy(b: &BreakerSection) -> BreakerPolicy {
         max_half_open_wait: b.max_half_open_wait.get(),
         max_recovery_timeout: b.max_recovery_timeout.map(|d| d.get()),
         dry_run: b.dry_run,
-    }
-}
-
-pub fn retry_policy(r: &RetrySection) -> RetryPolicy {
-    RetryPolicy {
-        attempts: r.attempts,
-        base_delay: r.base_delay.get(),
-        max_delay: r.max_delay.get(),
-        on: RetryOn::new(r.on.iter().map(Spelled::get)),
-        per_try_timeout: r.per_try_timeout.map(crate::config::Dur::get),
-        methods: r.methods.iter().map(|m| m.get().clone()).collect(),
-        budget: r.budget,
-        budget_min_per_second: r.budget_min_per_second,
-        max_body: usize::try_from(r.max_body.0).unwrap_or(usize::MAX),
     }
 }
 

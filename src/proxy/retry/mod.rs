@@ -41,7 +41,7 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     /// SPEC's `[upstreams.<name>.retry]` defaults, from the config's own.
     fn default() -> Self {
-        crate::proxy::runtime::retry_policy(&crate::config::RetrySection::default())
+        Self::from_config(&crate::config::RetrySection::default())
     }
 }
 
@@ -174,6 +174,22 @@ pub enum Stop {
 }
 
 impl RetryPolicy {
+    /// From the config's typed values: nothing is parsed here, validation already did.
+    pub fn from_config(r: &crate::config::RetrySection) -> Self {
+        use crate::config::values::Spelled;
+        RetryPolicy {
+            attempts: r.attempts,
+            base_delay: r.base_delay.get(),
+            max_delay: r.max_delay.get(),
+            on: RetryOn::new(r.on.iter().map(Spelled::get)),
+            per_try_timeout: r.per_try_timeout.map(crate::config::Dur::get),
+            methods: r.methods.iter().map(|m| m.get().clone()).collect(),
+            budget: r.budget,
+            budget_min_per_second: r.budget_min_per_second,
+            max_body: usize::try_from(r.max_body.0).unwrap_or(usize::MAX),
+        }
+    }
+
     /// Whether requests with this method may be retried at all.
     pub fn allows_method(&self, method: &Method) -> bool {
         self.methods.iter().any(|m| m == method)

@@ -757,7 +757,7 @@ fn three_fleet_limits(
 
 /// Offers 3x `rate` spread 70/20/10 for `seconds`, arrivals on the wall clock
 /// (a late tick catches up); `at_second(s)` runs as second `s` starts.
-/// Returns the fleet's admitted requests per second.
+/// Returns the fleet's admitted requests per second of arrival.
 async fn offer_uneven(
     limits: &[opsgate::proxy::limits::rate::RouteRate],
     headers: &http::HeaderMap,
@@ -784,13 +784,18 @@ async fn offer_uneven(
             started += 1;
         }
         for (i, limit) in limits.iter().enumerate() {
-            let due = 3.0 * rate * shares[i] * elapsed.as_secs_f64();
+            let per_instance = 3.0 * rate * shares[i];
+            let due = per_instance * elapsed.as_secs_f64();
             while offered[i] + 1.0 <= due {
                 offered[i] += 1.0;
                 let ok = limit
                     .check(tokio::time::Instant::now(), headers, client)
                     .is_ok();
-                per_second[sec] += usize::from(ok);
+                // Counted in the second the arrival was due, not the one a starved loop
+                // got to it in: on a busy machine a stall would move a second's arrivals
+                // into the next one and fail the count, not the limiter.
+                let due_in = ((offered[i] / per_instance) as usize).min(seconds - 1);
+                per_second[due_in] += usize::from(ok);
             }
         }
     }

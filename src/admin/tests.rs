@@ -9,9 +9,7 @@ use super::*;
 use crate::config::Config;
 use crate::endpoints;
 use crate::ops::MaintenanceSettings;
-use crate::proxy::runtime::Deps;
 use crate::telemetry::MetricsRegistry;
-use crate::telemetry::access::AccessLog;
 
 const TOKEN: &str = "adm-tok-4711";
 
@@ -42,20 +40,7 @@ fn config(token: &str) -> Arc<Config> {
 fn admin(token: &str, outcome: ReloadOutcome) -> Arc<Admin<Scripted>> {
     let config = config(token);
     let metrics = Arc::new(MetricsRegistry::new(&config.file.metrics.buckets));
-    let runtime = Runtime::build(
-        config,
-        None,
-        Deps {
-            http: &metrics.http,
-            ops: &metrics.ops,
-            resilience: &metrics.resilience,
-            on_breaker: Arc::new(|_: &str, _: &crate::proxy::breaker::Transition| {}),
-            access_log: Arc::new(AccessLog::Off),
-            maintenance: Arc::new(MaintenanceSettings::default()),
-            env: &|_: &str| None,
-        },
-    )
-    .unwrap();
+    let runtime = crate::proxy::runtime::build_for_test(config, &metrics).unwrap();
     let live = Arc::new(ArcSwap::from_pointee(runtime));
     let health = Health::new();
     let maintenance = Maintenance::new(MaintenanceSettings::default());

@@ -530,6 +530,28 @@ pub fn is_truthy(v: &str) -> bool {
     )
 }
 
+/// A runtime for in-process tests: no breaker hook, no access log, default maintenance,
+/// an empty environment.
+#[cfg(test)]
+pub(crate) fn build_for_test(
+    config: Arc<Config>,
+    metrics: &crate::telemetry::MetricsRegistry,
+) -> Result<Runtime, BuildError> {
+    Runtime::build(
+        config,
+        None,
+        Deps {
+            http: &metrics.http,
+            ops: &metrics.ops,
+            resilience: &metrics.resilience,
+            on_breaker: Arc::new(|_: &str, _: &crate::proxy::breaker::Transition| {}),
+            access_log: Arc::new(AccessLog::Off),
+            maintenance: Arc::new(crate::ops::MaintenanceSettings::default()),
+            env: &|_: &str| None,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,22 +564,8 @@ mod tests {
         let mut config =
             crate::config::parse_str(text, "t.toml", &Default::default(), &|_: &str| None).unwrap();
         config.file.routes[0].upstream = "gone".into();
-        let config = Arc::new(config);
         let metrics = MetricsRegistry::new(&config.file.metrics.buckets);
-        let maintenance = Arc::new(crate::ops::MaintenanceSettings::default());
-        let built = Runtime::build(
-            config,
-            None,
-            Deps {
-                http: &metrics.http,
-                ops: &metrics.ops,
-                resilience: &metrics.resilience,
-                on_breaker: Arc::new(|_: &str, _: &crate::proxy::breaker::Transition| {}),
-                access_log: Arc::new(AccessLog::Off),
-                maintenance,
-                env: &|_: &str| None,
-            },
-        );
+        let built = build_for_test(Arc::new(config), &metrics);
         assert!(
             matches!(built, Err(BuildError::UnknownUpstream(ref r, ref u)) if r == "api" && u == "gone"),
             "{:?}",

@@ -95,11 +95,6 @@ impl ProxyError {
         }
     }
 
-    /// Whether a retry may follow this failure at all; the route's policy decides the rest.
-    pub fn retryable(&self) -> bool {
-        self.retry_condition().is_some()
-    }
-
     /// The status the access log and metrics record when `sent` answered this error: a
     /// client that left gets nothing, and is recorded as nginx's 499.
     pub fn logged_status(&self, sent: StatusCode) -> u16 {
@@ -297,7 +292,11 @@ mod tests {
             ProxyError::ClientAbort,
         ];
         for e in all {
-            assert_eq!(e.retryable(), e.fault() == Fault::Upstream, "{e:?}");
+            assert_eq!(
+                e.retry_condition().is_some(),
+                e.fault() == Fault::Upstream,
+                "{e:?}"
+            );
         }
         assert_eq!(ProxyError::from(BodyFault::Aborted).fault(), Fault::Client);
     }

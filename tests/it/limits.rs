@@ -39,18 +39,11 @@ async fn status(og: &Opsgate) -> Value {
 
 /// A sample from the proxy port's `/metrics`: exact name, wanted labels in any order.
 async fn metric(og: &Opsgate, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let text = get(&og.url("/metrics"), &[]).await.text();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
-            let ok = n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            ok.then(|| value.parse().ok()).flatten()
-        })
+    crate::support::metrics::sample(
+        &crate::support::metrics::scrape(&og.url("/metrics")).await,
+        name,
+        labels,
+    )
 }
 
 async fn get_as(og: &Opsgate, headers: &[(&str, &str)]) -> Answer {

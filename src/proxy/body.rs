@@ -17,6 +17,8 @@ pub enum Body {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    /// An upstream's response, handing its keep-alive connection back when read.
+    Upstream(super::upstream::UpstreamBody),
     /// The client's request body on its way upstream, remembering whether the client broke
     /// it: a failed send is then the client's fault, not the upstream's.
     Watched(Incoming, Arc<ClientFault>),
@@ -57,6 +59,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Body::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Body::Watched(b, fault) => Pin::new(b).poll_frame(cx).map_err(|e| {
                 fault.set(classify(&e));
                 e.into()
@@ -70,6 +73,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
             Body::Incoming(b) | Body::Watched(b, _) => b.is_end_stream(),
+            Body::Upstream(b) => b.is_end_stream(),
             Body::Boxed(b) => b.is_end_stream(),
         }
     }
@@ -79,6 +83,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Incoming(b) | Body::Watched(b, _) => b.size_hint(),
+            Body::Upstream(b) => b.size_hint(),
             Body::Boxed(b) => b.size_hint(),
         }
     }

@@ -15,7 +15,7 @@ use super::body::{Body, ClientFault, classify};
 use super::breaker::{Breaker, Outcome, State, Transition};
 use super::respond::{Fault, ProxyError};
 use super::retry::{Attempt, Decision, RetryBudget, RetryPolicy, Stop, parse_retry_after};
-use super::upstream::Target;
+use super::upstream::{Target, UpstreamBody};
 use crate::config::status::StatusRanges;
 use crate::telemetry::metrics::{
     BreakerCallLabels, BreakerStateLabels, BreakerToLabels, ResilienceMetrics, RetryLabels,
@@ -138,7 +138,7 @@ pub async fn call(
     metrics: &ResilienceMetrics,
     req: Outgoing,
     timeout: Duration,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let start = Instant::now();
     let retry = match retries {
         Some(r) if r.policy.attempts > 1 && r.policy.allows_method(&req.method) => {
@@ -274,7 +274,7 @@ async fn attempt(
     req: Request<Body>,
     timeout: Duration,
     client_fault: Option<&ClientFault>,
-) -> (Result<Response<Incoming>, ProxyError>, Option<Attempt>) {
+) -> (Result<Response<UpstreamBody>, ProxyError>, Option<Attempt>) {
     let permit = match breaker {
         None => None,
         Some(b) => match b.breaker.try_acquire(Instant::now()) {

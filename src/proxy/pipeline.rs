@@ -290,7 +290,7 @@ impl Proxy {
         parts.headers.insert(X_REQUEST_ID.clone(), request_id);
         rec.status = parts.status.as_u16();
         with_record_status(
-            Response::from_parts(parts, Body::Incoming(body)),
+            Response::from_parts(parts, Body::Upstream(body)),
             rec,
             Some(permit),
         )

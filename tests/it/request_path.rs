@@ -47,13 +47,17 @@ async fn upstream_url_credentials_are_sent_as_basic_auth_and_never_logged() {
             [format!("127.0.0.1:{}", og.addr().port())]
         );
     }
-    // Positive control: the pool's debug lines (which used to carry the userinfo) are on.
+    // Positive control: the upstream connection's debug lines are on.
     let pool_logged = og
         .wait_for_log(Duration::from_secs(5), |l| {
-            l.to_string().contains("reuse idle connection")
+            l.to_string().contains("upstream connection opened")
         })
         .await;
-    assert!(pool_logged, "no pool debug line: {:?}", og.logs());
+    assert!(
+        pool_logged,
+        "no upstream connection debug line: {:?}",
+        og.logs()
+    );
     let leaks: Vec<String> = og
         .logs()
         .into_iter()
@@ -286,6 +290,62 @@ impl Drop for H2App {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+#[tokio::test]
+async fn sequential_calls_reuse_one_upstream_connection() {
+    let app = H2App::start().await;
+    let og = Launch::new()
+        .config(&format!("[proxy]\nupstream = \"http://{}\"\n", app.addr))
+        .loopback()
+        .start()
+        .await;
+    for i in 0..20 {
+        let answer = get(&og.url(&format!("/seq/{i}")), &[]).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert_eq!(app.hits(), 20);
+    assert_eq!(app.connections(), 1);
+}
+
+/// An app that answers one request per connection with a keep-alive response, then
+/// closes the connection and says so: the idle connection opsgate pooled is stale.
+#[tokio::test]
+async fn an_idle_connection_the_app_closed_is_not_an_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let app = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            drop(sock);
+            let _ = closed_tx.send(());
+        }
+    });
+    let og = Launch::new()
+        .config(&format!("[proxy]\nupstream = \"http://{addr}\"\n"))
+        .loopback()
+        .start()
+        .await;
+    for i in 0..40 {
+        let answer = get(&og.url(&format!("/stale/{i}")), &[]).await;
+        assert_eq!(answer.status, 200, "request {i}: {}", answer.text());
+        assert_eq!(answer.text(), "ok");
+        // The next request finds the connection closed by the app, whether or not opsgate
+        // has seen the FIN yet.
+        closed.recv().await.unwrap();
+    }
+    app.abort();
 }
 
 #[tokio::test]

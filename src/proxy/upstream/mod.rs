@@ -1,0 +1,349 @@
+//! The upstream side of a call: each configured upstream's address, its connections
+//! (an HTTP/1.1 keep-alive pool or one shared h2 connection), URI rewriting and the
+//! per-attempt timeout. Errors come out typed: connect, reset before headers, timeout.
+
+mod h2;
+mod io;
+mod pool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use hyper_util::rt::TokioIo;
+
+use self::h2::H2Upstream;
+use self::io::{AbortOnDrop, ConnectError, Connector};
+pub use self::io::{TlsFileError, tls_config};
+pub use self::pool::UpstreamBody;
+use self::pool::{Conn, Pool};
+use super::body::Body;
+use super::respond::ProxyError;
+use crate::config::UpstreamSection;
+
+/// An upstream's target and client. Built at config load; shared by every route to it.
+pub struct Target {
+    pub name: Arc<str>,
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix of the upstream URL without its trailing `/` (`None` for `/`).
+    base_path: Option<String>,
+    /// `Host` to send when `preserve_host = false`.
+    pub host_header: HeaderValue,
+    /// `Authorization: Basic` from the URL's userinfo, which is kept out of the URI (and so
+    /// out of the pool key and every line a library may log about it).
+    pub authorization: Option<HeaderValue>,
+    pub preserve_host: bool,
+    pub timeout: Duration,
+    connector: Connector,
+    transport: Transport,
+}
+
+enum Transport {
+    /// Keep-alive connections, one call at a time each.
+    Http1(Arc<Pool>),
+    /// `http2 = true`: one multiplexed connection; a call giving up resets its stream only.
+    Http2(H2Upstream),
+}
+
+/// Why an attempt got no response headers (the timeout aside).
+#[derive(Debug)]
+enum SendError {
+    Connect(ConnectError),
+    Handshake(hyper::Error),
+    /// The connection failed or closed before the response headers.
+    Reset(hyper::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("upstream `{0}`: invalid url: {1}")]
+    Url(String, UrlError),
+    #[error("upstream `{0}`: {1}")]
+    Tls(String, TlsFileError),
+    #[error("fleet rate limits: {0}")]
+    Fleet(String),
+    #[error("route `{0}` names unknown upstream `{1}`")]
+    UnknownUpstream(String, String),
+}
+
+/// Why an upstream's `url` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("{0}")]
+    Parse(http::uri::InvalidUri),
+    #[error("no host")]
+    NoHost,
+    #[error("invalid host")]
+    Host,
+    #[error("invalid userinfo")]
+    Userinfo,
+    /// The authority is not a valid `Host` header value.
+    #[error("{0}")]
+    HostHeader(http::header::InvalidHeaderValue),
+    /// The connector's fixed destination cannot be built from scheme and authority.
+    #[error("{0}")]
+    Destination(http::Error),
+}
+
+impl Target {
+    pub fn new(name: &str, s: &UpstreamSection) -> Result<Self, BuildError> {
+        let uri: Uri = s
+            .url
+            .parse()
+            .map_err(|e| BuildError::Url(name.into(), UrlError::Parse(e)))?;
+        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+        let full_authority = uri
+            .authority()
+            .ok_or_else(|| BuildError::Url(name.into(), UrlError::NoHost))?;
+        let (authority, authorization) =
+            split_userinfo(full_authority).map_err(|e| BuildError::Url(name.into(), e))?;
+        let base_path = match uri.path().trim_end_matches('/') {
+            "" => None,
+            p => Some(p.to_string()),
+        };
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| BuildError::Url(name.into(), UrlError::HostHeader(e)))?;
+        let connector = Connector::new(name, s, &scheme, &authority)?;
+        let transport = if s.http2 {
+            Transport::Http2(H2Upstream::new())
+        } else {
+            Transport::Http1(Pool::new(pool::IDLE_TIMEOUT, pool::MAX_IDLE))
+        };
+        Ok(Self {
+            name: name.into(),
+            scheme,
+            authority,
+            base_path,
+            host_header,
+            authorization,
+            preserve_host: s.preserve_host,
+            timeout: s.timeout.get(),
+            connector,
+            transport,
+        })
+    }
+
+    /// The URI for an HTTP/2 upstream: its authority becomes `:authority`, so it is the
+    /// Host opsgate would send on HTTP/1.1 (`preserve_host` decides), and no separate
+    /// `Host` may go with it (RFC 9113 §8.3.1). `host` is the client's Host.
+    pub fn h2_uri(&self, uri: Uri, host: Option<&HeaderValue>) -> Uri {
+        let authority = match host {
+            Some(h) if self.preserve_host && !h.as_bytes().contains(&b'@') => {
+                Authority::try_from(h.as_bytes()).ok()
+            }
+            _ => None,
+        };
+        let Some(authority) = authority else {
+            return uri;
+        };
+        let mut parts = uri.clone().into_parts();
+        parts.authority = Some(authority);
+        Uri::from_parts(parts).unwrap_or(uri)
+    }
+
+    /// The upstream URI for an already-normalized path: origin-form on HTTP/1.1, absolute
+    /// on h2 (where scheme and authority become pseudo-headers). `original` is the client's
+    /// path and query: reused as is (a refcount, no copy) when the path did not change.
+    pub fn uri_for(&self, path: &str, original: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+        let query = original.and_then(|pq| pq.query());
+        let pq = match (&self.base_path, original) {
+            (None, Some(pq)) if pq.path() == path => pq.clone(),
+            (base, _) => {
+                let base = base.as_deref().unwrap_or("");
+                let mut s = String::with_capacity(
+                    base.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+                );
+                s.push_str(base);
+                s.push_str(path);
+                if let Some(q) = query {
+                    s.push('?');
+                    s.push_str(q);
+                }
+                PathAndQuery::from_maybe_shared(bytes::Bytes::from(s))
+                    .map_err(|_| ProxyError::BadPath)?
+            }
+        };
+        if matches!(self.transport, Transport::Http1(_)) {
+            return Ok(Uri::from(pq));
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|_| ProxyError::BadPath)
+    }
+
+    /// One attempt: send and wait for response headers for at most `timeout`.
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let sent = match &self.transport {
+            Transport::Http1(pool) => tokio::time::timeout(timeout, self.send_h1(pool, req)).await,
+            Transport::Http2(h2) => {
+                let sending = h2.send(&self.connector, &self.name, req);
+                tokio::time::timeout(timeout, sending)
+                    .await
+                    .map(|r| r.map(|resp| resp.map(|b| UpstreamBody::new(b, None))))
+            }
+        };
+        let upstream = &self.name;
+        match sent {
+            Err(_) => Err(ProxyError::UpstreamTimeout),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(SendError::Connect(e))) => {
+                let timed_out = matches!(e, ConnectError::Timeout(_));
+                tracing::debug!(%upstream, timed_out, error = %e, "upstream connect failed");
+                Err(ProxyError::UpstreamConnect)
+            }
+            Ok(Err(SendError::Handshake(e))) => {
+                tracing::debug!(%upstream, error = %ErrorChain(&e), "upstream handshake failed");
+                Err(ProxyError::UpstreamConnect)
+            }
+            Ok(Err(SendError::Reset(e))) => {
+                tracing::debug!(%upstream, error = %ErrorChain(&e), "upstream request failed");
+                Err(ProxyError::UpstreamReset)
+            }
+        }
+    }
+
+    /// HTTP/1.1: an idle connection if one is open, else a new one. A request the idle
+    /// connection never started (the app closed it between requests) goes again: on the
+    /// next idle connection, then on a new one, never twice on a new one.
+    async fn send_h1(
+        &self,
+        pool: &Arc<Pool>,
+        mut req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        // Only a call with a body can leave its connection stuck mid-request: a bodiless
+        // one that is dropped lets hyper close the connection on its own.
+        let stuck_if_dropped = !http_body::Body::is_end_stream(req.body());
+        loop {
+            let (mut conn, reused) = match pool.checkout() {
+                Some(conn) => (conn, true),
+                None => (self.connect_h1().await?, false),
+            };
+            // A connection handed back at its response's last byte may not be ready yet.
+            if reused && conn.sender.ready().await.is_err() {
+                continue;
+            }
+            let sending = conn.sender.try_send_request(req);
+            // Declared after `sending`, so dropped before it: the abort is raised before
+            // hyper learns the call is gone and closes the connection its own
+            // (FIN-queued) way.
+            let mut guard = AbortOnDrop(stuck_if_dropped.then(|| conn.abort.clone()));
+            match sending.await {
+                Ok(resp) => {
+                    guard.0 = None;
+                    return Ok(resp.map(|b| UpstreamBody::new(b, Some((conn, pool.clone())))));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(SendError::Reset(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn connect_h1(&self) -> Result<Conn, SendError> {
+        let io = self.connector.connect().await.map_err(SendError::Connect)?;
+        let abort = io.abort_handle();
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(SendError::Handshake)?;
+        let upstream = self.name.clone();
+        tracing::debug!(%upstream, peer = %self.connector, "upstream connection opened");
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%upstream, error = %ErrorChain(&e), "upstream connection closed");
+            }
+        });
+        Ok(Conn { sender, abort })
+    }
+}
+
+/// Splits `user:password@host:port` into the bare authority and a sensitive
+/// `Authorization: Basic` value (userinfo is percent-decoded first, as URL parsers do).
+fn split_userinfo(a: &Authority) -> Result<(Authority, Option<HeaderValue>), UrlError> {
+    let Some((userinfo, host)) = a.as_str().rsplit_once('@') else {
+        return Ok((a.clone(), None));
+    };
+    let bare: Authority = host.parse().map_err(|_| UrlError::Host)?;
+    let decoded: Vec<u8> = percent_encoding::percent_decode(userinfo.as_bytes()).collect();
+    use base64::Engine as _;
+    let mut value = b"Basic ".to_vec();
+    value.extend_from_slice(
+        base64::engine::general_purpose::STANDARD
+            .encode(decoded)
+            .as_bytes(),
+    );
+    let mut value = HeaderValue::from_bytes(&value).map_err(|_| UrlError::Userinfo)?;
+    value.set_sensitive(true);
+    Ok((bare, Some(value)))
+}
+
+/// Displays an error with its `source()` chain ("connect: Connection refused").
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_without_host_is_refused_by_kind() {
+        let s = UpstreamSection {
+            url: "/only/a/path".into(),
+            ..Default::default()
+        };
+        let e = Target::new("app", &s).err().unwrap();
+        assert!(matches!(&e, BuildError::Url(_, UrlError::NoHost)), "{e:?}");
+        assert_eq!(e.to_string(), "upstream `app`: invalid url: no host");
+    }
+
+    #[test]
+    fn unreadable_tls_file_names_upstream_and_file() {
+        let s = UpstreamSection {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        let e = tls_config("app", &s).unwrap_err();
+        assert!(
+            matches!(&e, BuildError::Tls(_, TlsFileError::CaFile { .. })),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("upstream `app`: ca_file /nonexistent/ca.pem: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn userinfo_leaves_the_authority_and_becomes_basic_auth() {
+        let a: Authority = "us%65r:p%40ss@127.0.0.1:8080".parse().unwrap();
+        let (bare, auth) = split_userinfo(&a).unwrap();
+        assert_eq!(bare.as_str(), "127.0.0.1:8080");
+        let auth = auth.unwrap();
+        // base64("user:p@ss")
+        assert_eq!(auth, "Basic dXNlcjpwQHNz");
+        assert!(auth.is_sensitive());
+        let plain: Authority = "example.com".parse().unwrap();
+        assert_eq!(split_userinfo(&plain).unwrap(), (plain, None));
+    }
+}

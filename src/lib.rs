@@ -13,6 +13,7 @@
 //! - `health`: background dependency checks, cached snapshot, probe bodies.
 //! - `ops`: maintenance state and its sources (config, env, flag file, windows, fleet key, override).
 //! - `paths`: segment-boundary prefix matching, shared by routing, gates and validation.
+//! - `ip_text`: IP addresses as text without `fmt`, for X-Forwarded-For and access lines.
 //! - `shutdown`: signals and the drain state.
 //! - `telemetry`: metrics registry and logging.
 //! - `ctl`, `demo`, `probe`, `inject`: the `ctl`, `demo`, `probe` and `inject` commands.
@@ -25,6 +26,7 @@ pub mod demo;
 pub mod endpoints;
 pub mod health;
 pub mod inject;
+pub mod ip_text;
 pub mod ops;
 pub mod paths;
 pub mod probe;

@@ -1,7 +1,6 @@
 //! Header rewriting between client and upstream: hop-by-hop removal, X-Forwarded-*,
 //! request id. Pure functions over `HeaderMap`s; the pipeline calls them in order.
 
-use std::io::Write;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -63,6 +62,14 @@ pub fn upgrade_kind(h: &HeaderMap, version: http::Version) -> Upgrade {
 /// keeps `Connection: upgrade` and `Upgrade`, which the tunnel needs. `TE: trailers` stays
 /// (gRPC needs it).
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
+    // Most messages carry none: one pass over the names, no hashing, settles it.
+    if upgrade == Upgrade::None
+        && !h
+            .keys()
+            .any(|k| k == header::TE || fixed_hop_by_hop().contains(&k))
+    {
+        return;
+    }
     // Every `Connection` line counts: `close` on the first must not hide a name on the second.
     if h.get_all(header::CONNECTION)
         .iter()
@@ -101,13 +108,10 @@ fn is_std_token(v: &[u8]) -> bool {
     v.eq_ignore_ascii_case(b"close") || v.eq_ignore_ascii_case(b"keep-alive")
 }
 
-/// Formats an IP into a header value without a heap `String`.
+/// An IP as a header value, with no heap `String` and no `fmt` for IPv4.
 pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
-    let mut buf = [0u8; 48];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let _ = write!(cursor, "{ip}");
-    let n = cursor.position() as usize;
-    HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    HeaderValue::from_bytes(crate::ip_text::IpText::new(ip).as_bytes())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Sets X-Forwarded-For/-Proto/-Host. A trusted peer's X-Forwarded-Proto/-Host are kept;

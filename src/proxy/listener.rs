@@ -180,14 +180,23 @@ where
     F: Future<Output = Result<(), BoxError>> + GracefulClose,
 {
     let mut conn = std::pin::pin!(conn);
+    let mut stop = std::pin::pin!(stopped(&mut stop));
+    let limit = limits.header_read_timeout;
+    // One timer for the connection's life, re-armed lazily: it fires at the idle deadline
+    // last computed, and only then is the deadline asked afresh. Requests move the deadline
+    // without touching the timer, so a busy connection costs one wake-up per `limit`.
+    let mut watchdog = std::pin::pin!(tokio::time::sleep_until(
+        state
+            .idle_deadline(limit)
+            .unwrap_or_else(|| Instant::now() + limit)
+    ));
     let mut draining = false;
     let mut hard_deadline: Option<Instant> = None;
     loop {
-        let idle_deadline = state.idle_deadline(limits.header_read_timeout);
-        let wake_at = hard_deadline.or(idle_deadline);
         tokio::select! {
+            biased;
             r = conn.as_mut() => return r,
-            _ = stopped(&mut stop), if !draining => {
+            _ = stop.as_mut(), if !draining => {
                 conn.as_mut().close_gracefully();
                 draining = true;
             }
@@ -196,32 +205,36 @@ where
                     tracing::info!(%peer, "closing a connection that cancels too many streams");
                     conn.as_mut().close_gracefully();
                     draining = true;
-                    hard_deadline = Some(Instant::now() + limits.header_read_timeout);
+                    let hard = Instant::now() + limit;
+                    hard_deadline = Some(hard);
+                    watchdog.as_mut().reset(hard);
                 }
             }
-            _ = sleep_until_opt(wake_at) => {
-                if hard_deadline.is_some_and(|d| Instant::now() >= d) {
-                    tracing::debug!(%peer, "connection did not close in time; dropped");
-                    return Ok(());
+            () = watchdog.as_mut() => {
+                let now = Instant::now();
+                if let Some(hard) = hard_deadline {
+                    if now >= hard {
+                        tracing::debug!(%peer, "connection did not close in time; dropped");
+                        return Ok(());
+                    }
+                    watchdog.as_mut().reset(hard);
+                    continue;
                 }
-                // Asked afresh: a request may have started since the deadline was computed
-                // (a start does not wake this loop; only an end does).
-                let idle_now = state.idle_deadline(limits.header_read_timeout);
-                if !draining && idle_now.is_some_and(|d| Instant::now() >= d) {
-                    tracing::debug!(%peer, "closing a connection idle for header_read_timeout");
-                    conn.as_mut().close_gracefully();
-                    draining = true;
-                    hard_deadline = Some(Instant::now() + limits.header_read_timeout);
+                match state.idle_deadline(limit) {
+                    Some(due) if now >= due && !draining => {
+                        tracing::debug!(%peer, "closing a connection idle for header_read_timeout");
+                        conn.as_mut().close_gracefully();
+                        draining = true;
+                        let hard = now + limit;
+                        hard_deadline = Some(hard);
+                        watchdog.as_mut().reset(hard);
+                    }
+                    Some(due) if now < due => watchdog.as_mut().reset(due),
+                    // A request in flight (or a drain under way): look again a period later.
+                    _ => watchdog.as_mut().reset(now + limit),
                 }
             }
         }
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -324,13 +337,14 @@ impl Drop for InFlight {
                 && u64::from(resets) * 2 >= u64::from(s.requests.load(Ordering::Relaxed))
             {
                 s.abusive.store(true, Ordering::Relaxed);
+                // The only news the connection's watchdog cannot wait for.
+                s.changed.notify_one();
             }
         }
         if s.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             let ms = u64::try_from(s.born.elapsed().as_millis()).unwrap_or(u64::MAX);
             s.idle_since_ms.store(ms, Ordering::Relaxed);
         }
-        s.changed.notify_one();
     }
 }
 

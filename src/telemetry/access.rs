@@ -73,11 +73,9 @@ impl AccessLog {
 
 /// The same shape tracing's JSON lines have, so one parser reads every line.
 pub fn format_json(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
-    let _ = write!(
-        out,
-        "{{\"timestamp\":\"{}\",\"level\":\"INFO\",\"method\":",
-        humantime::format_rfc3339_micros(now)
-    );
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    rfc3339_micros(out, now);
+    out.extend_from_slice(b"\",\"level\":\"INFO\",\"method\":");
     json_str(out, e.method.as_bytes());
     out.extend_from_slice(b",\"path\":");
     json_str(out, e.path.as_bytes());
@@ -96,7 +94,9 @@ pub fn format_json(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
         out.extend_from_slice(b",\"upstream\":");
         json_str(out, u.as_bytes());
     }
-    let _ = write!(out, ",\"client\":\"{}\"", e.client);
+    out.extend_from_slice(b",\"client\":\"");
+    out.extend_from_slice(crate::ip_text::IpText::new(e.client).as_bytes());
+    out.push(b'"');
     if let Some(id) = e.request_id {
         out.extend_from_slice(b",\"request_id\":");
         json_str(out, id);
@@ -106,6 +106,42 @@ pub fn format_json(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
         json_str(out, err.as_bytes());
     }
     out.extend_from_slice(b",\"target\":\"access\"}\n");
+}
+
+thread_local! {
+    /// `YYYY-MM-DDTHH:MM:SS` of the last second a line was written in on this thread:
+    /// the calendar arithmetic runs once a second, not once a line.
+    static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+}
+
+/// `now` as RFC 3339 UTC with microseconds, as `humantime::format_rfc3339_micros` prints it.
+fn rfc3339_micros(out: &mut Vec<u8>, now: SystemTime) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let date = SECOND.with(|cell| {
+        let (cached, text) = cell.get();
+        if cached == secs {
+            return text;
+        }
+        let mut text = [0u8; 19];
+        let whole =
+            humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+                .to_string();
+        text.copy_from_slice(&whole.as_bytes()[..19]);
+        cell.set((secs, text));
+        text
+    });
+    out.extend_from_slice(&date);
+    let micros = since.subsec_micros();
+    let mut frac = [b'.', 0, 0, 0, 0, 0, 0, b'Z'];
+    let mut rest = micros;
+    for digit in frac[1..7].iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.extend_from_slice(&frac);
 }
 
 /// A duration in milliseconds with three decimals (microseconds, rounded), as `{:.3}`
@@ -182,6 +218,24 @@ mod tests {
         assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000000Z");
         assert_eq!(v["request_id"], "abc");
         assert!(v.get("error").is_none());
+    }
+
+    #[test]
+    fn timestamps_read_as_humantime_prints_them() {
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_563_331);
+        // Same second twice (the cache), the next second, a year later, the epoch.
+        for t in [
+            base + Duration::from_micros(7),
+            base + Duration::from_micros(999_999),
+            base + Duration::from_secs(1),
+            base + Duration::from_secs(366 * 86_400) + Duration::from_nanos(123_456_789),
+            SystemTime::UNIX_EPOCH,
+        ] {
+            let mut out = Vec::new();
+            rfc3339_micros(&mut out, t);
+            let expected = humantime::format_rfc3339_micros(t).to_string();
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
     }
 
     #[test]

@@ -142,7 +142,7 @@ pub async fn run(
     };
     let mut signals = Signals::install().map_err(|e| RunError::Startup(format!("signals: {e}")))?;
 
-    let specs = build::check_specs(&config);
+    let specs = config.checks.clone();
     let wait_for_critical = f.health.wait_for_critical.get();
     let gates = Arc::new(Gates {
         starting: (!wait_for_critical.is_zero() && specs.iter().any(|s| s.critical)).into(),

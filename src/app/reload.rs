@@ -119,7 +119,7 @@ impl Shared {
             slot.store(Some(Arc::new(acceptor)));
         }
         self.maintenance.update_settings(maintenance);
-        self.health.replace(build::check_specs(&config));
+        self.health.replace(config.checks.clone());
         if let Some(new_fleet) = new_fleet {
             let mut fleet = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
             *fleet = new_fleet;

@@ -2,6 +2,7 @@
 //! The only place that knows both sides. Health checks need no conversion: the config pass
 //! compiles them into the specs the scheduler runs (`Config::checks`).
 
+use std::path::PathBuf;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -10,18 +11,27 @@ use crate::config::{Config, MaintenanceMode};
 use crate::ops::{MaintenanceSettings, Mode};
 use crate::proxy::runtime::is_truthy;
 
+/// The `maintenance.page` file could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("maintenance page {}: {source}", path.display())]
+pub struct PageError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
 /// `[maintenance]` as the ops room takes it. `env` is read here, once per load.
 pub fn maintenance_settings(
     c: &Config,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<MaintenanceSettings, String> {
+) -> Result<MaintenanceSettings, PageError> {
     let m = &c.file.maintenance;
     let page = match &m.page {
-        Some(p) => {
-            Some(Bytes::from(std::fs::read(p).map_err(|e| {
-                format!("maintenance page {}: {e}", p.display())
-            })?))
-        }
+        Some(p) => Some(Bytes::from(std::fs::read(p).map_err(|source| {
+            PageError {
+                path: p.clone(),
+                source,
+            }
+        })?)),
         None => None,
     };
     let windows = m

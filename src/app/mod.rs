@@ -36,6 +36,14 @@ pub enum RunError {
     },
     #[error("{0}")]
     Startup(String),
+    #[error("{0}")]
+    Page(#[from] build::PageError),
+    #[error("{0}")]
+    Tls(#[from] listener::TlsError),
+    #[error("{0}")]
+    Runtime(#[from] crate::proxy::upstream::BuildError),
+    #[error("{0}")]
+    Fleet(#[from] crate::ops::Error),
     #[error("second signal: exiting at once")]
     SecondSignal,
 }
@@ -197,8 +205,7 @@ impl Rooms {
         let f = &config.file;
         let mut registry = MetricsRegistry::new(&f.metrics.buckets);
 
-        let maintenance_settings =
-            build::maintenance_settings(&config, &env_lookup).map_err(RunError::Startup)?;
+        let maintenance_settings = build::maintenance_settings(&config, &env_lookup)?;
         let maintenance = Maintenance::new(maintenance_settings.clone());
         let health = Health::new();
         health.register(registry.registry_mut());
@@ -216,13 +223,12 @@ impl Rooms {
                 maintenance: Arc::new(maintenance_settings),
                 env: &env_lookup,
             },
-        )
-        .map_err(|e| RunError::Startup(e.to_string()))?;
+        )?;
         let live = Arc::new(ArcSwap::from_pointee(runtime));
 
         let tls = match &f.proxy.tls {
             Some(t) => Some(Arc::new(ArcSwapOption::from_pointee(
-                listener::tls_acceptor(&t.cert, &t.key).map_err(RunError::Startup)?,
+                listener::tls_acceptor(&t.cert, &t.key)?,
             ))),
             None => None,
         };
@@ -267,10 +273,12 @@ impl Rooms {
         health.replace(specs);
 
         let fleet = match (&f.control.redis_url, &f.control.key) {
-            (Some(url), Some(key)) => Some(
-                FleetControl::start(url, key, f.control.poll_interval.get(), maintenance.clone())
-                    .map_err(|e| RunError::Startup(e.to_string()))?,
-            ),
+            (Some(url), Some(key)) => Some(FleetControl::start(
+                url,
+                key,
+                f.control.poll_interval.get(),
+                maintenance.clone(),
+            )?),
             _ => None,
         };
 

@@ -2,15 +2,17 @@
 //!
 //! # Layout
 //! - `app`: wires the rooms, startup order, reload, shutdown sequence. It gives each
-//!   room only the handles it uses; no module below it imports it.
+//!   room only the handles it uses; no module below it imports it. `run` binds and
+//!   installs signal handlers; `run_on` serves caller-bound listeners (tests, in process).
 //! - `cli`: the command line.
 //! - `config`: the TOML file, defaults, typed leaf values parsed as the file is read
-//!   (`values`, `status`), validation (pure).
+//!   (`values`, `status`), validation (pure), and the health checks it compiles into
+//!   typed specs (`checks`).
 //! - `proxy`: the hot path, stage by stage (see its module docs).
 //! - `endpoints`: `/_health/*` and `/metrics`, answered by opsgate itself (`endpoints::Handles`).
 //! - `admin`: the admin listener and ops API, built from `admin::Admin`: what it reads,
 //!   and the actions it may call (`Reload`, which the app implements).
-//! - `health`: background dependency checks, cached snapshot, probe bodies.
+//! - `health`: runs the checks `config` compiled: background tasks, cached snapshot, probes.
 //! - `ops`: maintenance state and its sources (config, env, flag file, windows, fleet key, override).
 //! - `paths`: segment-boundary prefix matching, shared by routing, gates and validation.
 //! - `ip_text`: IP addresses as text without `fmt`, for X-Forwarded-For and access lines.

@@ -148,7 +148,7 @@ async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLo
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let results = opsgate::health::check_once(&app::build::check_specs(&cfg)).await;
+            let results = opsgate::health::check_once(&cfg.checks).await;
             if json {
                 println!("{}", opsgate::health::render::cli_json(&results));
             } else {
@@ -161,8 +161,7 @@ async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLo
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match opsgate::health::wait_for_critical(&app::build::check_specs(&cfg), timeout).await
-            {
+            match opsgate::health::wait_for_critical(&cfg.checks, timeout).await {
                 Ok(()) => {
                     println!("critical checks pass");
                     ExitCode::SUCCESS

@@ -1,64 +1,37 @@
-//! Turns the checked config into each room's own settings types (health specs,
-//! maintenance settings). The only place that knows both sides.
+//! Turns the checked config into each room's own settings types (maintenance settings).
+//! The only place that knows both sides. Health checks need no conversion: the config pass
+//! compiles them into the specs the scheduler runs (`Config::checks`).
 
+use std::path::PathBuf;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use crate::config::{CheckType, Config, MaintenanceMode};
-use crate::health::{CheckKind, CheckSpec};
+use crate::config::{Config, MaintenanceMode};
 use crate::ops::{MaintenanceSettings, Mode};
 use crate::proxy::runtime::is_truthy;
 
-pub fn check_specs(c: &Config) -> Vec<CheckSpec> {
-    let h = &c.file.health;
-    h.checks
-        .iter()
-        .map(|s| {
-            let url = s.url.clone().unwrap_or_default();
-            let kind = match s.kind {
-                CheckType::Postgres => CheckKind::Postgres {
-                    url,
-                    query: s.query.clone(),
-                },
-                CheckType::Redis => CheckKind::Redis { url },
-                CheckType::Http => CheckKind::Http {
-                    url,
-                    // Absent: SPEC's 200-399.
-                    expect_status: s
-                        .expect_status
-                        .as_ref()
-                        .map_or_else(Default::default, |e| e.get().clone()),
-                    body_contains: s.body_contains.clone(),
-                },
-                CheckType::Tcp => CheckKind::Tcp {
-                    address: s.address.clone().unwrap_or_default(),
-                },
-            };
-            let mut spec = CheckSpec::new(s.name.clone(), kind);
-            spec.interval = s.interval.unwrap_or(h.interval).get();
-            spec.timeout = s.timeout.unwrap_or(h.timeout).get();
-            spec.critical = s.critical;
-            spec.healthy_threshold = s.healthy_threshold;
-            spec.unhealthy_threshold = s.unhealthy_threshold;
-            spec.degraded_over = s.degraded_over.map(|d| d.get());
-            spec
-        })
-        .collect()
+/// The `maintenance.page` file could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("maintenance page {}: {source}", path.display())]
+pub struct PageError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
 }
 
 /// `[maintenance]` as the ops room takes it. `env` is read here, once per load.
 pub fn maintenance_settings(
     c: &Config,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<MaintenanceSettings, String> {
+) -> Result<MaintenanceSettings, PageError> {
     let m = &c.file.maintenance;
     let page = match &m.page {
-        Some(p) => {
-            Some(Bytes::from(std::fs::read(p).map_err(|e| {
-                format!("maintenance page {}: {e}", p.display())
-            })?))
-        }
+        Some(p) => Some(Bytes::from(std::fs::read(p).map_err(|source| {
+            PageError {
+                path: p.clone(),
+                source,
+            }
+        })?)),
         None => None,
     };
     let windows = m

@@ -9,7 +9,7 @@ use notify::{RecursiveMode, Watcher};
 
 use super::{Shared, build, env_lookup, unix_now};
 use crate::admin::{ReloadOutcome, ReloadStatus};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::ops::FleetControl;
 use crate::proxy::Runtime;
 use crate::proxy::breaker::Transition;
@@ -36,6 +36,7 @@ impl Shared {
                 ReloadOutcome::Applied { warnings }
             }
             Err(error) => {
+                let error = error.to_string();
                 tracing::error!(trigger, error = %error, "config reload failed; keeping the running config");
                 self.metrics
                     .ops
@@ -65,16 +66,13 @@ impl Shared {
         outcome
     }
 
-    fn try_reload(&self) -> Result<Vec<String>, String> {
+    fn try_reload(&self) -> Result<Vec<String>, ReloadError> {
         let current = self.live.load_full();
-        let config = self.source.load().map_err(|e| e.to_string())?;
+        let config = self.source.load()?;
         if config.path.is_some() && config.sha256 == EMPTY_SHA256 {
             // Caught between a writer's truncate and its write: taken as is, it would
             // drop every route. The write's own event brings the watcher back.
-            return Err(
-                "config file is empty (a write in progress?); an empty file is never applied on reload"
-                    .to_string(),
-            );
+            return Err(ReloadError::EmptyFile);
         }
         let maintenance = build::maintenance_settings(&config, &env_lookup)?;
         let tls = match &config.file.proxy.tls {
@@ -96,8 +94,7 @@ impl Shared {
                 maintenance: Arc::new(maintenance.clone()),
                 env: &env_lookup,
             },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let mut warnings = restart_warnings(&current.config, &config, &self.bound);
         if self.tls.is_some() != config.file.proxy.tls.is_some() {
             warnings.push(
@@ -119,7 +116,7 @@ impl Shared {
             slot.store(Some(Arc::new(acceptor)));
         }
         self.maintenance.update_settings(maintenance);
-        self.health.replace(build::check_specs(&config));
+        self.health.replace(config.checks.clone());
         if let Some(new_fleet) = new_fleet {
             let mut fleet = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
             *fleet = new_fleet;
@@ -131,17 +128,38 @@ impl Shared {
     }
 
     /// The fleet subscriber `[control]` asks for (`None`: no fleet key configured).
-    fn start_fleet(&self, config: &Config) -> Result<Option<FleetControl>, String> {
+    fn start_fleet(&self, config: &Config) -> Result<Option<FleetControl>, crate::ops::Error> {
         let c = &config.file.control;
         match (&c.redis_url, &c.key) {
             (Some(url), Some(key)) => {
                 FleetControl::start(url, key, c.poll_interval.get(), self.maintenance.clone())
                     .map(Some)
-                    .map_err(|e| e.to_string())
             }
             _ => Ok(None),
         }
     }
+}
+
+/// Why a reload kept the running config. Its text is what the log, the `reload` event and
+/// `/_ops/status` show.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error(
+        "config file is empty (a write in progress?); an empty file is never applied on reload"
+    )]
+    EmptyFile,
+    #[error("{0}")]
+    Page(#[from] build::PageError),
+    #[error("{0}")]
+    Tls(#[from] crate::proxy::listener::TlsError),
+    /// The new config does not compile into a runtime (upstream URLs, TLS files, fleet limits).
+    #[error("{0}")]
+    Runtime(#[from] crate::proxy::upstream::BuildError),
+    /// The changed `[control]` section's fleet subscriber did not start.
+    #[error("{0}")]
+    Fleet(#[from] crate::ops::Error),
 }
 
 /// The admin API's reload: the same path as SIGHUP and the watcher, one at a time.

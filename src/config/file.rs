@@ -426,6 +426,9 @@ pub enum CheckType {
     Tcp,
 }
 
+/// One `[[health.checks]]` table as written: every kind's keys, so a key of another kind is
+/// reported by `validate` with a sentence rather than as unknown. Compiled into a
+/// [`CheckSpec`](super::checks::CheckSpec), whose kind carries only its own fields.
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CheckSection {

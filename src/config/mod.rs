@@ -1,6 +1,7 @@
 //! The configuration: the TOML file, its defaults, `${VAR}` expansion and validation.
 //! Pure (no sockets, no tasks): `load` gives a checked `Config` or every error with line:col.
 
+pub mod checks;
 pub mod defaults;
 mod diag;
 mod expand;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::de::DeTable;
 
+pub use checks::{CheckKind, CheckSpec};
 pub use diag::{ConfigError, Diagnostic};
 pub use file::*;
 pub use units::{Dur, Size, format_duration, parse_duration, parse_listen};
@@ -37,6 +39,8 @@ pub struct Config {
     pub path: Option<PathBuf>,
     /// sha256 of the file's bytes, hex; empty without a file.
     pub sha256: String,
+    /// `[[health.checks]]` compiled, in file order.
+    pub checks: Vec<CheckSpec>,
 }
 
 /// Where to look for the config file when `--config` and `OPSGATE_CONFIG` are unset.
@@ -212,7 +216,12 @@ fn finish(
     }
     checker.check(&file);
     if checker.diagnostics.is_empty() {
-        Ok(Config { file, path, sha256 })
+        Ok(Config {
+            file,
+            path,
+            sha256,
+            checks: checker.checks,
+        })
     } else {
         Err(ConfigError {
             file: name.to_string(),

@@ -19,7 +19,7 @@ impl Dur {
     pub const fn millis(ms: u64) -> Self {
         Dur(Duration::from_millis(ms))
     }
-    pub fn get(self) -> Duration {
+    pub const fn get(self) -> Duration {
         self.0
     }
     pub fn is_zero(self) -> bool {

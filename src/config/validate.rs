@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use toml::Spanned;
 use toml::de::DeTable;
 
+use super::checks::{CheckSpec, compile_kind};
 use super::diag::{Diagnostic, Seg, Source, span_of};
 use super::file::*;
 use super::values::Checked;
@@ -21,6 +22,8 @@ pub struct Checker<'a> {
     pub shorthand_upstream: bool,
     source: Source<'a>,
     pub diagnostics: Vec<Diagnostic>,
+    /// The checks whose kind compiled; complete when `diagnostics` is empty.
+    pub checks: Vec<CheckSpec>,
 }
 
 impl<'a> Checker<'a> {
@@ -30,6 +33,7 @@ impl<'a> Checker<'a> {
             shorthand_upstream: false,
             source: Source { text },
             diagnostics: Vec::new(),
+            checks: Vec::new(),
         }
     }
 
@@ -536,38 +540,13 @@ impl<'a> Checker<'a> {
             } else if !seen.insert(c.name.as_str()) {
                 self.error(&at("name"), format!("duplicate check name `{}`", c.name));
             }
-            let need_url = |schemes: &[&str]| -> Option<String> {
-                match &c.url {
-                    None => Some(format!("a {:?} check needs `url`", c.kind).to_lowercase()),
-                    Some(u) if !schemes.iter().any(|s| u.starts_with(s)) => {
-                        Some(format!("url must start with {}", schemes.join(" or ")))
-                    }
-                    Some(_) => None,
+            let kind = match compile_kind(c) {
+                Ok(kind) => Some(kind),
+                Err((key, msg)) => {
+                    self.error(&at(key), msg);
+                    None
                 }
             };
-            let problem = match c.kind {
-                CheckType::Postgres => need_url(&["postgres://", "postgresql://"]),
-                CheckType::Redis => need_url(&["redis://", "rediss://"]),
-                CheckType::Http => need_url(&["http://", "https://"]),
-                CheckType::Tcp => match &c.address {
-                    None => Some("a tcp check needs `address` (host:port)".into()),
-                    Some(a)
-                        if a.rsplit_once(':')
-                            .is_none_or(|(_, p)| p.parse::<u16>().is_err()) =>
-                    {
-                        Some(format!("address `{a}` must be host:port"))
-                    }
-                    Some(_) => None,
-                },
-            };
-            if let Some(msg) = problem {
-                let key = if c.kind == CheckType::Tcp {
-                    "address"
-                } else {
-                    "url"
-                };
-                self.error(&at(key), msg);
-            }
             if c.kind == CheckType::Tcp && c.url.is_some() {
                 self.error(&at("url"), "a tcp check takes `address`, not `url`");
             }
@@ -598,6 +577,9 @@ impl<'a> Checker<'a> {
             }
             if c.interval.is_some_and(|d| d.is_zero()) || c.timeout.is_some_and(|d| d.is_zero()) {
                 self.error(&base, "interval and timeout must be > 0");
+            }
+            if let Some(kind) = kind {
+                self.checks.push(CheckSpec::from_section(c, kind, h));
             }
         }
     }

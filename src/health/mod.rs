@@ -31,91 +31,17 @@ use arc_swap::ArcSwap;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
+pub use crate::config::checks::{CheckKind, CheckSpec};
 pub use crate::config::status::StatusRanges;
 pub use crate::telemetry::redact::{REDACTED, redact_url};
 pub use scheduler::{check_once, wait_for_critical};
 
 /// Default interval between two runs of a check (SPEC §2 `[health] interval`).
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_INTERVAL: Duration = crate::config::defaults::CHECK_INTERVAL.get();
 /// Default bound on one run of a check (SPEC §2 `[health] timeout`).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_TIMEOUT: Duration = crate::config::defaults::CHECK_TIMEOUT.get();
 /// Message of a check that has not produced a result yet (SPEC §10).
 pub const NOT_CHECKED_YET: &str = "not checked yet";
-
-/// One check as the scheduler needs it; built from the config by the config room.
-#[derive(Clone, Debug, PartialEq)]
-pub struct CheckSpec {
-    /// Unique name; the key for reloads, metrics labels and `/_health/checks/{name}`.
-    pub name: String,
-    pub kind: CheckKind,
-    pub interval: Duration,
-    /// Bound on one run; a run that takes longer is `unhealthy` with `timed out after ...`.
-    pub timeout: Duration,
-    /// Whether this check can make the service unhealthy (and counts for `startup`).
-    pub critical: bool,
-    /// Consecutive passing results needed to leave `unhealthy` (rise).
-    pub healthy_threshold: u32,
-    /// Consecutive failing results needed to enter `unhealthy` (fall).
-    pub unhealthy_threshold: u32,
-    /// A passing run slower than this is `degraded`.
-    pub degraded_over: Option<Duration>,
-}
-
-impl CheckSpec {
-    /// A critical check with the SPEC defaults (10s interval, 3s timeout, thresholds 1).
-    pub fn new(name: impl Into<String>, kind: CheckKind) -> Self {
-        CheckSpec {
-            name: name.into(),
-            kind,
-            interval: DEFAULT_INTERVAL,
-            timeout: DEFAULT_TIMEOUT,
-            critical: true,
-            healthy_threshold: 1,
-            unhealthy_threshold: 1,
-            degraded_over: None,
-        }
-    }
-}
-
-/// What a check probes and how.
-#[derive(Clone, Debug, PartialEq)]
-pub enum CheckKind {
-    /// `SELECT 1` (or `query`) over tokio-postgres; `sslmode=require` uses rustls.
-    Postgres { url: String, query: Option<String> },
-    /// `PING` over fred; `rediss://` uses rustls.
-    Redis { url: String },
-    /// `GET url`; passes when the status is in `expect_status` and the body (first 64 KiB)
-    /// contains `body_contains`.
-    Http {
-        url: String,
-        expect_status: StatusRanges,
-        body_contains: Option<String>,
-    },
-    /// A TCP connect to `host:port`.
-    Tcp { address: String },
-}
-
-impl CheckKind {
-    /// The config's `type` value: `postgres`, `redis`, `http`, `tcp`.
-    pub fn label(&self) -> &'static str {
-        match self {
-            CheckKind::Postgres { .. } => "postgres",
-            CheckKind::Redis { .. } => "redis",
-            CheckKind::Http { .. } => "http",
-            CheckKind::Tcp { .. } => "tcp",
-        }
-    }
-
-    /// What the check points at, with credentials redacted (for status pages and logs).
-    pub fn target(&self) -> String {
-        match self {
-            CheckKind::Postgres { url, .. }
-            | CheckKind::Redis { url }
-            | CheckKind::Http { url, .. } => redact_url(url),
-            CheckKind::Tcp { address } => address.clone(),
-        }
-    }
-}
 
 /// A check's or the service's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

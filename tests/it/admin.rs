@@ -17,13 +17,14 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use crate::support::inprocess::InProcess;
 use crate::support::metrics::{scrape, series};
 use crate::support::opsgate::{
     Answer, Launch, Opsgate, command, get, http1, raw_exchange, raw_status, request, run_to_end,
 };
 use crate::support::redis::RedisServer;
 use crate::support::upstream::{Upstream, full};
-use crate::support::{eventually, free_port, loopback_addr};
+use crate::support::{Served, eventually, free_port, loopback_addr};
 
 const TOKEN: &str = "adm-tok-4711";
 
@@ -53,12 +54,12 @@ async fn start(upstream: &Upstream, extra: &str) -> Opsgate {
 }
 
 /// An admin call without a token.
-async fn ops(og: &Opsgate, method: &str, path: &str, body: &str) -> Answer {
+async fn ops(og: &impl Served, method: &str, path: &str, body: &str) -> Answer {
     request(method, &og.admin_url(path), &[], body).await
 }
 
 /// An admin call with the bearer token.
-async fn ops_auth(og: &Opsgate, method: &str, path: &str, body: &str) -> Answer {
+async fn ops_auth(og: &impl Served, method: &str, path: &str, body: &str) -> Answer {
     let bearer = format!("Bearer {TOKEN}");
     request(
         method,
@@ -70,20 +71,20 @@ async fn ops_auth(og: &Opsgate, method: &str, path: &str, body: &str) -> Answer 
 }
 
 /// `GET path` on the admin port, asserting 200, as JSON.
-async fn ops_json(og: &Opsgate, path: &str) -> Value {
+async fn ops_json(og: &impl Served, path: &str) -> Value {
     let a = ops(og, "GET", path, "").await;
     assert_eq!(a.status, 200, "GET {path}: {}", a.text());
     a.json()
 }
 
-async fn set_override(og: &Opsgate, body: Value) -> Value {
+async fn set_override(og: &impl Served, body: Value) -> Value {
     let a = ops(og, "PUT", "/_ops/maintenance", &body.to_string()).await;
     assert_eq!(a.status, 200, "PUT /_ops/maintenance {body}: {}", a.text());
     a.json()
 }
 
 /// Status of a `POST /api/write` through the proxy.
-async fn post_status(og: &Opsgate) -> u16 {
+async fn post_status(og: &impl Served) -> u16 {
     request("POST", &og.url("/api/write"), &[], "x")
         .await
         .status
@@ -91,7 +92,7 @@ async fn post_status(og: &Opsgate) -> u16 {
 }
 
 /// The proxy port's `/metrics` text.
-async fn metrics(og: &Opsgate) -> String {
+async fn metrics(og: &impl Served) -> String {
     scrape(&og.url("/metrics")).await
 }
 
@@ -1242,18 +1243,17 @@ async fn events_stream_status_then_maintenance_and_resume_with_last_event_id() {
     assert_eq!(s.data["maintenance"]["enabled"], false);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
+#[tokio::test(start_paused = true)]
 async fn drain_fails_readiness_and_keeps_proxying() {
     let up = Upstream::echo("app").await;
-    let mut og = start(&up, "").await;
+    let mut og = InProcess::start(&api_config(&up, "10s", "")).await;
     assert_eq!(get(&og.url("/_health/ready"), &[]).await.status, 200);
     let a = ops(&og, "POST", "/_ops/drain", "").await;
     assert_eq!(a.status, 200, "{}", a.text());
-    // Keeps serving for as long as it is not told to stop.
+    // Keeps serving for as long as it is not told to stop, well past any drain timeout.
     for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(og.running(), "opsgate exited after POST /_ops/drain");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(og.running(), "opsgate stopped after POST /_ops/drain");
         let ready = raw_exchange(
             og.addr(),
             b"GET /_health/ready HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
@@ -1270,6 +1270,9 @@ async fn drain_fails_readiness_and_keeps_proxying() {
         assert_eq!(raw_status(&api), 200);
     }
     assert_eq!(ops_json(&og, "/_ops/status").await["draining"], true);
+    // Told to stop, it runs the shutdown sequence to its end.
+    og.terminate();
+    og.stopped().await.expect("a clean stop");
 }
 
 // ---- opsgate ctl ---------------------------------------------------------------------------

@@ -10,12 +10,17 @@ use http::{Request, StatusCode};
 use serde_json::Value;
 
 use crate::support::eventually;
+use crate::support::inprocess::InProcess;
 use crate::support::metrics::{sample, scrape};
 use crate::support::opsgate::{Answer, Launch, Opsgate, get, http1, send};
 use crate::support::upstream::{Reply, Scripted, Upstream, full, refused_url};
 
 /// Upper bound for any condition awaited below; the configs use far shorter timeouts.
 const LIMIT: Duration = Duration::from_secs(5);
+
+/// What a paused clock is advanced by beyond an open period read from `/_ops/breakers`,
+/// whose seconds may be rounded.
+const MARGIN: Duration = Duration::from_millis(1);
 
 /// The `{"detail":"circuit open"}` opsgate answers for a rejected call.
 const CIRCUIT_OPEN: &str = r#"{"detail":"circuit open"}"#;
@@ -74,27 +79,59 @@ impl<'a> Setup<'a> {
         }
         let og = launch.start().await;
         Rig {
+            addr: og.addr(),
             admin: og.admin_addr(),
-            og,
+            og: Running::Process(og),
+        }
+    }
+
+    /// Starts opsgate in the test's runtime; with a paused clock, recovery timeouts pass
+    /// when the test advances it, not on the wall clock.
+    async fn start_in_process(&self) -> Rig {
+        let og = InProcess::start(&self.text()).await;
+        Rig {
+            addr: og.addr(),
+            admin: og.admin_addr(),
+            og: Running::InProcess(og),
         }
     }
 }
 
-/// A running opsgate and its admin address.
+/// A running opsgate and its addresses.
 struct Rig {
-    og: Opsgate,
+    og: Running,
+    addr: SocketAddr,
     admin: SocketAddr,
 }
 
+/// Kept for as long as the rig lives: dropping it stops opsgate.
+enum Running {
+    Process(Opsgate),
+    #[allow(dead_code)]
+    InProcess(InProcess),
+}
+
 impl Rig {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The process, for its logs.
+    fn process(&self) -> &Opsgate {
+        match &self.og {
+            Running::Process(og) => og,
+            Running::InProcess(_) => panic!("in-process opsgate writes no log to read"),
+        }
+    }
+
     async fn get(&self, path: &str) -> Answer {
-        get(&self.og.url(path), &[]).await
+        get(&self.url(path), &[]).await
     }
 
     async fn send(&self, method: &str, path: &str, body: Vec<u8>) -> Answer {
         let req = Request::builder()
             .method(method)
-            .uri(self.og.url(path))
+            .uri(self.url(path))
             .body(full(Bytes::from(body)))
             .unwrap();
         send(&http1(), req).await
@@ -115,7 +152,7 @@ impl Rig {
     /// The value of sample `name` whose labels include every `labels` pair, from the
     /// proxy port's `/metrics`; `None` when no such sample is exported.
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        sample(&scrape(&self.og.url("/metrics")).await, name, labels)
+        sample(&scrape(&self.url("/metrics")).await, name, labels)
     }
 }
 
@@ -253,14 +290,14 @@ async fn breaker_opens_on_consecutive_5xx_stops_calling_and_recovers_through_hal
     // One log line per transition, with its reason, in order. Lines are written in
     // order by a background thread: once the last one is in, so are the others.
     let last_in = rig
-        .og
+        .process()
         .wait_for_log(Duration::from_secs(2), |l| {
             l["breaker"] == "app" && l["to"] == "closed" && l["reason"] == "recovered"
         })
         .await;
     assert!(last_in, "no log line for the last transition");
     let logged: Vec<(String, String, String)> = rig
-        .og
+        .process()
         .json_logs()
         .iter()
         .filter(|l| l["breaker"] == "app" && l.get("from").is_some())
@@ -522,7 +559,7 @@ async fn the_bulkhead_rejects_beyond_max_in_flight() {
         .upstream("max_in_flight = 1")
         .start()
         .await;
-    let slow_url = rig.og.url("/slow?sleep_ms=1500");
+    let slow_url = rig.url("/slow?sleep_ms=1500");
     let slow = tokio::spawn(async move { get(&slow_url, &[]).await.status });
     let a = &app;
     eventually(
@@ -611,7 +648,7 @@ async fn the_fallback_is_served_when_the_breaker_is_open_or_the_bulkhead_full() 
 
     // Breaker admits everything again; now fill the bulkhead.
     rig.admin_post("/_ops/breakers/app/close").await;
-    let slow_url = rig.og.url("/slow?sleep_ms=1500");
+    let slow_url = rig.url("/slow?sleep_ms=1500");
     let slow = tokio::spawn(async move { get(&slow_url, &[]).await.status });
     let a = &app;
     eventually(
@@ -817,7 +854,7 @@ async fn half_open_admits_only_its_trial_slots_and_a_hung_trial_times_out_to_ope
     })
     .await;
     // The one trial slot is taken by a request the upstream never answers.
-    let trial_url = rig.og.url("/trial");
+    let trial_url = rig.url("/trial");
     let trial = tokio::spawn(async move { get(&trial_url, &[]).await });
     let a = &app;
     eventually(
@@ -924,7 +961,7 @@ async fn slow_calls_open_the_breaker_through_the_rate_rule() {
     assert_eq!(app.hits(), 3);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn each_reopen_doubles_the_recovery_timeout_up_to_its_max() {
     let app = Scripted::start(Reply::Status(503)).await;
     let rig = Setup::new(&app.url())
@@ -932,7 +969,7 @@ async fn each_reopen_doubles_the_recovery_timeout_up_to_its_max() {
             "[upstreams.app.breaker]\nfailure_threshold = 1\nrecovery_timeout = \"500ms\"\n\
              half_open_max_calls = 1\nmax_recovery_timeout = \"5s\"\n",
         )
-        .start()
+        .start_in_process()
         .await;
     assert_upstream_status(&rig.get("/x").await, 503);
     let first = rig.breaker("app").await["remaining_timeout_s"]
@@ -940,16 +977,11 @@ async fn each_reopen_doubles_the_recovery_timeout_up_to_its_max() {
         .unwrap();
     assert!(first > 0.0 && first <= 0.5, "first open period {first}s");
 
-    let (r, a) = (&rig, &app);
-    eventually(
-        LIMIT,
-        "a half-open trial reaching the upstream",
-        move || async move {
-            r.get("/x").await;
-            a.hits() == 2
-        },
-    )
-    .await;
+    // Nothing reaches the upstream until the open period has passed, however long it was.
+    assert_circuit_open(&rig.get("/x").await);
+    tokio::time::advance(Duration::from_secs_f64(first) + MARGIN).await;
+    assert_upstream_status(&rig.get("/x").await, 503);
+    assert_eq!(app.hits(), 2);
     let b = rig.breaker("app").await;
     assert_eq!(b["reason"], "trial_failed");
     // 2 x 500ms, jittered by ±10%: longer than any first period could be.
@@ -957,6 +989,20 @@ async fn each_reopen_doubles_the_recovery_timeout_up_to_its_max() {
     assert!(
         second > 0.5 && second <= 1.1,
         "second open period {second}s"
+    );
+
+    // Each failed trial doubles it again, until max_recovery_timeout caps it.
+    let mut period = second;
+    for _ in 0..5 {
+        tokio::time::advance(Duration::from_secs_f64(period) + MARGIN).await;
+        assert_upstream_status(&rig.get("/x").await, 503);
+        period = rig.breaker("app").await["remaining_timeout_s"]
+            .as_f64()
+            .unwrap();
+    }
+    assert!(
+        period > 4.9 && period <= 5.0,
+        "capped open period {period}s"
     );
 }
 
@@ -973,17 +1019,17 @@ async fn circuit_open_env_serves_the_route_fallback() {
     assert_eq!(app.hits(), 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_call_that_fails_while_open_does_not_extend_the_open_period() {
     let app = Scripted::start(Reply::Ok).await;
     let rig = Setup::new(&app.url())
         .tables("[upstreams.app.breaker]\nfailure_threshold = 1\nrecovery_timeout = \"1s\"\n")
         .route("timeout = \"600ms\"")
-        .start()
+        .start_in_process()
         .await;
     // A hangs until its timeout; B fails at once and opens the breaker meanwhile.
     app.then(&[Reply::Hang, Reply::Status(503)]);
-    let slow_url = rig.og.url("/a");
+    let slow_url = rig.url("/a");
     let slow = tokio::spawn(async move { get(&slow_url, &[]).await.status });
     let a = &app;
     eventually(
@@ -1006,7 +1052,7 @@ async fn a_call_that_fails_while_open_does_not_extend_the_open_period() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_dry_run_breaker_goes_through_half_open_back_to_closed() {
     let app = Scripted::start(Reply::Status(503)).await;
     let rig = Setup::new(&app.url())
@@ -1014,20 +1060,18 @@ async fn a_dry_run_breaker_goes_through_half_open_back_to_closed() {
             "[upstreams.app.breaker]\nfailure_threshold = 1\nrecovery_timeout = \"300ms\"\n\
              success_threshold = 1\ndry_run = true\n",
         )
-        .start()
+        .start_in_process()
         .await;
     assert_upstream_status(&rig.get("/x").await, 503);
     assert_eq!(rig.breaker("app").await["state"], "open");
     app.set(Reply::Ok);
-    let r = &rig;
-    eventually(
-        LIMIT,
-        "the dry-run breaker to close again",
-        move || async move {
-            assert_eq!(r.get("/x").await.status, StatusCode::OK);
-            r.breaker("app").await["state"] == "closed"
-        },
-    )
-    .await;
-    assert_eq!(rig.breaker("app").await["reason"], "recovered");
+    // Open but dry-run: calls still go through, and the breaker stays open until its
+    // (jittered) recovery timeout has passed.
+    assert_eq!(rig.get("/x").await.status, StatusCode::OK);
+    assert_eq!(rig.breaker("app").await["state"], "open");
+    tokio::time::advance(Duration::from_millis(330) + MARGIN).await;
+    assert_eq!(rig.get("/x").await.status, StatusCode::OK);
+    let b = rig.breaker("app").await;
+    assert_eq!(b["state"], "closed", "{b}");
+    assert_eq!(b["reason"], "recovered");
 }

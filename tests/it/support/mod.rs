@@ -1,8 +1,10 @@
 //! Shared test fixtures: free ports, tiny TCP/HTTP servers, throwaway Redis and PostgreSQL,
-//! test upstreams, the opsgate process harness and the `/metrics` parser.
+//! test upstreams, opsgate as a process (`opsgate`) or in the test's runtime (`inprocess`),
+//! and the `/metrics` parser.
 
 #![allow(dead_code)]
 
+pub mod inprocess;
 pub mod metrics;
 pub mod opsgate;
 pub mod postgres;
@@ -16,6 +18,33 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+/// An opsgate a test talks to, whether a process ([`opsgate::Opsgate`]) or in the test's
+/// runtime ([`inprocess::InProcess`]).
+pub trait Served {
+    /// `http://<proxy>` followed by `path_and_query`.
+    fn url(&self, path_and_query: &str) -> String;
+    /// `http://<admin>` followed by `path_and_query`.
+    fn admin_url(&self, path_and_query: &str) -> String;
+}
+
+impl Served for opsgate::Opsgate {
+    fn url(&self, path_and_query: &str) -> String {
+        opsgate::Opsgate::url(self, path_and_query)
+    }
+    fn admin_url(&self, path_and_query: &str) -> String {
+        opsgate::Opsgate::admin_url(self, path_and_query)
+    }
+}
+
+impl Served for inprocess::InProcess {
+    fn url(&self, path_and_query: &str) -> String {
+        inprocess::InProcess::url(self, path_and_query)
+    }
+    fn admin_url(&self, path_and_query: &str) -> String {
+        inprocess::InProcess::admin_url(self, path_and_query)
+    }
+}
 
 /// The PostgreSQL the tests own: `OPSGATE_TEST_PG_URL` (ci/install-test-deps.sh starts a
 /// throwaway cluster and sets it), else the local server's `postgres` user on 5432.

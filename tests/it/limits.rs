@@ -811,3 +811,122 @@ async fn a_fleet_back_from_a_redis_outage_does_not_spend_the_budget_twice() {
         }
     }
 }
+
+/// The real lease script with its clock read from two more arguments
+/// (seconds, microseconds) instead of Redis' `TIME`, so a fleet can be
+/// replayed on a virtual clock.
+fn lease_script_on_a_virtual_clock() -> String {
+    use opsgate::proxy::limits::fleet::LEASE_SCRIPT;
+    let script = LEASE_SCRIPT.replacen("redis.call('TIME')", "{ARGV[9], ARGV[10]}", 1);
+    assert_ne!(script, LEASE_SCRIPT, "the script reads Redis' clock once");
+    script
+}
+
+/// Three instances' route limits on one Redis running the real lease script,
+/// replayed on a virtual clock (1 ms steps, every lease run 1 ms after it is
+/// asked for and answered 1 ms later): 900/s offered 70/20/10 against
+/// 300/s. Nothing depends on this machine's speed, so every 1 s window after
+/// the first, sliding by 1 ms, is held to 3%. Grants follow the allocations
+/// (the quiet instance gets its 90/s, the busy ones split the rest) and are
+/// spent evenly; when they went to whoever asked first and were spent as
+/// they landed, windows ranged from about 255 to 345.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_virtual_clock_every_second_of_a_fleet_admits_its_limit() {
+    use fred::interfaces::{ClientLike, LuaInterface};
+    use opsgate::proxy::limits::lease::{LeaseJob, LeaseSender, RouteFleet};
+    use opsgate::proxy::limits::rate::{KeySource, RouteRate};
+    use std::collections::BTreeMap;
+
+    let redis = RedisServer::start();
+    let client =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis.url()).unwrap())
+            .build()
+            .unwrap();
+    client.init().await.unwrap();
+    let script = lease_script_on_a_virtual_clock();
+
+    let (rate, seconds) = (300.0, 8u64);
+    let offered = [630.0, 180.0, 90.0];
+    let mut fleet = Vec::new();
+    for i in 0..3 {
+        let route = Arc::new(RouteFleet::new(
+            "virt",
+            "api".into(),
+            rate,
+            rate as u32,
+            Default::default(),
+        ));
+        let (sender, jobs) = LeaseSender::channel(16);
+        fleet.push((
+            RouteRate::fleet(KeySource::Route, 16, route, sender),
+            jobs,
+            format!("virt-{i}"),
+        ));
+    }
+    let t0 = tokio::time::Instant::now();
+    let headers = http::HeaderMap::new();
+    let client_ip = || std::net::IpAddr::from([127, 0, 0, 1]);
+    // Leases by the millisecond they run at: (instance, job).
+    let mut due: BTreeMap<u64, Vec<(usize, LeaseJob)>> = BTreeMap::new();
+    let mut answers: BTreeMap<u64, Vec<(LeaseJob, Vec<i64>)>> = BTreeMap::new();
+    let mut admitted = vec![[0usize; 3]; (seconds * 1000) as usize];
+    let mut sent = [0u64; 3];
+    let mut calls = 0;
+    for ms in 0..seconds * 1000 {
+        let now = t0 + Duration::from_millis(ms);
+        for (i, job) in due.remove(&ms).unwrap_or_default() {
+            let (keys, mut args) = job.script_call(&fleet[i].2);
+            let micros = 1_000_000_000_000 + ms * 1000;
+            args.push((micros / 1_000_000).to_string());
+            args.push((micros % 1_000_000).to_string());
+            let answer: Vec<i64> = client.eval(script.clone(), keys, args).await.unwrap();
+            calls += 1;
+            answers.entry(ms + 1).or_default().push((job, answer));
+        }
+        for (job, answer) in answers.remove(&ms).unwrap_or_default() {
+            job.answer(now, Some(job.grant_from(&answer)));
+        }
+        for (i, (limit, jobs, _)) in fleet.iter_mut().enumerate() {
+            // Arrivals evenly spaced at the instance's rate, at the
+            // millisecond they fall in.
+            while (sent[i] as f64) < offered[i] * (ms + 1) as f64 / 1000.0 {
+                sent[i] += 1;
+                if limit.check(now, &headers, client_ip).is_ok() {
+                    admitted[ms as usize][i] += 1;
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                due.entry(ms + 1).or_default().push((i, job));
+            }
+        }
+    }
+    let _ = client.quit().await;
+
+    let total: Vec<usize> = admitted.iter().map(|a| a.iter().sum()).collect();
+    let windows: Vec<usize> = (1000..total.len() - 1000 + 1)
+        .map(|from| total[from..from + 1000].iter().sum())
+        .collect();
+    let (lo, hi) = (
+        *windows.iter().min().unwrap(),
+        *windows.iter().max().unwrap(),
+    );
+    assert!(
+        lo >= 291 && hi <= 309,
+        "1 s windows after the first admitted {lo}..{hi}, limit 300"
+    );
+    // Max-min fair: the quiet instance's 90/s in full, 105/s each for the others.
+    let after_first = |i: usize| -> usize { admitted[1000..].iter().map(|a| a[i]).sum() };
+    let per_second = |i: usize| after_first(i) as f64 / (seconds - 1) as f64;
+    for (i, want) in [105.0, 105.0, 90.0].into_iter().enumerate() {
+        assert!(
+            (per_second(i) - want).abs() <= want * 0.05,
+            "instance {i}: {:.1}/s, fair share {want}",
+            per_second(i)
+        );
+    }
+    let all: usize = total.iter().sum();
+    assert!(calls * 10 <= all, "{calls} Redis calls for {all} admitted");
+    for (limit, _, _) in &fleet {
+        assert!(!limit.fallback());
+    }
+}

@@ -131,6 +131,11 @@ struct State {
     rejoin: bool,
     /// The lease in flight carries `rejoin`.
     rejoin_sent: bool,
+    /// Until then (set by the first grant after a fallback) N is not
+    /// lowered and the allocation is capped at `per_second / N`: the other
+    /// instances report their demand only as their own retries succeed, and
+    /// a Redis that lost its state meanwhile would count this one alone.
+    settle_until: Option<Instant>,
     /// Local limit state (Starting and Fallback): GCRA arrival time, ns since `base`.
     local_tat: u64,
     local: Gcra,
@@ -190,6 +195,7 @@ impl FleetBucket {
                 rtt: Duration::ZERO,
                 rejoin: false,
                 rejoin_sent: false,
+                settle_until: None,
                 local_tat: 0,
                 local: Gcra::new(per_second, burst),
             }),
@@ -415,10 +421,24 @@ impl FleetBucket {
         } else {
             s.rtt - (s.rtt - rtt) / 8
         };
-        if s.instances != grant.instances.max(1) {
-            s.instances = grant.instances.max(1);
+        if s.mode == Mode::Fallback {
+            s.settle_until = Some(now + DEMAND_TTL);
+        }
+        let settling = s.settle_until.is_some_and(|until| now < until);
+        let instances = if settling {
+            grant.instances.max(s.instances)
+        } else {
+            grant.instances.max(1)
+        };
+        if s.instances != instances {
+            s.instances = instances;
             s.local = self.local_gcra(s.instances);
         }
+        let rate = if settling {
+            grant.rate.min(self.per_second / f64::from(instances))
+        } else {
+            grant.rate
+        };
         s.rejoin = false;
         if std::mem::take(&mut s.rejoin_sent) && grant.granted == 0 && s.mode == Mode::Fallback {
             // The account was emptied for this rejoin: keep the local
@@ -448,8 +468,8 @@ impl FleetBucket {
             fresh_until.saturating_sub(REFRESH_LEAD.as_nanos() as u64),
             Ordering::Release,
         );
-        if grant.rate > 0.0 && grant.rate.is_finite() {
-            let interval = (1e9 / grant.rate).clamp(1.0, 1e15) as u64;
+        if rate > 0.0 && rate.is_finite() {
+            let interval = (1e9 / rate).clamp(1.0, 1e15) as u64;
             self.pace_interval.store(interval, Ordering::Relaxed);
         }
         match s.mode {
@@ -941,6 +961,32 @@ mod tests {
             "a dry bucket is waited for as usual"
         );
         assert!(b.admit(at + ms(52)).admit.is_err());
+    }
+
+    #[test]
+    fn back_from_a_fallback_an_instance_keeps_its_local_share_until_the_others_report() {
+        let t0 = Instant::now();
+        let (b, at) = fallen_back(t0);
+        assert!(b.admit(at).lease.is_some());
+        // A restarted Redis knows this instance alone and allocates it all.
+        let alone = Grant {
+            granted: 300,
+            instances: 1,
+            wait: Duration::ZERO,
+            rate: 300.0,
+        };
+        b.on_grant(at, alone);
+        assert_eq!(b.mode(), Mode::Leasing);
+        assert_eq!(b.instances(), 3, "not lowered while the others return");
+        // Spent at 100/s (300 / 3) from an empty window, not at 300/s.
+        let admitted = (1..=500)
+            .filter(|i| b.admit(at + ms(*i)).admit.is_ok())
+            .count();
+        assert_eq!(admitted, 50);
+        // Once the others had time to report, Redis is believed again.
+        let later = at + DEMAND_TTL;
+        b.on_grant(later, alone);
+        assert_eq!(b.instances(), 1);
     }
 
     #[test]

@@ -889,9 +889,11 @@ async fn replay(seconds: u64, outage: Option<std::ops::Range<u64>>) -> Replay {
     let t0 = tokio::time::Instant::now();
     let headers = http::HeaderMap::new();
     let client_ip = || std::net::IpAddr::from([127, 0, 0, 1]);
-    // Leases by the millisecond they run at, answers by the one they land at.
+    // Leases by the millisecond they run at, answers (`None`: failed) by the
+    // one they land at.
+    type Answered = (LeaseJob, Option<Vec<i64>>);
     let mut due: BTreeMap<u64, Vec<(usize, LeaseJob)>> = BTreeMap::new();
-    let mut answers: BTreeMap<u64, Vec<(LeaseJob, Option<Vec<i64>>)>> = BTreeMap::new();
+    let mut answers: BTreeMap<u64, Vec<Answered>> = BTreeMap::new();
     let mut out = Replay {
         admitted: vec![[0; 3]; (seconds * 1000) as usize],
         calls: 0,

@@ -75,8 +75,8 @@ pub enum Mode {
     /// Redis unreachable or slow: local limit at `per_second / N`.
     Fallback,
     /// Redis answered the first lease after a fallback by emptying this
-    /// instance's account (see [`Lease::rejoin`]): the local limit holds until a refill
-    /// is granted, so nothing is refused in between.
+    /// instance's account (see [`Lease::rejoin`]): the local limit holds
+    /// until a refill is granted, so nothing is refused in between.
     Rejoining,
 }
 
@@ -215,8 +215,8 @@ impl FleetBucket {
     /// lease round trips, at least half the batch; the batch is that plus
     /// `LEASE_PERIOD` of demand. Demand is the recent rate, at least this
     /// instance's share, at most the fleet rate; never more than the fleet
-    /// burst. Sizing by demand lets a busy instance take most of the budget in
-    /// few calls; sizing the mark by the round trip has the refill arrive
+    /// burst. Sizing by demand lets a busy instance take a large allocation
+    /// in few calls; sizing the mark by the round trip has the refill arrive
     /// before the stock runs out on a slow Redis. The third value is the
     /// demand itself, reported to Redis.
     fn batch(&self, s: &State, now: Instant) -> (u32, u32, f64) {
@@ -271,8 +271,9 @@ impl FleetBucket {
     }
 
     /// Whether the allocation allows a token now, or how long until it does.
-    /// Only looks: [`Self::paced`] moves it on once a token is taken (two
-    /// requests racing past one look admit one token early, never more).
+    /// Only looks: [`Self::paced`] moves it on once a token is taken, so a
+    /// refusal costs no CAS; requests racing past the same look are all
+    /// admitted, each moving the arrival time on (at most one per thread early).
     fn pace_check(&self, at: u64) -> Result<(), Duration> {
         let interval = self.pace_interval.load(Ordering::Relaxed);
         let tolerance = (PACE_WINDOW.as_nanos() as u64).max(interval);

@@ -1007,3 +1007,77 @@ async fn on_a_virtual_clock_a_fleet_rides_out_a_redis_restart_within_its_limit()
     );
     assert_eq!(r.fallback, [false; 3]);
 }
+
+/// The lease script alone, on a virtual clock: allocations are max-min fair
+/// over the demands reported within the demand TTL, what nobody asks for is
+/// split evenly, and a rejoin empties the caller's account once.
+#[tokio::test]
+async fn the_lease_script_divides_the_rate_by_demand_and_forgets_quiet_instances() {
+    use fred::interfaces::{ClientLike, HashesInterface, LuaInterface};
+    use opsgate::proxy::limits::fleet::{DEMAND_TTL, FleetBucket, Lease};
+    use opsgate::proxy::limits::lease::{LeaseJob, RouteFleet};
+
+    let redis = RedisServer::start();
+    let client =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis.url()).unwrap())
+            .build()
+            .unwrap();
+    client.init().await.unwrap();
+    let script = lease_script_on_a_virtual_clock();
+    let route = Arc::new(RouteFleet::new(
+        "alloc",
+        "api".into(),
+        300.0,
+        300,
+        Default::default(),
+    ));
+    let bucket = Arc::new(FleetBucket::new(300.0, 300, tokio::time::Instant::now()));
+    // (granted, allocation/s) for `instance` reporting `demand` at `ms`.
+    let lease = |instance: &'static str, demand: f64, rejoin: bool, ms: u64| {
+        let job = LeaseJob {
+            route: route.clone(),
+            bucket: bucket.clone(),
+            key: "alloc:rl:api:route".into(),
+            lease: Lease {
+                want: 60,
+                rejoin,
+                demand,
+            },
+        };
+        let (client, script) = (client.clone(), script.clone());
+        async move {
+            let (keys, mut args) = job.script_call(instance);
+            let micros = 1_000_000_000_000 + ms * 1000;
+            args.push((micros / 1_000_000).to_string());
+            args.push((micros % 1_000_000).to_string());
+            let answer: Vec<i64> = client.eval(script, keys, args).await.unwrap();
+            let grant = job.grant_from(&answer);
+            (grant.granted, grant.rate)
+        }
+    };
+    // Alone: the whole rate. Then a quiet instance gets its 60/s in full
+    // and the busy one the rest.
+    assert_eq!(lease("a", 300.0, false, 0).await.1, 300.0);
+    assert_eq!(lease("b", 60.0, false, 10).await.1, 60.0);
+    assert_eq!(lease("a", 300.0, false, 20).await.1, 240.0);
+    // Both under an equal share (once both have said so): each gets its
+    // demand plus half of what is left.
+    assert_eq!(lease("b", 50.0, false, 30).await.1, 50.0);
+    assert_eq!(lease("a", 50.0, false, 40).await.1, 150.0);
+    assert_eq!(lease("b", 50.0, false, 50).await.1, 150.0);
+    // b reports nothing for longer than the demand TTL: a gets it all, and
+    // b's fields are gone from the hash.
+    let later = 50 + DEMAND_TTL.as_millis() as u64 + 1;
+    assert_eq!(lease("a", 300.0, false, later).await.1, 300.0);
+    let b_demand: Option<String> = client.hget("alloc:rl:api:route", "d:b").await.unwrap();
+    assert_eq!(b_demand, None);
+    // A rejoin empties a's account once: nothing granted, however full it was.
+    let rejoin_at = later + 1000;
+    assert_eq!(lease("a", 300.0, true, rejoin_at).await.0, 0);
+    assert_eq!(
+        lease("a", 300.0, true, rejoin_at + 200).await.0,
+        60,
+        "once per fallback: 200 ms at 300/s refilled it"
+    );
+    let _ = client.quit().await;
+}

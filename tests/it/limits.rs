@@ -811,3 +811,273 @@ async fn a_fleet_back_from_a_redis_outage_does_not_spend_the_budget_twice() {
         }
     }
 }
+
+/// The real lease script with its clock read from two more arguments
+/// (seconds, microseconds) instead of Redis' `TIME`, so a fleet can be
+/// replayed on a virtual clock.
+fn lease_script_on_a_virtual_clock() -> String {
+    use opsgate::proxy::limits::fleet::LEASE_SCRIPT;
+    let script = LEASE_SCRIPT.replacen("redis.call('TIME')", "{ARGV[9], ARGV[10]}", 1);
+    assert_ne!(script, LEASE_SCRIPT, "the script reads Redis' clock once");
+    script
+}
+
+/// Admitted requests per millisecond and instance, and Redis calls, of a
+/// [`replay`].
+struct Replay {
+    admitted: Vec<[usize; 3]>,
+    calls: usize,
+    fallback: Vec<bool>,
+}
+
+impl Replay {
+    /// Fleet totals of every 1 s window starting in `[from_ms, to_ms)`,
+    /// sliding by 1 ms: (least, most).
+    fn windows(&self, from_ms: usize, to_ms: usize) -> (usize, usize) {
+        let total: Vec<usize> = self.admitted.iter().map(|a| a.iter().sum()).collect();
+        let sums: Vec<usize> = (from_ms..to_ms)
+            .map(|from| total[from..from + 1000].iter().sum())
+            .collect();
+        (*sums.iter().min().unwrap(), *sums.iter().max().unwrap())
+    }
+
+    /// Instance `i`'s admitted requests per second over `[from_ms, to_ms)`.
+    fn rate_of(&self, i: usize, from_ms: usize, to_ms: usize) -> f64 {
+        let n: usize = self.admitted[from_ms..to_ms].iter().map(|a| a[i]).sum();
+        n as f64 * 1000.0 / (to_ms - from_ms) as f64
+    }
+}
+
+/// Three instances' route limits on one Redis running the real lease script,
+/// replayed on a virtual clock in 1 ms steps: every lease runs 1 ms after it
+/// is asked for and is answered 1 ms later. 900/s offered 70/20/10 against
+/// 300/s for `seconds`. During `outage` (ms) every lease fails; at its end
+/// Redis comes back empty, as a restarted one does. Nothing depends on this
+/// machine's speed, so figures repeat exactly.
+async fn replay(seconds: u64, outage: Option<std::ops::Range<u64>>) -> Replay {
+    use fred::interfaces::{ClientLike, LuaInterface};
+    use opsgate::proxy::limits::lease::{LeaseJob, LeaseSender, RouteFleet};
+    use opsgate::proxy::limits::rate::{KeySource, RouteRate};
+    use std::collections::BTreeMap;
+
+    let redis = RedisServer::start();
+    let client =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis.url()).unwrap())
+            .build()
+            .unwrap();
+    client.init().await.unwrap();
+    let script = lease_script_on_a_virtual_clock();
+
+    let rate = 300.0;
+    let offered = [630.0, 180.0, 90.0];
+    let mut fleet = Vec::new();
+    for i in 0..3 {
+        let route = Arc::new(RouteFleet::new(
+            "virt",
+            "api".into(),
+            rate,
+            rate as u32,
+            Default::default(),
+        ));
+        let (sender, jobs) = LeaseSender::channel(16);
+        fleet.push((
+            RouteRate::fleet(KeySource::Route, 16, route, sender),
+            jobs,
+            format!("virt-{i}"),
+        ));
+    }
+    let t0 = tokio::time::Instant::now();
+    let headers = http::HeaderMap::new();
+    let client_ip = || std::net::IpAddr::from([127, 0, 0, 1]);
+    // Leases by the millisecond they run at, answers (`None`: failed) by the
+    // one they land at.
+    type Answered = (LeaseJob, Option<Vec<i64>>);
+    let mut due: BTreeMap<u64, Vec<(usize, LeaseJob)>> = BTreeMap::new();
+    let mut answers: BTreeMap<u64, Vec<Answered>> = BTreeMap::new();
+    let mut out = Replay {
+        admitted: vec![[0; 3]; (seconds * 1000) as usize],
+        calls: 0,
+        fallback: Vec::new(),
+    };
+    let mut sent = [0u64; 3];
+    for ms in 0..seconds * 1000 {
+        let now = t0 + Duration::from_millis(ms);
+        let down = outage.as_ref().is_some_and(|o| o.contains(&ms));
+        if outage.as_ref().is_some_and(|o| o.end == ms) {
+            let _: () = client.flushall(false).await.unwrap();
+        }
+        for (i, job) in due.remove(&ms).unwrap_or_default() {
+            let answer = if down {
+                None
+            } else {
+                let (keys, mut args) = job.script_call(&fleet[i].2);
+                let micros = 1_000_000_000_000 + ms * 1000;
+                args.push((micros / 1_000_000).to_string());
+                args.push((micros % 1_000_000).to_string());
+                out.calls += 1;
+                Some(client.eval(script.clone(), keys, args).await.unwrap())
+            };
+            answers.entry(ms + 1).or_default().push((job, answer));
+        }
+        for (job, answer) in answers.remove(&ms).unwrap_or_default() {
+            job.answer(now, answer.map(|a| job.grant_from(&a)));
+        }
+        for (i, (limit, jobs, _)) in fleet.iter_mut().enumerate() {
+            // Arrivals evenly spaced at the instance's rate, at the
+            // millisecond they fall in.
+            while (sent[i] as f64) < offered[i] * (ms + 1) as f64 / 1000.0 {
+                sent[i] += 1;
+                if limit.check(now, &headers, client_ip).is_ok() {
+                    out.admitted[ms as usize][i] += 1;
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                due.entry(ms + 1).or_default().push((i, job));
+            }
+        }
+    }
+    let _ = client.quit().await;
+    out.fallback = fleet.iter().map(|(limit, _, _)| limit.fallback()).collect();
+    out
+}
+
+/// With Redis up, every 1 s window after the first (sliding by 1 ms) is held
+/// to 3%. Grants follow the allocations (the quiet instance gets its 90/s,
+/// the busy ones split the rest) and are spent evenly (299..302 here); when
+/// they went to whoever asked first and were spent as they landed, the same
+/// replay gave 269..329.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_virtual_clock_every_second_of_a_fleet_admits_its_limit() {
+    let seconds = 8;
+    let r = replay(seconds, None).await;
+    let (lo, hi) = r.windows(1000, 7000);
+    assert!(
+        lo >= 291 && hi <= 309,
+        "1 s windows after the first admitted {lo}..{hi}, limit 300"
+    );
+    // Max-min fair: the quiet instance's 90/s in full, 105/s each for the others.
+    for (i, want) in [105.0, 105.0, 90.0].into_iter().enumerate() {
+        let got = r.rate_of(i, 1000, 8000);
+        assert!(
+            (got - want).abs() <= want * 0.05,
+            "instance {i}: {got:.1}/s, fair share {want}"
+        );
+    }
+    let all: usize = r.admitted.iter().flatten().sum();
+    assert!(
+        r.calls * 10 <= all,
+        "{} Redis calls for {all} admitted",
+        r.calls
+    );
+    assert_eq!(r.fallback, [false; 3]);
+}
+
+/// Redis dies at 3 s and comes back empty at 5 s: the instances fall back to
+/// 100/s each (the quiet one offers 90) without a dip, and from the second
+/// Redis returns in, every 1 s window is back within 10% of the limit: no
+/// account refilled over the outage is spent on top of the local shares, and
+/// the first instance back is not given the whole rate while the others have
+/// not reported yet (that gave 344 in one window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_virtual_clock_a_fleet_rides_out_a_redis_restart_within_its_limit() {
+    let r = replay(9, Some(3000..5000)).await;
+    let up = r.windows(1000, 2000);
+    let dies = r.windows(2000, 3000);
+    let down = r.windows(3300, 4000);
+    let back = r.windows(4000, 8000);
+    assert!(
+        up.0 >= 291 && up.1 <= 309,
+        "before: {up:?}; dying: {dies:?}; down: {down:?}; back: {back:?}"
+    );
+    // Windows that reach into the outage: the local shares (290/s) take over
+    // from the allocations (300/s) at once.
+    assert!(
+        dies.0 >= 285 && dies.1 <= 309,
+        "dying: {dies:?}; down: {down:?}; back: {back:?}"
+    );
+    assert!(
+        down.0 >= 285 && down.1 <= 295,
+        "down: {down:?}; back: {back:?}"
+    );
+    // The first second back holds every instance to its local share (283
+    // here), then the allocations take over.
+    assert!(
+        back.0 >= 280 && back.1 <= 309,
+        "from the return on: {back:?}"
+    );
+    assert_eq!(r.fallback, [false; 3]);
+}
+
+/// The lease script alone, on a virtual clock: allocations are max-min fair
+/// over the demands reported within the demand TTL, what nobody asks for is
+/// split evenly, and a rejoin empties the caller's account once.
+#[tokio::test]
+async fn the_lease_script_divides_the_rate_by_demand_and_forgets_quiet_instances() {
+    use fred::interfaces::{ClientLike, HashesInterface, LuaInterface};
+    use opsgate::proxy::limits::fleet::{DEMAND_TTL, FleetBucket, Lease};
+    use opsgate::proxy::limits::lease::{LeaseJob, RouteFleet};
+
+    let redis = RedisServer::start();
+    let client =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis.url()).unwrap())
+            .build()
+            .unwrap();
+    client.init().await.unwrap();
+    let script = lease_script_on_a_virtual_clock();
+    let route = Arc::new(RouteFleet::new(
+        "alloc",
+        "api".into(),
+        300.0,
+        300,
+        Default::default(),
+    ));
+    let bucket = Arc::new(FleetBucket::new(300.0, 300, tokio::time::Instant::now()));
+    // (granted, allocation/s) for `instance` reporting `demand` at `ms`.
+    let lease = |instance: &'static str, demand: f64, rejoin: bool, ms: u64| {
+        let job = LeaseJob {
+            route: route.clone(),
+            bucket: bucket.clone(),
+            key: "alloc:rl:api:route".into(),
+            lease: Lease {
+                want: 60,
+                rejoin,
+                demand,
+            },
+        };
+        let (client, script) = (client.clone(), script.clone());
+        async move {
+            let (keys, mut args) = job.script_call(instance);
+            let micros = 1_000_000_000_000 + ms * 1000;
+            args.push((micros / 1_000_000).to_string());
+            args.push((micros % 1_000_000).to_string());
+            let answer: Vec<i64> = client.eval(script, keys, args).await.unwrap();
+            let grant = job.grant_from(&answer);
+            (grant.granted, grant.rate)
+        }
+    };
+    // Alone: the whole rate. Then a quiet instance gets its 60/s in full
+    // and the busy one the rest.
+    assert_eq!(lease("a", 300.0, false, 0).await.1, 300.0);
+    assert_eq!(lease("b", 60.0, false, 10).await.1, 60.0);
+    assert_eq!(lease("a", 300.0, false, 20).await.1, 240.0);
+    // Both under an equal share (once both have said so): each gets its
+    // demand plus half of what is left.
+    assert_eq!(lease("b", 50.0, false, 30).await.1, 50.0);
+    assert_eq!(lease("a", 50.0, false, 40).await.1, 150.0);
+    assert_eq!(lease("b", 50.0, false, 50).await.1, 150.0);
+    // b reports nothing for longer than the demand TTL: a gets it all, and
+    // b's fields are gone from the hash.
+    let later = 50 + DEMAND_TTL.as_millis() as u64 + 1;
+    assert_eq!(lease("a", 300.0, false, later).await.1, 300.0);
+    let b_demand: Option<String> = client.hget("alloc:rl:api:route", "d:b").await.unwrap();
+    assert_eq!(b_demand, None);
+    // A rejoin empties a's account once: nothing granted, however full it was.
+    let rejoin_at = later + 1000;
+    assert_eq!(lease("a", 300.0, true, rejoin_at).await.0, 0);
+    assert_eq!(
+        lease("a", 300.0, true, rejoin_at + 200).await.0,
+        60,
+        "once per fallback: 200 ms at 300/s refilled it"
+    );
+    let _ = client.quit().await;
+}

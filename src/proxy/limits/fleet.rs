@@ -4,8 +4,9 @@
 //!
 //! [`FleetBucket`] is the state machine (clock injected, no I/O): it admits or
 //! refuses, says when a lease is wanted, and falls back to a local limit of
-//! `per_second / N` when leases fail or stall. [`LeaseScript`] is the atomic
-//! Redis side; `driver` (fred) carries leases between the two.
+//! `per_second / N` when leases fail or stall. [`LEASE_SCRIPT`] is the atomic
+//! Redis side, which also divides the rate among the instances by their
+//! demand; `lease` (fred) carries leases between the two.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -33,19 +34,37 @@ pub const REFRESH_LEAD: Duration = LEASE_TIMEOUT;
 /// The low-water mark covers this many lease round trips of demand: one for
 /// the answer, one for a round trip slower than the last ones.
 const ROUND_TRIPS_COVERED: u32 = 2;
+/// With its stock spent, an instance falls back once its lease is this many
+/// round trips late, and at least `LATE_MIN`: on loopback a lease takes about
+/// a millisecond, so waiting out `LEASE_TIMEOUT` would refuse 200 ms of
+/// requests each time Redis dies.
+const LATE_ROUND_TRIPS: u32 = 4;
+pub const LATE_MIN: Duration = Duration::from_millis(20);
 /// In fallback, how often a request may try Redis again (recovery within 1 s).
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 /// An instance not seen for this long is no longer counted in N.
 pub const INSTANCE_TTL: Duration = Duration::from_secs(3);
+/// An instance whose demand has not been reported for this long gets no part
+/// of the rate: a busy instance leases at least once per `STOCK_TTL`, and a
+/// quiet one must not hold back the others' shares for long.
+pub const DEMAND_TTL: Duration = STOCK_TTL;
+/// Leased tokens are spent no faster than this instance's part of the rate
+/// (its allocation), with this much of it as a burst: lumpy grants become an
+/// even flow, so the fleet's admitted total does not depend on when each
+/// lease lands.
+pub const PACE_WINDOW: Duration = LEASE_PERIOD;
 
 /// What Redis answered to a lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Grant {
     pub granted: u32,
     /// Live instances sharing the route (this one included).
     pub instances: u32,
-    /// How long until the fleet bucket holds another full batch (0 if it does).
+    /// How long until this instance's account can grant again (0 if it can).
     pub wait: Duration,
+    /// This instance's part of the rate (tokens/s): its demand, or a fair
+    /// share of the rate when the fleet's demand exceeds it.
+    pub rate: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,26 +74,29 @@ pub enum Mode {
     Leasing,
     /// Redis unreachable or slow: local limit at `per_second / N`.
     Fallback,
-    /// Redis answered the first lease after a fallback by emptying the fleet
-    /// bucket (see [`Lease::rejoin`]): the local limit holds until a refill
-    /// is granted, so nothing is refused in between.
+    /// Redis answered the first lease after a fallback by emptying this
+    /// instance's account (see [`Lease::rejoin`]): the local limit holds
+    /// until a refill is granted, so nothing is refused in between.
     Rejoining,
 }
 
 /// A lease to ask Redis for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Lease {
     pub want: u32,
     /// This instance spent a local share since its last grant: Redis empties
-    /// the fleet bucket before granting (once per fallback, however many
-    /// leases carry the flag), since a bucket refilled over the outage (or
+    /// its account before granting (once per fallback, however many leases
+    /// carry the flag), since an account refilled over the outage (or
     /// recreated full by a restart) would let the fleet spend that time's
     /// budget twice.
     pub rejoin: bool,
+    /// Requests per second this instance saw since its last lease (admitted
+    /// or not, at most the rate): Redis divides the rate by these.
+    pub demand: f64,
 }
 
 /// The answer to one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decision {
     /// `Err(retry_after)` means 429.
     pub admit: Result<(), Duration>,
@@ -109,6 +131,11 @@ struct State {
     rejoin: bool,
     /// The lease in flight carries `rejoin`.
     rejoin_sent: bool,
+    /// Until then (set by the first grant after a fallback) N is not
+    /// lowered and the allocation is capped at `per_second / N`: the other
+    /// instances report their demand only as their own retries succeed, and
+    /// a Redis that lost its state meanwhile would count this one alone.
+    settle_until: Option<Instant>,
     /// Local limit state (Starting and Fallback): GCRA arrival time, ns since `base`.
     local_tat: u64,
     local: Gcra,
@@ -132,6 +159,13 @@ pub struct FleetBucket {
     prefetch_mark: AtomicU32,
     /// Requests since the last lease was asked for: the demand a batch is sized from.
     demand: AtomicU32,
+    /// Nanoseconds per token of this instance's allocation; with `pace_tat`
+    /// a GCRA over leased tokens (window `PACE_WINDOW`). Its own atomic: a
+    /// request reads it once, and a grant replaces it whole.
+    pace_interval: AtomicU64,
+    /// The pacing GCRA's arrival time (ns since `base`); spent tokens move it
+    /// on without the lock, so it is an atomic beside `stock`.
+    pace_tat: AtomicU64,
     /// Mode, lease bookkeeping and the local limit: taken by the driver's answers
     /// and by the few requests off the fast path, never across an `.await`.
     state: Mutex<State>,
@@ -148,6 +182,8 @@ impl FleetBucket {
             refresh_at: AtomicU64::new(0),
             prefetch_mark: AtomicU32::new(0),
             demand: AtomicU32::new(0),
+            pace_interval: AtomicU64::new(1),
+            pace_tat: AtomicU64::new(0),
             state: Mutex::new(State {
                 mode: Mode::Starting,
                 instances: 1,
@@ -159,6 +195,7 @@ impl FleetBucket {
                 rtt: Duration::ZERO,
                 rejoin: false,
                 rejoin_sent: false,
+                settle_until: None,
                 local_tat: 0,
                 local: Gcra::new(per_second, burst),
             }),
@@ -178,10 +215,11 @@ impl FleetBucket {
     /// lease round trips, at least half the batch; the batch is that plus
     /// `LEASE_PERIOD` of demand. Demand is the recent rate, at least this
     /// instance's share, at most the fleet rate; never more than the fleet
-    /// burst. Sizing by demand lets a busy instance take most of the budget in
-    /// few calls; sizing the mark by the round trip has the refill arrive
-    /// before the stock runs out on a slow Redis.
-    fn batch(&self, s: &State, now: Instant) -> (u32, u32) {
+    /// burst. Sizing by demand lets a busy instance take a large allocation
+    /// in few calls; sizing the mark by the round trip has the refill arrive
+    /// before the stock runs out on a slow Redis. The third value is the
+    /// demand itself, reported to Redis.
+    fn batch(&self, s: &State, now: Instant) -> (u32, u32, f64) {
         let share = self.per_second / f64::from(s.instances.max(1));
         let elapsed = now.saturating_duration_since(s.last_ask).as_secs_f64();
         let demand = if elapsed > 0.0 {
@@ -201,7 +239,7 @@ impl FleetBucket {
         };
         let batch = batch.max(first).clamp(1, self.burst.max(1));
         let mark = (low_water.ceil() as u32).max(batch / 2).min(batch);
-        (batch, mark)
+        (batch, mark, demand)
     }
 
     pub fn mode(&self) -> Mode {
@@ -212,8 +250,14 @@ impl FleetBucket {
         self.lock().instances
     }
 
-    /// Takes a leased token without the lock while the stock is fresh, not
-    /// due for a refresh, and above the prefetch mark.
+    /// Whether the fast path may serve this request: the stock is fresh,
+    /// not due for a refresh, and above the prefetch mark.
+    fn fast_open(&self, at: u64) -> bool {
+        at < self.refresh_at.load(Ordering::Acquire)
+            && self.stock.load(Ordering::Acquire) > self.prefetch_mark.load(Ordering::Relaxed)
+    }
+
+    /// Takes a leased token without the lock while the fast path is open.
     fn take_fast(&self, at: u64) -> bool {
         if at >= self.refresh_at.load(Ordering::Acquire) {
             return false;
@@ -224,6 +268,35 @@ impl FleetBucket {
                 (n > mark).then(|| n - 1)
             })
             .is_ok()
+    }
+
+    /// Whether the allocation allows a token now, or how long until it does.
+    /// Only looks: [`Self::paced`] moves it on once a token is taken, so a
+    /// refusal costs no CAS; requests racing past the same look are all
+    /// admitted, each moving the arrival time on (at most one per thread early).
+    fn pace_check(&self, at: u64) -> Result<(), Duration> {
+        let interval = self.pace_interval.load(Ordering::Relaxed);
+        let tolerance = (PACE_WINDOW.as_nanos() as u64).max(interval);
+        let next = self
+            .pace_tat
+            .load(Ordering::Acquire)
+            .max(at)
+            .saturating_add(interval);
+        let ahead = next - at;
+        if ahead > tolerance {
+            Err(Duration::from_nanos(ahead - tolerance))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn paced(&self, at: u64) {
+        let interval = self.pace_interval.load(Ordering::Relaxed);
+        let _ = self
+            .pace_tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.max(at).saturating_add(interval))
+            });
     }
 
     /// Takes a leased token if any is left and fresh.
@@ -237,19 +310,45 @@ impl FleetBucket {
             .is_ok()
     }
 
+    /// Whether a lease in flight for `waited` is too late to wait for: past
+    /// `LEASE_TIMEOUT`, or, with nothing left to spend meanwhile, a few round
+    /// trips late (a dead Redis is then worked around in tens of
+    /// milliseconds instead of refusing everything for the whole timeout).
+    fn stalled(&self, s: &State, waited: Duration, at: u64) -> bool {
+        if waited >= LEASE_TIMEOUT {
+            return true;
+        }
+        let dry = self.stock.load(Ordering::Acquire) == 0
+            || at >= self.fresh_until.load(Ordering::Acquire);
+        s.mode == Mode::Leasing && dry && waited >= (s.rtt * LATE_ROUND_TRIPS).max(LATE_MIN)
+    }
+
     /// One request.
     pub fn admit(&self, now: Instant) -> Decision {
         let at = self.nanos(now);
         self.demand.fetch_add(1, Ordering::Relaxed);
-        if self.take_fast(at) {
-            return Decision {
-                admit: Ok(()),
-                lease: None,
-            };
+        let pace = self.pace_check(at);
+        if self.fast_open(at) {
+            match pace {
+                Err(wait) => {
+                    return Decision {
+                        admit: Err(wait),
+                        lease: None,
+                    };
+                }
+                Ok(()) if self.take_fast(at) => {
+                    self.paced(at);
+                    return Decision {
+                        admit: Ok(()),
+                        lease: None,
+                    };
+                }
+                Ok(()) => {}
+            }
         }
         let mut s = self.lock();
         if let Some(since) = s.pending_since
-            && now.saturating_duration_since(since) >= LEASE_TIMEOUT
+            && self.stalled(&s, now.saturating_duration_since(since), at)
         {
             // Redis is slow: stop waiting for it (the late answer is still taken).
             s.pending_since = None;
@@ -257,7 +356,11 @@ impl FleetBucket {
             self.fall_back(&mut s, now);
         }
         let admit = match s.mode {
-            Mode::Leasing if self.take(at) => Ok(()),
+            Mode::Leasing if pace.is_err() => pace,
+            Mode::Leasing if self.take(at) => {
+                self.paced(at);
+                Ok(())
+            }
             Mode::Leasing => Err(Duration::from_secs_f64(
                 f64::from(s.instances.max(1)) / self.per_second.max(1e-9),
             )
@@ -275,7 +378,7 @@ impl FleetBucket {
                 || ((low || refresh)
                     && now.saturating_duration_since(s.last_ask) >= MIN_LEASE_GAP));
         let lease = want.then(|| {
-            let (batch, mark) = self.batch(&s, now);
+            let (batch, mark, demand) = self.batch(&s, now);
             s.pending_since = Some(now);
             s.last_ask = now;
             s.next_mark = mark;
@@ -291,6 +394,7 @@ impl FleetBucket {
             Lease {
                 want: batch,
                 rejoin: s.rejoin_sent,
+                demand,
             }
         });
         Decision { admit, lease }
@@ -318,13 +422,27 @@ impl FleetBucket {
         } else {
             s.rtt - (s.rtt - rtt) / 8
         };
-        if s.instances != grant.instances.max(1) {
-            s.instances = grant.instances.max(1);
+        if s.mode == Mode::Fallback {
+            s.settle_until = Some(now + DEMAND_TTL);
+        }
+        let settling = s.settle_until.is_some_and(|until| now < until);
+        let instances = if settling {
+            grant.instances.max(s.instances)
+        } else {
+            grant.instances.max(1)
+        };
+        if s.instances != instances {
+            s.instances = instances;
             s.local = self.local_gcra(s.instances);
         }
+        let rate = if settling {
+            grant.rate.min(self.per_second / f64::from(instances))
+        } else {
+            grant.rate
+        };
         s.rejoin = false;
         if std::mem::take(&mut s.rejoin_sent) && grant.granted == 0 && s.mode == Mode::Fallback {
-            // The fleet bucket was emptied for this rejoin: keep the local
+            // The account was emptied for this rejoin: keep the local
             // share until the refill, instead of refusing meanwhile.
             s.mode = Mode::Rejoining;
             s.next_lease = now + grant.wait.min(LEASE_PERIOD);
@@ -351,14 +469,26 @@ impl FleetBucket {
             fresh_until.saturating_sub(REFRESH_LEAD.as_nanos() as u64),
             Ordering::Release,
         );
+        if rate > 0.0 && rate.is_finite() {
+            let interval = (1e9 / rate).clamp(1.0, 1e15) as u64;
+            self.pace_interval.store(interval, Ordering::Relaxed);
+        }
+        match s.mode {
+            // The first grant: the pacing window starts full, as a local
+            // bucket would (the stock still bounds what it lets through).
+            Mode::Starting => self.pace_tat.store(at, Ordering::Release),
+            // Back from a local limit that was spending its share: no window
+            // on top of it, or every return from a fallback would add one.
+            Mode::Fallback | Mode::Rejoining => self.pace_tat.store(
+                at.saturating_add(PACE_WINDOW.as_nanos() as u64),
+                Ordering::Release,
+            ),
+            Mode::Leasing => {}
+        }
         s.mode = Mode::Leasing;
-        // Dry fleet bucket: do not ask again before it could hold half a batch
-        // for each of the instances competing for its refill.
-        s.next_lease = if grant.wait.is_zero() {
-            now
-        } else {
-            now + (grant.wait * s.instances).min(LEASE_PERIOD)
-        };
+        // Dry account: do not ask again before it could grant (each instance
+        // has its own account, so nobody else takes its refill meanwhile).
+        s.next_lease = now + grant.wait.min(LEASE_PERIOD);
     }
 
     /// A lease failed (Redis down, script error, timeout).
@@ -380,8 +510,8 @@ impl FleetBucket {
             s.rejoin = true;
             s.local = self.local_gcra(s.instances);
             // Enter with an empty local bucket: a flapping Redis must not hand
-            // out a fresh local burst at every switch (the fleet bucket was
-            // just spending at the fleet rate).
+            // out a fresh local burst at every switch (the leased tokens were
+            // just being spent at the fleet rate).
             s.local_tat = s.local.full_at(self.nanos(now));
             self.fresh_until.store(0, Ordering::Release);
             self.refresh_at.store(0, Ordering::Release);
@@ -391,59 +521,102 @@ impl FleetBucket {
     }
 }
 
-/// The Redis side of a lease, atomic in one script: refill the fleet bucket
-/// from Redis' own clock (instances' clocks may disagree), take up to `want`
-/// tokens, register this instance with a score-expired sorted set, and count
-/// the live ones. Both keys carry a TTL, so a fleet that stops leaves nothing.
+/// The Redis side of a lease, atomic in one script. Each instance has an
+/// account in the bucket's hash, refilled from Redis' own clock (instances'
+/// clocks may disagree) at its allocation: its reported demand, or an equal
+/// share of what the smaller demands leave (max-min fair), with what nobody
+/// asks for split evenly, so the allocations add up to the rate. An account
+/// holds at most its allocation's share of the burst, so together they hold
+/// the burst. Grants follow the allocations instead of whoever asks first,
+/// and the instance spends them at its allocation (see [`PACE_WINDOW`]). The
+/// script also registers the instance in a score-expired sorted set and
+/// counts the live ones. Both keys carry a TTL, so a fleet that stops leaves
+/// nothing; an instance gone quiet drops out of the allocation after the
+/// demand TTL.
 ///
 /// KEYS: bucket hash, instances zset. ARGV: rate/s, burst, want, instance id,
-/// instance TTL ms, rejoin (`1`: empty the bucket first, see
-/// [`Lease::rejoin`]; the caller then waits `wait_ms` on its local limit).
-/// The bucket hash marks an instance that emptied it until that instance
-/// leases without the flag, so a fallback whose leases reach Redis but time
-/// out (a slow link) empties the bucket once, not at every retry.
-/// Returns `{granted, instances, wait_ms}`. Nothing is granted
-/// below half a batch or 50 ms of the fleet rate, whichever is less: a dry
-/// bucket answers "come back in `wait_ms`" instead of handing out crumbs that
-/// would each cost a round trip, and the same floor for big and small batches
-/// keeps a busy instance from losing every race to the quiet ones.
+/// instance TTL ms, rejoin (`1`: empty the account first, see
+/// [`Lease::rejoin`]; the caller then waits `wait_ms` on its local limit),
+/// demand/s, demand TTL ms. The hash marks an instance that emptied its
+/// account until that instance leases without the flag, so a fallback whose
+/// leases reach Redis but time out (a slow link) empties it once, not at
+/// every retry. Returns `{granted, instances, wait_ms, allocation in
+/// thousandths of a token/s}`. Nothing is granted below half a batch or
+/// 150 ms of the allocation, whichever is less: a dry account answers "come
+/// back in `wait_ms`" instead of handing out crumbs that would each cost a
+/// round trip (the pacing spends a grant over that time anyway).
 pub const LEASE_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
+local id = ARGV[4]
 local ttl = tonumber(ARGV[5])
-redis.call('ZADD', KEYS[2], now, ARGV[4])
+local demand = math.max(0, math.min(rate, tonumber(ARGV[7]) or 0))
+local dttl = tonumber(ARGV[8])
+redis.call('ZADD', KEYS[2], now, id)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 local n = redis.call('ZCARD', KEYS[2])
-local mark = 'rejoined:' .. ARGV[4]
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts', mark)
-local tokens = tonumber(b[1]) or burst
-local ts = tonumber(b[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
-if ARGV[6] == '1' then
-  if not b[3] then
-    tokens = math.min(tokens, 0)
-    redis.call('HSET', KEYS[1], mark, 1)
+local raw = redis.call('HGETALL', KEYS[1])
+local b = {}
+for i = 1, #raw, 2 do b[raw[i]] = raw[i + 1] end
+local demands = {demand}
+for k, v in pairs(b) do
+  if string.sub(k, 1, 2) == 'd:' then
+    local other = string.sub(k, 3)
+    if other ~= id then
+      if now - (tonumber(b['s:' .. other]) or 0) > dttl then
+        redis.call('HDEL', KEYS[1], k, 's:' .. other, 'a:' .. other, 'r:' .. other)
+      else
+        demands[#demands + 1] = tonumber(v)
+      end
+    end
   end
-elseif b[3] then
-  redis.call('HDEL', KEYS[1], mark)
 end
-local least = math.max(1, math.min(want / 2, math.ceil(rate / 20)))
+table.sort(demands)
+local left, level = rate, nil
+for i, d in ipairs(demands) do
+  local fair = left / (#demands - i + 1)
+  if d >= fair then
+    level = fair
+    break
+  end
+  left = left - d
+end
+local alloc
+if level then
+  alloc = math.min(demand, level)
+else
+  alloc = demand + left / #demands
+end
+alloc = math.max(alloc, rate / 1000000)
+local cap = math.max(1, burst * alloc / rate)
+local acct = tonumber(b['a:' .. id]) or cap
+local since = tonumber(b['s:' .. id]) or now
+acct = math.min(cap, acct + math.max(0, now - since) * alloc / 1000)
+if ARGV[6] == '1' then
+  if not b['r:' .. id] then
+    acct = math.min(acct, 0)
+    redis.call('HSET', KEYS[1], 'r:' .. id, 1)
+  end
+elseif b['r:' .. id] then
+  redis.call('HDEL', KEYS[1], 'r:' .. id)
+end
+local least = math.max(1, math.min(want / 2, math.ceil(alloc * 0.15), math.floor(cap)))
 local granted = 0
-if tokens >= least then
-  granted = math.min(want, math.floor(tokens))
+if acct >= least then
+  granted = math.min(want, math.floor(acct))
 end
-tokens = tokens - granted
+acct = acct - granted
 local wait = 0
-if tokens < least then
-  wait = math.ceil((least - tokens) * 1000 / rate)
+if acct < least then
+  wait = math.ceil((least - acct) * 1000 / alloc)
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
+redis.call('HSET', KEYS[1], 'd:' .. id, tostring(demand), 's:' .. id, now, 'a:' .. id, tostring(acct))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + ttl)
-return {granted, n, wait}
+return {granted, n, wait, math.floor(alloc * 1000)}
 "#;
 
 #[cfg(test)]
@@ -456,11 +629,13 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// A grant whose allocation never binds (these tests are about tokens).
     fn grant(granted: u32, instances: u32) -> Grant {
         Grant {
             granted,
             instances,
             wait: Duration::ZERO,
+            rate: 1e6,
         }
     }
 
@@ -529,7 +704,7 @@ mod tests {
     }
 
     #[test]
-    fn a_dry_fleet_bucket_is_not_asked_again_before_it_refills() {
+    fn a_dry_account_is_not_asked_again_before_it_refills() {
         let t0 = Instant::now();
         let b = FleetBucket::new(100.0, 100, t0);
         let _ = b.admit(t0);
@@ -539,15 +714,46 @@ mod tests {
                 granted: 0,
                 instances: 2,
                 wait: ms(80),
+                rate: 50.0,
             },
         );
-        // Two instances compete for the refill: 2 x 80 ms.
-        for step in 0..160 {
+        // The account is this instance's own: nobody else takes its refill.
+        for step in 0..80 {
             let d = b.admit(t0 + ms(step));
             assert!(d.admit.is_err());
             assert_eq!(d.lease, None, "at {step} ms");
         }
-        assert!(b.admit(t0 + ms(160)).lease.is_some());
+        assert!(b.admit(t0 + ms(80)).lease.is_some());
+    }
+
+    #[test]
+    fn leased_tokens_are_spent_at_the_allocation_not_as_they_land() {
+        let t0 = Instant::now();
+        let b = FleetBucket::new(300.0, 300, t0);
+        let _ = b.admit(t0);
+        // 60 tokens at once, for an allocation of 100/s: PACE_WINDOW's worth
+        // (20) goes at once, the rest at 100/s, however hard requests come.
+        b.on_grant(
+            t0,
+            Grant {
+                granted: 60,
+                instances: 3,
+                wait: Duration::ZERO,
+                rate: 100.0,
+            },
+        );
+        let mut at_once = 0;
+        while b.admit(t0).admit.is_ok() {
+            at_once += 1;
+        }
+        assert_eq!(at_once, 20);
+        let refused = b.admit(t0);
+        assert_eq!(refused.admit, Err(ms(10)), "the next token of 100/s");
+        // One request per millisecond for 400 ms: 100/s of it admitted.
+        let later = (1..=400)
+            .filter(|i| b.admit(t0 + ms(*i)).admit.is_ok())
+            .count();
+        assert_eq!(later, 40);
     }
 
     /// Answers `want` after `delay` of paused time, as the driver would:
@@ -608,7 +814,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stalled_lease_falls_back_within_the_lease_timeout() {
+    async fn a_stalled_lease_leaves_the_stock_to_spend_then_falls_back() {
+        let b = FleetBucket::new(100.0, 100, Instant::now());
+        let _ = b.admit(Instant::now());
+        // 40 tokens, under the mark of the first batch: the first request
+        // after MIN_LEASE_GAP prefetches, and Redis never answers.
+        b.on_grant(Instant::now(), grant(40, 2));
+        advance(ms(60)).await;
+        assert!(b.admit(Instant::now()).lease.is_some());
+        // One request per 10 ms: the 39 tokens left are spent (they were
+        // granted), the first request after them finds the lease stalled.
+        let mut admitted = 0;
+        let fell_back = loop {
+            advance(ms(10)).await;
+            let d = b.admit(Instant::now());
+            if b.mode() == Mode::Fallback {
+                assert!(d.admit.is_err(), "the local bucket starts empty");
+                break Instant::now();
+            }
+            assert_eq!(d.admit, Ok(()), "spending the stock meanwhile");
+            admitted += 1;
+        };
+        assert_eq!(admitted, 39);
+        let _ = fell_back;
+        // ... and admits at the local rate (100/s over 2 instances) from then on.
+        advance(ms(20)).await;
+        assert_eq!(b.admit(Instant::now()).admit, Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_lease_with_nothing_left_to_spend_falls_back_at_once() {
         let b = FleetBucket::new(100.0, 100, Instant::now());
         let _ = b.admit(Instant::now());
         b.on_grant(Instant::now(), grant(20, 2));
@@ -623,17 +858,16 @@ mod tests {
         }
         let asked = asked.expect("prefetch");
         assert_eq!(b.mode(), Mode::Leasing);
-        // One request per millisecond from then on.
+        // One request per millisecond from then on, the stock spent.
         let fell_back = loop {
             advance(ms(1)).await;
-            let d = b.admit(Instant::now());
+            let _ = b.admit(Instant::now());
             if b.mode() == Mode::Fallback {
-                assert!(d.admit.is_err(), "the local bucket starts empty");
                 break Instant::now();
             }
         };
-        assert_eq!(fell_back - asked, LEASE_TIMEOUT, "not a moment later");
-        // ... and admits at the local rate (100/s over 2 instances) from then on.
+        // The round trip measured at 0: the floor, not LEASE_TIMEOUT.
+        assert_eq!(fell_back - asked, LATE_MIN);
         advance(ms(20)).await;
         assert_eq!(b.admit(Instant::now()).admit, Ok(()));
     }
@@ -703,13 +937,14 @@ mod tests {
         let (b, at) = fallen_back(t0);
         let d = b.admit(at);
         assert!(d.lease.unwrap().rejoin);
-        // Redis emptied the fleet bucket: the local share still admits.
+        // Redis emptied the account: the local share still admits.
         b.on_grant(
             at,
             Grant {
                 granted: 0,
                 instances: 3,
                 wait: ms(50),
+                rate: 100.0,
             },
         );
         assert_eq!(b.mode(), Mode::Rejoining);
@@ -727,6 +962,32 @@ mod tests {
             "a dry bucket is waited for as usual"
         );
         assert!(b.admit(at + ms(52)).admit.is_err());
+    }
+
+    #[test]
+    fn back_from_a_fallback_an_instance_keeps_its_local_share_until_the_others_report() {
+        let t0 = Instant::now();
+        let (b, at) = fallen_back(t0);
+        assert!(b.admit(at).lease.is_some());
+        // A restarted Redis knows this instance alone and allocates it all.
+        let alone = Grant {
+            granted: 300,
+            instances: 1,
+            wait: Duration::ZERO,
+            rate: 300.0,
+        };
+        b.on_grant(at, alone);
+        assert_eq!(b.mode(), Mode::Leasing);
+        assert_eq!(b.instances(), 3, "not lowered while the others return");
+        // Spent at 100/s (300 / 3) from an empty window, not at 300/s.
+        let admitted = (1..=500)
+            .filter(|i| b.admit(at + ms(*i)).admit.is_ok())
+            .count();
+        assert_eq!(admitted, 50);
+        // Once the others had time to report, Redis is believed again.
+        let later = at + DEMAND_TTL;
+        b.on_grant(later, alone);
+        assert_eq!(b.instances(), 1);
     }
 
     #[test]

@@ -12,7 +12,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::fleet::{FleetBucket, Grant, INSTANCE_TTL, LEASE_SCRIPT, LEASE_TIMEOUT, Lease};
+use super::fleet::{
+    DEMAND_TTL, FleetBucket, Grant, INSTANCE_TTL, LEASE_SCRIPT, LEASE_TIMEOUT, Lease,
+};
 use crate::proxy::clock::nanos_since;
 
 /// Jobs waiting for the driver; a full queue means Redis is not keeping up,
@@ -213,15 +215,7 @@ async fn lease(
     instance: &str,
     job: &LeaseJob,
 ) -> Result<Grant, fred::error::Error> {
-    let keys = vec![job.key.to_string(), job.route.instances_key.clone()];
-    let args = vec![
-        job.route.per_second.to_string(),
-        job.route.burst.to_string(),
-        job.lease.want.to_string(),
-        instance.to_owned(),
-        INSTANCE_TTL.as_millis().to_string(),
-        if job.lease.rejoin { "1" } else { "0" }.to_owned(),
-    ];
+    let (keys, args) = job.script_call(instance);
     let answer: Result<Vec<i64>, _> = client.evalsha(sha, keys.clone(), args.clone()).await;
     let answer = match answer {
         // A restarted Redis has lost its script cache: EVAL loads it again.
@@ -230,12 +224,41 @@ async fn lease(
         }
         other => other?,
     };
-    let get = |i: usize| answer.get(i).copied().unwrap_or(0).max(0);
-    Ok(Grant {
-        granted: u32::try_from(get(0)).unwrap_or(u32::MAX),
-        instances: u32::try_from(get(1)).unwrap_or(u32::MAX).max(1),
-        wait: Duration::from_millis(u64::try_from(get(2)).unwrap_or(0)),
-    })
+    Ok(job.grant_from(&answer))
+}
+
+impl LeaseJob {
+    /// KEYS and ARGV of [`LEASE_SCRIPT`] for this lease, as `instance`.
+    pub fn script_call(&self, instance: &str) -> (Vec<String>, Vec<String>) {
+        let keys = vec![self.key.to_string(), self.route.instances_key.clone()];
+        let args = vec![
+            self.route.per_second.to_string(),
+            self.route.burst.to_string(),
+            self.lease.want.to_string(),
+            instance.to_owned(),
+            INSTANCE_TTL.as_millis().to_string(),
+            if self.lease.rejoin { "1" } else { "0" }.to_owned(),
+            format!("{:.3}", self.lease.demand),
+            DEMAND_TTL.as_millis().to_string(),
+        ];
+        (keys, args)
+    }
+
+    /// The script's answer as a grant.
+    pub fn grant_from(&self, answer: &[i64]) -> Grant {
+        let get = |i: usize| answer.get(i).copied().unwrap_or(0).max(0);
+        let instances = u32::try_from(get(1)).unwrap_or(u32::MAX).max(1);
+        let rate = match get(3) {
+            0 => self.route.per_second / f64::from(instances),
+            milli => milli as f64 / 1000.0,
+        };
+        Grant {
+            granted: u32::try_from(get(0)).unwrap_or(u32::MAX),
+            instances,
+            wait: Duration::from_millis(u64::try_from(get(2)).unwrap_or(0)),
+            rate,
+        }
+    }
 }
 
 fn sha1_hex(text: &str) -> String {

@@ -283,6 +283,7 @@ mod tests {
                             granted: job.lease.want,
                             instances: 1,
                             wait: Duration::ZERO,
+                            rate: 100.0,
                         });
                         job.answer(Instant::now(), grant);
                     });

@@ -15,7 +15,7 @@ pub use super::status::StatusPattern;
 use super::status::{StatusRange, StatusRanges};
 use super::units::{Dur, Size};
 pub use super::values::Timestamp;
-use super::values::{Checked, RetryCondition, Spelled};
+use super::values::{Checked, RetryCondition, Spelled, UpstreamUrl, UpstreamUrlError};
 
 #[derive(Deserialize, Serialize, Debug, Clone, Default, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -102,7 +102,7 @@ impl Default for AdminSection {
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamSection {
-    pub url: String,
+    pub url: Spelled<UpstreamUrl, UpstreamUrlError>,
     pub connect_timeout: Dur,
     pub timeout: Dur,
     pub max_in_flight: u32,
@@ -125,7 +125,7 @@ pub struct UpstreamSection {
 impl Default for UpstreamSection {
     fn default() -> Self {
         Self {
-            url: String::new(),
+            url: "".into(),
             connect_timeout: d::CONNECT_TIMEOUT,
             timeout: d::UPSTREAM_TIMEOUT,
             max_in_flight: 0,

@@ -170,7 +170,7 @@ fn apply_overrides(file: &mut ConfigFile, o: &Overrides) {
     if let Some(url) = &o.upstream {
         // A flag names "the app": it replaces the file's app upstream URL, keeping its other settings.
         match file.upstreams.get_mut(SHORTHAND_UPSTREAM) {
-            Some(app) if file.proxy.upstream.is_none() => app.url = url.clone(),
+            Some(app) if file.proxy.upstream.is_none() => app.url = url.as_str().into(),
             _ => file.proxy.upstream = Some(url.clone()),
         }
     }
@@ -200,7 +200,7 @@ fn finish(
             file.upstreams.insert(
                 SHORTHAND_UPSTREAM.into(),
                 UpstreamSection {
-                    url,
+                    url: values::Checked::new(url),
                     ..Default::default()
                 },
             );
@@ -259,10 +259,14 @@ impl Config {
         if let Some(u) = &mut f.control.redis_url {
             *u = redact_url(u);
         }
-        for u in f.upstreams.values_mut() {
-            u.url = redact_url(&u.url);
+        let Ok(mut json) = serde_json::to_value(&f) else {
+            return serde_json::Value::Null;
+        };
+        // Rewritten in the JSON: a checked URL always shows the text its value came from.
+        for (name, u) in &f.upstreams {
+            json["upstreams"][name]["url"] = redact_url(u.url.raw()).into();
         }
-        serde_json::to_value(&f).unwrap_or(serde_json::Value::Null)
+        json
     }
 }
 
@@ -312,6 +316,21 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_url_error_points_at_the_url_and_hides_its_password() {
+        let e =
+            parse("[upstreams.app]\nurl = \"http://u:s3cret@127.0.0.1:3000/?a=1\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.toml:2:7: upstream url `http://u:<redacted>@127.0.0.1:3000/?a=1` must not have a query string"
+        );
+        let e = parse("[proxy]\nupstream = \"http://u:s3cret@:80\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.toml:2:12: upstream url `http://u:<redacted>@:80` has no host"
+        );
+    }
+
+    #[test]
     fn listen_accepts_a_bare_port_and_explains_what_it_expects() {
         let c =
             parse("[proxy]\nlisten = \":8081\"\nupstream = \"http://127.0.0.1:3000\"\n").unwrap();
@@ -326,7 +345,7 @@ mod tests {
     fn minimal_config_defines_app_and_default_route() {
         let c = parse("[proxy]\nlisten = \"0.0.0.0:8080\"\nupstream = \"http://127.0.0.1:3000\"\n")
             .unwrap();
-        assert_eq!(c.file.upstreams["app"].url, "http://127.0.0.1:3000");
+        assert_eq!(c.file.upstreams["app"].url.raw(), "http://127.0.0.1:3000");
         assert_eq!(c.file.routes.len(), 1);
         assert_eq!(c.file.routes[0].name, "default");
         assert_eq!(c.file.routes[0].prefix, "/");
@@ -430,7 +449,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.file.proxy.listen.port(), 1234);
-        assert_eq!(c.file.upstreams["app"].url, "http://127.0.0.1:4000");
+        assert_eq!(c.file.upstreams["app"].url.raw(), "http://127.0.0.1:4000");
     }
 }
 

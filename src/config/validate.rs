@@ -10,7 +10,7 @@ use toml::de::DeTable;
 use super::checks::{CheckSpec, compile_kind};
 use super::diag::{Diagnostic, Seg, Source, span_of};
 use super::file::*;
-use super::values::Checked;
+use super::values::{Checked, RateKey, UpstreamUrlError};
 use crate::paths::segment_prefix;
 
 /// Route names the metrics layer uses for itself.
@@ -198,7 +198,8 @@ impl<'a> Checker<'a> {
                 format!("upstream name `{name}` must match [a-z0-9_-]+"),
             );
         }
-        if let Err(e) = check_upstream_url(&u.url) {
+        if let Some(e) = u.url.error() {
+            let e = upstream_url_message(u.url.raw(), e);
             if self.shorthand_upstream && name == super::SHORTHAND_UPSTREAM {
                 self.error(&[K("proxy"), K("upstream")], e);
             } else {
@@ -221,7 +222,8 @@ impl<'a> Checker<'a> {
                 "adaptive_concurrency needs 1 <= min_limit <= initial_limit <= max_limit",
             );
         }
-        let https = u.url.starts_with("https://");
+        // As written, so an invalid URL's TLS keys are judged too.
+        let https = u.url.raw().starts_with("https://");
         for (key, path) in [
             ("ca_file", &u.ca_file),
             ("client_cert", &u.client_cert),
@@ -632,61 +634,17 @@ pub fn is_label_safe(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-fn check_upstream_url(raw: &str) -> Result<(), String> {
-    // Errors quote the URL: never with its password.
+/// The message for an upstream `url` that did not parse. It quotes the URL, never with its
+/// password.
+fn upstream_url_message(raw: &str, e: &UpstreamUrlError) -> String {
     let url = crate::telemetry::redact::redact_url(raw);
-    let uri: http::Uri = raw
-        .parse()
-        .map_err(|e| format!("invalid upstream url `{url}`: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") | Some("https") => {}
-        _ => {
-            return Err(format!(
-                "upstream url `{url}` must start with http:// or https://"
-            ));
+    match e {
+        UpstreamUrlError::Parse(reason) => format!("invalid upstream url `{url}`: {reason}"),
+        UpstreamUrlError::Scheme => {
+            format!("upstream url `{url}` must start with http:// or https://")
         }
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("upstream url `{url}` has no host"));
-    }
-    if uri.query().is_some() {
-        return Err(format!("upstream url `{url}` must not have a query string"));
-    }
-    Ok(())
-}
-
-/// `rate_limit.key`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RateKey {
-    Route,
-    ClientIp,
-    /// Absent header: the client IP.
-    Header(http::HeaderName),
-}
-
-impl RateKey {
-    /// Parses `"route" | "client_ip" | "header:<Name>"`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text {
-            "route" => Ok(Self::Route),
-            "client_ip" => Ok(Self::ClientIp),
-            _ => match text.strip_prefix("header:") {
-                Some(name) => http::HeaderName::from_bytes(name.trim().as_bytes())
-                    .map(Self::Header)
-                    .map_err(|_| format!("key: {name:?} is not a valid header name")),
-                None => Err(format!(
-                    "key must be \"route\", \"client_ip\" or \"header:<Name>\", not {text:?}"
-                )),
-            },
-        }
-    }
-
-    /// Written as in the config, for the status page.
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Route => "route".into(),
-            Self::ClientIp => "client_ip".into(),
-            Self::Header(h) => format!("header:{h}"),
-        }
+        UpstreamUrlError::NoHost => format!("upstream url `{url}` has no host"),
+        UpstreamUrlError::Query => format!("upstream url `{url}` must not have a query string"),
+        UpstreamUrlError::Host => format!("invalid upstream url `{url}`: invalid host"),
     }
 }

@@ -1,10 +1,12 @@
 //! Leaf values the file spells as text or numbers (status patterns, retry conditions,
-//! methods, status codes, header values, times), parsed once while the file is read.
-//! Validation reports the ones that did not parse; the runtime takes the typed value.
+//! methods, status codes, header values, times, upstream URLs, rate-limit keys), parsed once
+//! while the file is read. Validation reports the ones that did not parse; the runtime takes
+//! the typed value.
 
 use std::time::SystemTime;
 
-use http::{HeaderValue, Method, StatusCode};
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::status::{StatusPattern, StatusRange, StatusRanges};
@@ -26,27 +28,28 @@ impl Timestamp {
     }
 }
 
-/// A value as written (`raw`) and what it parsed to.
+/// A value as written (`raw`) and what it parsed to, or why it did not (`E`, for values whose
+/// message says more than "not one of these").
 ///
 /// Reading the file never fails on a value that is the right TOML type but does not parse:
 /// validation reports it, with its path, line:col and message, beside every other error,
 /// and a file with such a value never becomes a [`Config`](super::Config). So past loading,
 /// [`Checked::get`] always has a value; the runtime never parses the text again.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Checked<R, T> {
+pub struct Checked<R, T, E = ()> {
     raw: R,
-    value: Option<T>,
+    value: Result<T, E>,
 }
 
 /// A checked value written as a string.
-pub type Spelled<T> = Checked<String, T>;
+pub type Spelled<T, E = ()> = Checked<String, T, E>;
 
-/// How a value is parsed from what the file holds; `None` when it is not one.
-pub trait FromConfig<R>: Sized {
-    fn from_config(raw: &R) -> Option<Self>;
+/// How a value is parsed from what the file holds; `Err` when it is not one.
+pub trait FromConfig<R, E = ()>: Sized {
+    fn from_config(raw: &R) -> Result<Self, E>;
 }
 
-impl<R, T: FromConfig<R>> Checked<R, T> {
+impl<R, T: FromConfig<R, E>, E> Checked<R, T, E> {
     pub fn new(raw: R) -> Self {
         let value = T::from_config(&raw);
         Self { raw, value }
@@ -62,7 +65,7 @@ impl<R, T: FromConfig<R>> Checked<R, T> {
     {
         let checked = Self::new(raw);
         assert!(
-            checked.value.is_some(),
+            checked.value.is_ok(),
             "built-in default {:?} does not parse",
             checked.raw
         );
@@ -70,7 +73,14 @@ impl<R, T: FromConfig<R>> Checked<R, T> {
     }
 }
 
-impl<R, T> Checked<R, T> {
+/// Values built in code (the `proxy.upstream` shorthand, tests) are parsed like the file's.
+impl<T: FromConfig<String, E>, E> From<&str> for Checked<String, T, E> {
+    fn from(raw: &str) -> Self {
+        Self::new(raw.to_owned())
+    }
+}
+
+impl<R, T, E> Checked<R, T, E> {
     /// What the file wrote.
     pub fn raw(&self) -> &R {
         &self.raw
@@ -78,7 +88,12 @@ impl<R, T> Checked<R, T> {
 
     /// False for a value validation must refuse.
     pub fn is_valid(&self) -> bool {
-        self.value.is_some()
+        self.value.is_ok()
+    }
+
+    /// Why the value did not parse; `None` for a valid one.
+    pub fn error(&self) -> Option<&E> {
+        self.value.as_ref().err()
     }
 
     /// The parsed value.
@@ -86,19 +101,20 @@ impl<R, T> Checked<R, T> {
     /// # Panics
     /// On a value that did not parse, which only an unvalidated file can hold.
     pub fn get(&self) -> &T {
-        self.value
-            .as_ref()
-            .expect("a config holding a value that does not parse is refused at load")
+        match &self.value {
+            Ok(value) => value,
+            Err(_) => panic!("a config holding a value that does not parse is refused at load"),
+        }
     }
 }
 
-impl<R: Serialize, T> Serialize for Checked<R, T> {
+impl<R: Serialize, T, E> Serialize for Checked<R, T, E> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.raw.serialize(s)
     }
 }
 
-impl<'de, R: Deserialize<'de>, T: FromConfig<R>> Deserialize<'de> for Checked<R, T> {
+impl<'de, R: Deserialize<'de>, T: FromConfig<R, E>, E> Deserialize<'de> for Checked<R, T, E> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         R::deserialize(d).map(Self::new)
     }
@@ -117,11 +133,11 @@ pub enum RetryCondition {
 }
 
 impl FromConfig<String> for RetryCondition {
-    fn from_config(text: &String) -> Option<Self> {
+    fn from_config(text: &String) -> Result<Self, ()> {
         match text.as_str() {
-            "connect-failure" => Some(Self::ConnectFailure),
-            "timeout" => Some(Self::Timeout),
-            "reset" => Some(Self::Reset),
+            "connect-failure" => Ok(Self::ConnectFailure),
+            "timeout" => Ok(Self::Timeout),
+            "reset" => Ok(Self::Reset),
             _ => StatusRange::from_text(text)
                 .filter(|r| r.lo >= 400)
                 .map(|r| {
@@ -131,55 +147,179 @@ impl FromConfig<String> for RetryCondition {
                         // from_text gives a single code or a whole class.
                         Self::Class((r.lo / 100) as u8)
                     }
-                }),
+                })
+                .ok_or(()),
         }
     }
 }
 
 /// Methods are written in capitals, as on the wire.
 impl FromConfig<String> for Method {
-    fn from_config(text: &String) -> Option<Self> {
+    fn from_config(text: &String) -> Result<Self, ()> {
         Method::from_bytes(text.as_bytes())
             .ok()
             .filter(|_| text.to_ascii_uppercase() == *text)
+            .ok_or(())
     }
 }
 
 impl FromConfig<String> for HeaderValue {
-    fn from_config(text: &String) -> Option<Self> {
-        HeaderValue::from_str(text).ok()
+    fn from_config(text: &String) -> Result<Self, ()> {
+        HeaderValue::from_str(text).map_err(drop)
     }
 }
 
 impl FromConfig<String> for StatusRanges {
-    fn from_config(text: &String) -> Option<Self> {
-        StatusRanges::parse(text)
+    fn from_config(text: &String) -> Result<Self, ()> {
+        StatusRanges::parse(text).ok_or(())
     }
 }
 
 /// A status code opsgate may answer with: 100..=599.
 impl FromConfig<u16> for StatusCode {
-    fn from_config(code: &u16) -> Option<Self> {
+    fn from_config(code: &u16) -> Result<Self, ()> {
         (100..=599)
             .contains(code)
             .then(|| StatusCode::from_u16(*code).ok())
             .flatten()
+            .ok_or(())
     }
 }
 
 /// A `failure_status` entry: `"5xx"`, `"4xx"`, `"503"` or `503`.
 impl FromConfig<StatusPattern> for StatusRange {
-    fn from_config(p: &StatusPattern) -> Option<Self> {
-        StatusRange::from_pattern(p)
+    fn from_config(p: &StatusPattern) -> Result<Self, ()> {
+        StatusRange::from_pattern(p).ok_or(())
     }
 }
 
 impl FromConfig<Timestamp> for SystemTime {
-    fn from_config(t: &Timestamp) -> Option<Self> {
+    fn from_config(t: &Timestamp) -> Result<Self, ()> {
         let text = t.as_text();
         humantime::parse_rfc3339_weak(&text)
             .or_else(|_| humantime::parse_rfc3339(&text))
-            .ok()
+            .map_err(drop)
+    }
+}
+
+/// An upstream's `url`, split into what a connection and a request need.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamUrl {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and port, without userinfo, which stays out of the URI (and so out of the pool
+    /// key and every line a library may log about it).
+    pub authority: Authority,
+    /// `Host` to send when `preserve_host = false`.
+    pub host_header: HeaderValue,
+    /// `Authorization: Basic` from the URL's userinfo; marked sensitive.
+    pub authorization: Option<HeaderValue>,
+    /// Path prefix without its trailing `/` (`None` for `/`).
+    pub base_path: Option<String>,
+}
+
+/// Why an upstream's `url` was refused; validation words the message around the URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamUrlError {
+    /// Not a URI at all: the parser's reason.
+    Parse(String),
+    Scheme,
+    NoHost,
+    Query,
+    /// The host that remains once userinfo is split off is not one.
+    Host,
+}
+
+impl FromConfig<String, UpstreamUrlError> for UpstreamUrl {
+    fn from_config(text: &String) -> Result<Self, UpstreamUrlError> {
+        let uri: Uri = text.parse().map_err(|e: http::uri::InvalidUri| {
+            // The parser's reason never quotes its input, so it cannot show a password.
+            UpstreamUrlError::Parse(e.to_string())
+        })?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            _ => return Err(UpstreamUrlError::Scheme),
+        };
+        let full_authority = uri
+            .authority()
+            .filter(|a| !a.host().is_empty())
+            .ok_or(UpstreamUrlError::NoHost)?;
+        if uri.query().is_some() {
+            return Err(UpstreamUrlError::Query);
+        }
+        let (authority, authorization) = split_userinfo(full_authority)?;
+        // An authority is visible ASCII, so always a valid header value.
+        let host_header =
+            HeaderValue::from_str(authority.as_str()).map_err(|_| UpstreamUrlError::Host)?;
+        let base_path = match uri.path().trim_end_matches('/') {
+            "" => None,
+            p => Some(p.to_owned()),
+        };
+        Ok(Self {
+            scheme,
+            authority,
+            host_header,
+            authorization,
+            base_path,
+        })
+    }
+}
+
+/// Splits `user:password@host:port` into the bare authority and a sensitive
+/// `Authorization: Basic` value (userinfo is percent-decoded first, as URL parsers do).
+fn split_userinfo(a: &Authority) -> Result<(Authority, Option<HeaderValue>), UpstreamUrlError> {
+    let Some((userinfo, host)) = a.as_str().rsplit_once('@') else {
+        return Ok((a.clone(), None));
+    };
+    let bare: Authority = host.parse().map_err(|_| UpstreamUrlError::Host)?;
+    let decoded: Vec<u8> = percent_encoding::percent_decode(userinfo.as_bytes()).collect();
+    use base64::Engine as _;
+    let mut value = b"Basic ".to_vec();
+    value.extend_from_slice(
+        base64::engine::general_purpose::STANDARD
+            .encode(decoded)
+            .as_bytes(),
+    );
+    // Base64 after an ASCII prefix: always a valid header value.
+    let mut value = HeaderValue::from_bytes(&value).map_err(|_| UpstreamUrlError::Host)?;
+    value.set_sensitive(true);
+    Ok((bare, Some(value)))
+}
+
+/// `rate_limit.key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    Route,
+    ClientIp,
+    /// Absent header: the client IP.
+    Header(HeaderName),
+}
+
+impl RateKey {
+    /// Parses `"route" | "client_ip" | "header:<Name>"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "route" => Ok(Self::Route),
+            "client_ip" => Ok(Self::ClientIp),
+            _ => match text.strip_prefix("header:") {
+                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(Self::Header)
+                    .map_err(|_| format!("key: {name:?} is not a valid header name")),
+                None => Err(format!(
+                    "key must be \"route\", \"client_ip\" or \"header:<Name>\", not {text:?}"
+                )),
+            },
+        }
+    }
+
+    /// Written as in the config, for the status page.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Route => "route".into(),
+            Self::ClientIp => "client_ip".into(),
+            Self::Header(h) => format!("header:{h}"),
+        }
     }
 }
 
@@ -188,7 +328,7 @@ mod tests {
     use super::*;
 
     fn parse<T: FromConfig<String>>(text: &str) -> Option<T> {
-        T::from_config(&text.to_owned())
+        T::from_config(&text.to_owned()).ok()
     }
 
     #[test]
@@ -235,8 +375,56 @@ mod tests {
         assert_eq!(bad.raw(), "get");
         assert_eq!(
             <StatusCode as FromConfig<u16>>::from_config(&700),
-            None,
+            Err(()),
             "a code opsgate would not send"
         );
+    }
+
+    #[test]
+    fn userinfo_leaves_the_authority_and_becomes_basic_auth() {
+        let a: Authority = "us%65r:p%40ss@127.0.0.1:8080".parse().unwrap();
+        let (bare, auth) = split_userinfo(&a).unwrap();
+        assert_eq!(bare.as_str(), "127.0.0.1:8080");
+        let auth = auth.unwrap();
+        // base64("user:p@ss")
+        assert_eq!(auth, "Basic dXNlcjpwQHNz");
+        assert!(auth.is_sensitive());
+        let plain: Authority = "example.com".parse().unwrap();
+        assert_eq!(split_userinfo(&plain).unwrap(), (plain, None));
+    }
+
+    #[test]
+    fn an_upstream_url_splits_into_what_a_call_needs() {
+        let url: UpstreamUrl = parse_or("https://u:pw@[::1]:8443/api/v1/").unwrap();
+        assert_eq!(url.scheme, Scheme::HTTPS);
+        assert_eq!(url.authority.as_str(), "[::1]:8443");
+        assert_eq!(url.host_header, "[::1]:8443");
+        assert_eq!(url.authorization.unwrap(), "Basic dTpwdw==");
+        assert_eq!(url.base_path.as_deref(), Some("/api/v1"));
+        let url: UpstreamUrl = parse_or("http://127.0.0.1:3000/").unwrap();
+        assert_eq!(url.scheme, Scheme::HTTP);
+        assert_eq!((url.authorization, url.base_path), (None, None));
+    }
+
+    #[test]
+    fn an_upstream_url_is_refused_with_its_reason() {
+        let refused = |text: &str| parse_or::<UpstreamUrl, UpstreamUrlError>(text).unwrap_err();
+        assert!(matches!(refused(""), UpstreamUrlError::Parse(_)));
+        assert!(matches!(refused("http://a b"), UpstreamUrlError::Parse(_)));
+        assert_eq!(refused("127.0.0.1:3000"), UpstreamUrlError::Scheme);
+        assert_eq!(refused("ftp://x"), UpstreamUrlError::Scheme);
+        assert_eq!(refused("/only/a/path"), UpstreamUrlError::Scheme);
+        assert_eq!(
+            refused("http:///x"),
+            UpstreamUrlError::Parse("invalid format".into())
+        );
+        assert_eq!(refused("http://u:pw@:80/"), UpstreamUrlError::NoHost);
+        assert_eq!(refused("http://x/?a=1"), UpstreamUrlError::Query);
+        // Brackets around the userinfo leave `b]:80` as the host.
+        assert_eq!(refused("http://[a@b]:80"), UpstreamUrlError::Host);
+    }
+
+    fn parse_or<T: FromConfig<String, E>, E>(text: &str) -> Result<T, E> {
+        T::from_config(&text.to_owned())
     }
 }

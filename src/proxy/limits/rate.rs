@@ -16,7 +16,7 @@ use super::keyed::{KeyRef, KeyedLimiter, KeyedMap};
 use super::lease::{LeaseJob, LeaseSender, RouteFleet, key_id};
 use crate::proxy::admission::RateLimiter;
 
-pub use crate::config::validate::RateKey as KeySource;
+pub use crate::config::values::RateKey as KeySource;
 
 /// The request's key: a header value, else the client IP (resolved only if needed).
 fn request_key<'r>(

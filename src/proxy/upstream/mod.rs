@@ -74,44 +74,18 @@ pub enum BuildError {
     UnknownUpstream(String, String),
 }
 
-/// Why an upstream's `url` cannot be used.
+/// Why a valid upstream `url` still cannot be connected to (the config refuses the rest).
 #[derive(Debug, thiserror::Error)]
 pub enum UrlError {
-    #[error("{0}")]
-    Parse(http::uri::InvalidUri),
-    #[error("no host")]
-    NoHost,
+    /// The host is not a name TLS can verify (SNI and the certificate check need one).
     #[error("invalid host")]
     Host,
-    #[error("invalid userinfo")]
-    Userinfo,
-    /// The authority is not a valid `Host` header value.
-    #[error("{0}")]
-    HostHeader(http::header::InvalidHeaderValue),
-    /// The connector's fixed destination cannot be built from scheme and authority.
-    #[error("{0}")]
-    Destination(http::Error),
 }
 
 impl Target {
     pub fn new(name: &str, s: &UpstreamSection) -> Result<Self, BuildError> {
-        let uri: Uri = s
-            .url
-            .parse()
-            .map_err(|e| BuildError::Url(name.into(), UrlError::Parse(e)))?;
-        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-        let full_authority = uri
-            .authority()
-            .ok_or_else(|| BuildError::Url(name.into(), UrlError::NoHost))?;
-        let (authority, authorization) =
-            split_userinfo(full_authority).map_err(|e| BuildError::Url(name.into(), e))?;
-        let base_path = match uri.path().trim_end_matches('/') {
-            "" => None,
-            p => Some(p.to_string()),
-        };
-        let host_header = HeaderValue::from_str(authority.as_str())
-            .map_err(|e| BuildError::Url(name.into(), UrlError::HostHeader(e)))?;
-        let connector = Connector::new(name, s, &scheme, &authority)?;
+        let url = s.url.get();
+        let connector = Connector::new(name, s, &url.scheme, &url.authority)?;
         let transport = if s.http2 {
             Transport::Http2(H2Upstream::new())
         } else {
@@ -119,11 +93,11 @@ impl Target {
         };
         Ok(Self {
             name: name.into(),
-            scheme,
-            authority,
-            base_path,
-            host_header,
-            authorization,
+            scheme: url.scheme.clone(),
+            authority: url.authority.clone(),
+            base_path: url.base_path.clone(),
+            host_header: url.host_header.clone(),
+            authorization: url.authorization.clone(),
             preserve_host: s.preserve_host,
             timeout: s.timeout.get(),
             connector,
@@ -273,26 +247,6 @@ impl Target {
     }
 }
 
-/// Splits `user:password@host:port` into the bare authority and a sensitive
-/// `Authorization: Basic` value (userinfo is percent-decoded first, as URL parsers do).
-fn split_userinfo(a: &Authority) -> Result<(Authority, Option<HeaderValue>), UrlError> {
-    let Some((userinfo, host)) = a.as_str().rsplit_once('@') else {
-        return Ok((a.clone(), None));
-    };
-    let bare: Authority = host.parse().map_err(|_| UrlError::Host)?;
-    let decoded: Vec<u8> = percent_encoding::percent_decode(userinfo.as_bytes()).collect();
-    use base64::Engine as _;
-    let mut value = b"Basic ".to_vec();
-    value.extend_from_slice(
-        base64::engine::general_purpose::STANDARD
-            .encode(decoded)
-            .as_bytes(),
-    );
-    let mut value = HeaderValue::from_bytes(&value).map_err(|_| UrlError::Userinfo)?;
-    value.set_sensitive(true);
-    Ok((bare, Some(value)))
-}
-
 /// Displays an error with its `source()` chain ("connect: Connection refused").
 pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
@@ -313,14 +267,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn url_without_host_is_refused_by_kind() {
+    fn a_host_tls_cannot_verify_is_refused_by_kind() {
         let s = UpstreamSection {
-            url: "/only/a/path".into(),
+            url: "https://a!b:8443".into(),
             ..Default::default()
         };
+        assert!(s.url.is_valid(), "a valid URI to the config");
         let e = Target::new("app", &s).err().unwrap();
-        assert!(matches!(&e, BuildError::Url(_, UrlError::NoHost)), "{e:?}");
-        assert_eq!(e.to_string(), "upstream `app`: invalid url: no host");
+        assert!(matches!(&e, BuildError::Url(_, UrlError::Host)), "{e:?}");
+        assert_eq!(e.to_string(), "upstream `app`: invalid url: invalid host");
     }
 
     #[test]
@@ -339,18 +294,5 @@ mod tests {
                 .starts_with("upstream `app`: ca_file /nonexistent/ca.pem: "),
             "{e}"
         );
-    }
-
-    #[test]
-    fn userinfo_leaves_the_authority_and_becomes_basic_auth() {
-        let a: Authority = "us%65r:p%40ss@127.0.0.1:8080".parse().unwrap();
-        let (bare, auth) = split_userinfo(&a).unwrap();
-        assert_eq!(bare.as_str(), "127.0.0.1:8080");
-        let auth = auth.unwrap();
-        // base64("user:p@ss")
-        assert_eq!(auth, "Basic dXNlcjpwQHNz");
-        assert!(auth.is_sensitive());
-        let plain: Authority = "example.com".parse().unwrap();
-        assert_eq!(split_userinfo(&plain).unwrap(), (plain, None));
     }
 }

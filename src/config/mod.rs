@@ -259,6 +259,11 @@ impl Config {
         if let Some(u) = &mut f.control.redis_url {
             *u = redact_url(u);
         }
+        // The `upstream` shorthand (or `--upstream`), kept as written beside the
+        // upstream it defines.
+        if let Some(u) = &mut f.proxy.upstream {
+            *u = redact_url(u);
+        }
         let Ok(mut json) = serde_json::to_value(&f) else {
             return serde_json::Value::Null;
         };
@@ -282,6 +287,19 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         parse_str(text, "t.toml", &Overrides::default(), &no_env)
+    }
+
+    #[test]
+    fn the_config_shown_over_the_api_holds_no_upstream_password() {
+        for text in [
+            "[proxy]\nupstream = \"http://ops:s3cretPW@127.0.0.1:3000\"\n",
+            "[upstreams.app]\nurl = \"http://ops:s3cretPW@127.0.0.1:3000\"\n\
+             [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        ] {
+            let shown = parse(text).unwrap().redacted_json().to_string();
+            assert!(!shown.contains("s3cretPW"), "{shown}");
+            assert!(shown.contains("127.0.0.1:3000"), "{shown}");
+        }
     }
 
     fn places(e: &ConfigError) -> Vec<(usize, usize)> {

@@ -40,12 +40,6 @@ pub struct Target {
     transport: Transport,
 }
 
-/// Largest read buffer of an HTTP/1.1 upstream connection (hyper's default is 400 KiB).
-/// A response head must fit (nginx's `proxy_buffer_size` is 4-8 KiB); a body streams
-/// through in reads of up to this, so 50 connections streaming large bodies hold 3 MiB
-/// of buffers, not 20.
-const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
-
 enum Transport {
     /// Keep-alive connections, one call at a time each.
     Http1(Arc<Pool>),
@@ -232,7 +226,6 @@ impl Target {
         let io = self.connector.connect().await.map_err(SendError::Connect)?;
         let abort = io.abort_handle();
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .max_buf_size(UPSTREAM_READ_BUFFER)
             .handshake(TokioIo::new(io))
             .await
             .map_err(SendError::Handshake)?;

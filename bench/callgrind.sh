@@ -187,9 +187,12 @@ measure() {
             [[ $t == opsgate-plain ]] && tpl=$HERE/conf/opsgate.toml
             [[ $t == opsgate-nolog ]] && al=false
             alloc_port; admin=$ALLOCATED
-            render "$tpl" "$dir/opsgate.toml" PORT="$port" BACKEND_PORT="$BACKEND_PORT" \
+            # Its own directory: opsgate watches the config's directory, and the
+            # log written next to it would wake the watcher on every write.
+            mkdir -p "$dir/conf"
+            render "$tpl" "$dir/conf/opsgate.toml" PORT="$port" BACKEND_PORT="$BACKEND_PORT" \
                 ADMIN_PORT="$admin" ACCESS_LOG="$al"
-            cmd=("$RUN/opsgate.bin" run --config "$dir/opsgate.toml") ;;
+            cmd=("$RUN/opsgate.bin" run --config "$dir/conf/opsgate.toml") ;;
         *) die "unknown target $t" ;;
     esac
     # valgrind runs the command in its own process ($! is the pid

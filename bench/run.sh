@@ -278,8 +278,11 @@ for t in $TARGETS; do
             al=${OPSGATE_ACCESS_LOG:-true}; [[ $t == opsgate-nolog ]] && al=false
             tpl="${VARIANT_TPL[$t]:-$HERE/conf/opsgate.toml}"
             alloc_port; admin=$ALLOCATED; PORT[$t-admin]=$admin
-            render "$tpl" "$dir/opsgate.toml" PORT="${PORT[$t]}" BACKEND_PORT="${PORT[backend]}" ADMIN_PORT="$admin" ACCESS_LOG="$al"
-            launch "$t" "$PROXY_CPU" env TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info "$RUN/opsgate.bin" run --config "$dir/opsgate.toml" ;;
+            # Its own directory: opsgate watches the config's directory, and the
+            # log written next to it would wake the watcher on every write.
+            mkdir -p "$dir/conf"
+            render "$tpl" "$dir/conf/opsgate.toml" PORT="${PORT[$t]}" BACKEND_PORT="${PORT[backend]}" ADMIN_PORT="$admin" ACCESS_LOG="$al"
+            launch "$t" "$PROXY_CPU" env TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info "$RUN/opsgate.bin" run --config "$dir/conf/opsgate.toml" ;;
         *) die "unknown target $t" ;;
     esac
 done

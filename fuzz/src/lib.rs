@@ -385,7 +385,13 @@ pub fn check_headers(data: &[u8]) {
     let peer_trusted = flags & 4 != 0;
     let host = original.get(header::HOST).cloned();
     let before = h.clone();
-    headers::set_forwarded(&mut h, peer, tls, host.as_ref(), peer_trusted);
+    headers::set_forwarded(
+        &mut h,
+        &headers::ip_header_value(peer),
+        tls,
+        host.as_ref(),
+        peer_trusted,
+    );
     let xff = h
         .get(&headers::X_FORWARDED_FOR)
         .expect("X-Forwarded-For is always set");

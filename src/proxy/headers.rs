@@ -62,44 +62,65 @@ pub fn upgrade_kind(h: &HeaderMap, version: http::Version) -> Upgrade {
 /// keeps `Connection: upgrade` and `Upgrade`, which the tunnel needs. `TE: trailers` stays
 /// (gRPC needs it).
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
-    // Most messages carry none: one pass over the names, no hashing, settles it.
-    if upgrade == Upgrade::None
-        && !h
-            .keys()
-            .any(|k| k == header::TE || fixed_hop_by_hop().contains(&k))
-    {
-        return;
+    let tunnel = upgrade == Upgrade::Tunnel;
+    // One pass over the lines finds all there is to do, without hashing a name; most
+    // messages carry none of these, a typical response just `Connection`.
+    let mut present = [false; 8];
+    let mut names_others = false;
+    let mut te_other = false;
+    for (k, v) in h.iter() {
+        if !may_be_hop_by_hop(k) {
+            continue;
+        }
+        let v = v.as_bytes();
+        if k == header::TE {
+            te_other |= !v.eq_ignore_ascii_case(b"trailers");
+        } else if let Some(i) = fixed_hop_by_hop().iter().position(|n| *n == k) {
+            present[i] = true;
+            // Every `Connection` line counts: `close` on the first must not hide a name
+            // on the second.
+            names_others |= k == header::CONNECTION && (v.contains(&b',') || !is_std_token(v));
+        }
     }
-    // Every `Connection` line counts: `close` on the first must not hide a name on the second.
-    if h.get_all(header::CONNECTION)
-        .iter()
-        .any(|conn| conn.as_bytes().contains(&b',') || !is_std_token(conn.as_bytes()))
-    {
+    if names_others {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
             .flat_map(|v| v.as_bytes().split(|b| *b == b','))
             .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
-            .filter(|n| !(upgrade == Upgrade::Tunnel && n == header::UPGRADE))
+            .filter(|n| !(tunnel && n == header::UPGRADE))
             .collect();
+        // One of them may be a name removed below too: removing it twice is harmless.
         for n in named {
             h.remove(n);
         }
     }
-    for name in fixed_hop_by_hop() {
-        if upgrade == Upgrade::Tunnel && (name == header::CONNECTION || name == header::UPGRADE) {
-            continue;
+    for (name, present) in fixed_hop_by_hop().into_iter().zip(present) {
+        if present && !(tunnel && (name == header::CONNECTION || name == header::UPGRADE)) {
+            h.remove(name);
         }
-        h.remove(name);
     }
-    if upgrade == Upgrade::Tunnel {
+    if tunnel {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if h.get_all(header::TE)
-        .iter()
-        .any(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
+    if te_other {
         h.remove(header::TE);
+    }
+}
+
+/// Whether `name` is `TE` or one of the fixed hop-by-hop names. By length first: most
+/// names are ruled out by one compare, without reading their bytes.
+fn may_be_hop_by_hop(name: &HeaderName) -> bool {
+    let s = name.as_str();
+    match s.len() {
+        2 => s == "te",
+        7 => s == "trailer" || s == "upgrade",
+        10 => s == "connection" || s == "keep-alive",
+        16 => s == "proxy-connection",
+        17 => s == "transfer-encoding",
+        18 => s == "proxy-authenticate",
+        19 => s == "proxy-authorization",
+        _ => false,
     }
 }
 
@@ -116,26 +137,31 @@ pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
 
 /// Sets X-Forwarded-For/-Proto/-Host. A trusted peer's X-Forwarded-Proto/-Host are kept;
 /// X-Forwarded-For is always kept and appended to (only `trusted` decides who believes it).
+/// `peer` is the peer's IP as text (`ip_header_value`).
 pub fn set_forwarded(
     h: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &HeaderValue,
     tls: bool,
     host: Option<&HeaderValue>,
     peer_trusted: bool,
 ) {
-    let ip = ip_header_value(peer);
-    match h.get(&X_FORWARDED_FOR) {
-        Some(prev) if !prev.is_empty() => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+    // One hash of the name whether the client sent the header or not.
+    match h.entry(&X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut e) if !e.get().is_empty() => {
+            let prev = e.get();
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer.len());
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
-            v.extend_from_slice(ip.as_bytes());
+            v.extend_from_slice(peer.as_bytes());
             if let Ok(v) = HeaderValue::from_bytes(&v) {
-                h.insert(X_FORWARDED_FOR.clone(), v);
+                e.insert(v);
             }
         }
-        _ => {
-            h.insert(X_FORWARDED_FOR.clone(), ip);
+        header::Entry::Occupied(mut e) => {
+            e.insert(peer.clone());
+        }
+        header::Entry::Vacant(e) => {
+            e.insert(peer.clone());
         }
     }
     if !(peer_trusted && h.contains_key(&X_FORWARDED_PROTO)) {
@@ -151,15 +177,17 @@ pub fn set_forwarded(
 
 /// Returns the request's id, generating a 32-hex-digit one when the client sent none.
 pub fn ensure_request_id(h: &mut HeaderMap) -> HeaderValue {
-    if let Some(v) = h.get(&X_REQUEST_ID)
-        && !v.is_empty()
-        && v.len() <= 200
-    {
-        return v.clone();
+    match h.entry(&X_REQUEST_ID) {
+        header::Entry::Occupied(e) if !e.get().is_empty() && e.get().len() <= 200 => {
+            e.get().clone()
+        }
+        header::Entry::Occupied(mut e) => {
+            let id = new_request_id();
+            e.insert(id.clone());
+            id
+        }
+        header::Entry::Vacant(e) => e.insert(new_request_id()).clone(),
     }
-    let id = new_request_id();
-    h.insert(X_REQUEST_ID.clone(), id.clone());
-    id
 }
 
 pub fn new_request_id() -> HeaderValue {
@@ -170,7 +198,10 @@ pub fn new_request_id() -> HeaderValue {
         *b = HEX[(n & 0xf) as usize];
         n >>= 4;
     }
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // Owned by the `Bytes` itself: one allocation, and the clones that go into the
+    // response and the access line are reference counts.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
@@ -233,9 +264,21 @@ mod tests {
     }
 
     #[test]
+    fn the_quick_check_knows_every_hop_by_hop_name() {
+        for name in fixed_hop_by_hop() {
+            assert!(may_be_hop_by_hop(name), "{name}");
+        }
+        assert!(may_be_hop_by_hop(&header::TE));
+        for name in ["host", "x-te", "trailers", "connections", "content-length"] {
+            assert!(!may_be_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+    }
+
+    #[test]
     fn xff_appends() {
         let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
-        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), false, None, false);
+        let peer = ip_header_value("10.0.0.1".parse().unwrap());
+        set_forwarded(&mut h, &peer, false, None, false);
         assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "1.2.3.4, 10.0.0.1");
         assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "http");
     }

@@ -90,11 +90,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let tls_acceptor = tls.as_ref().and_then(|t| t.load_full());
-        let conn_info = Conn {
-            peer,
-            tls: tls_acceptor.is_some(),
-            side,
-        };
+        let conn_info = Conn::new(peer, tls_acceptor.is_some(), side);
         let proxy = proxy.clone();
         let builder = builder.clone();
         // Held until the connection is gone: the caller's `shutdown()` waits for it.
@@ -140,6 +136,7 @@ pub async fn serve(
             let service_state = state.clone();
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
+                let conn_info = conn_info.clone();
                 let mut in_flight = InFlight::start(&service_state);
                 async move {
                     // Boxed: the handler's state machine is a few KiB, and hyper's dispatcher
@@ -181,6 +178,7 @@ where
 {
     let mut conn = std::pin::pin!(conn);
     let mut stop = std::pin::pin!(stopped(&mut stop));
+    let mut changed = std::pin::pin!(state.changed.notified());
     let limit = limits.header_read_timeout;
     // One timer for the connection's life, re-armed lazily: it fires at the idle deadline
     // last computed, and only then is the deadline asked afresh. Requests move the deadline
@@ -190,17 +188,44 @@ where
             .idle_deadline(limit)
             .unwrap_or_else(|| Instant::now() + limit)
     ));
+    // The task wakes for every read and write of the connection; the signals below are
+    // looked at only when one of them woke it (each look takes a lock or two).
+    let gate = Arc::new(SignalGate::default());
+    let gate_waker = std::task::Waker::from(gate.clone());
     let mut draining = false;
     let mut hard_deadline: Option<Instant> = None;
     loop {
-        tokio::select! {
-            biased;
-            r = conn.as_mut() => return r,
-            _ = stop.as_mut(), if !draining => {
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Signal::Done(r));
+            }
+            gate.task.register(cx.waker());
+            if !gate.fired.swap(false, Ordering::AcqRel) {
+                return Poll::Pending;
+            }
+            let mut cx = Context::from_waker(&gate_waker);
+            if !draining && stop.as_mut().poll(&mut cx).is_ready() {
+                return Poll::Ready(Signal::Stop);
+            }
+            if changed.as_mut().poll(&mut cx).is_ready() {
+                return Poll::Ready(Signal::Changed);
+            }
+            if watchdog.as_mut().poll(&mut cx).is_ready() {
+                return Poll::Ready(Signal::Watchdog);
+            }
+            Poll::Pending
+        })
+        .await;
+        // Whatever was handled, every signal is looked at (and re-armed) on the next poll.
+        gate.fired.store(true, Ordering::Release);
+        match event {
+            Signal::Done(r) => return r,
+            Signal::Stop => {
                 conn.as_mut().close_gracefully();
                 draining = true;
             }
-            _ = state.changed.notified() => {
+            Signal::Changed => {
+                changed.set(state.changed.notified());
                 if !draining && state.abusive.load(Ordering::Relaxed) {
                     tracing::info!(%peer, "closing a connection that cancels too many streams");
                     conn.as_mut().close_gracefully();
@@ -210,7 +235,7 @@ where
                     watchdog.as_mut().reset(hard);
                 }
             }
-            () = watchdog.as_mut() => {
+            Signal::Watchdog => {
                 let now = Instant::now();
                 if let Some(hard) = hard_deadline {
                     if now >= hard {
@@ -235,6 +260,42 @@ where
                 }
             }
         }
+    }
+}
+
+/// What woke a connection's `drive` loop.
+enum Signal {
+    Done(Result<(), BoxError>),
+    Stop,
+    Changed,
+    Watchdog,
+}
+
+/// The waker `drive` hands its signals: it notes that one of them fired, then wakes the
+/// connection's task, so the task's other wake-ups skip polling them.
+struct SignalGate {
+    fired: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl Default for SignalGate {
+    fn default() -> Self {
+        Self {
+            // Polled once at the start, which registers the gate with every signal.
+            fired: AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        }
+    }
+}
+
+impl std::task::Wake for SignalGate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 

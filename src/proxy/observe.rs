@@ -1,7 +1,6 @@
 //! Per-request observation: metrics and one access-log line, recorded when the response
 //! body is finished (or dropped), so a streamed 1 GiB download is timed to its last byte.
 
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -24,7 +23,8 @@ pub struct Record {
     pub method: Method,
     pub uri: Uri,
     pub status: u16,
-    pub client: IpAddr,
+    /// The client's IP as text.
+    pub client: HeaderValue,
     pub request_id: Option<HeaderValue>,
     pub upstream: Option<Arc<str>>,
     /// Why opsgate answered itself, when it did.
@@ -42,7 +42,7 @@ impl Record {
         metrics: Arc<RouteMetrics>,
         method: Method,
         uri: Uri,
-        client: IpAddr,
+        client: HeaderValue,
         access_log: Option<Arc<AccessLog>>,
     ) -> Self {
         metrics.start();
@@ -85,7 +85,7 @@ impl Drop for Record {
                 bytes: self.bytes,
                 route: self.metrics.route(),
                 upstream: self.upstream.as_deref(),
-                client: self.client,
+                client: self.client.as_bytes(),
                 request_id: self.request_id.as_ref().map(|v| v.as_bytes()),
                 error: self.error,
             });

@@ -37,11 +37,25 @@ pub enum Side {
     Egress,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Conn {
     pub peer: SocketAddr,
+    /// The peer's IP as text, written once per connection: every request puts it in
+    /// X-Forwarded-For and its access line.
+    pub peer_text: HeaderValue,
     pub tls: bool,
     pub side: Side,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, tls: bool, side: Side) -> Self {
+        Self {
+            peer,
+            peer_text: headers::ip_header_value(peer.ip()),
+            tls,
+            side,
+        }
+    }
 }
 
 /// Process-wide switches the gates read: each is one atomic load per request.
@@ -77,7 +91,7 @@ impl Proxy {
             Normalized::Path(p) => p,
             Normalized::EncodedSlash => {
                 let m = rt.unmatched_metrics[rt.class_of("/")].clone();
-                return unrouted(&rt, m, &req, client, start, ProxyError::BadPath);
+                return unrouted(&rt, m, &req, &conn, start, ProxyError::BadPath);
             }
         };
         let path: &str = &path;
@@ -86,12 +100,12 @@ impl Proxy {
         if conn.side == Side::Ingress {
             if let Some(sub) = reserved_sub(path, &rt.health_prefix) {
                 // Probes and scrapes are counted (route "system") but not access-logged.
-                let rec = record(&req, start, rt.system_metrics.clone(), client, None);
+                let rec = record(&req, start, rt.system_metrics.clone(), &conn, None);
                 let resp = self.local.health(req, sub);
                 return with_record(resp, rec);
             }
             if rt.metrics_path.as_deref() == Some(path) {
-                let rec = record(&req, start, rt.system_metrics.clone(), client, None);
+                let rec = record(&req, start, rt.system_metrics.clone(), &conn, None);
                 let (parts, _) = req.into_parts();
                 return with_record(self.local.metrics(&parts), rec);
             }
@@ -109,11 +123,11 @@ impl Proxy {
         };
         let Some(route) = table.find(host, path) else {
             let m = rt.unmatched_metrics[rt.class_of(path)].clone();
-            return unrouted(&rt, m, &req, client, start, ProxyError::NoRoute);
+            return unrouted(&rt, m, &req, &conn, start, ProxyError::NoRoute);
         };
         let metrics = route.metrics_for(rt.class_of(path)).clone();
         let critical = metrics.class() == CRITICAL;
-        let mut rec = record(&req, start, metrics, client, rt.access_log.clone());
+        let mut rec = record(&req, start, metrics, &conn, rt.access_log.clone());
         rec.upstream = Some(route.upstream.name().clone());
 
         // 4. gates.
@@ -218,7 +232,7 @@ impl Proxy {
         let peer_trusted = rt.trusted_proxies.iter().any(|n| n.contains(&client));
         headers::set_forwarded(
             &mut parts.headers,
-            client,
+            &conn.peer_text,
             conn.tls,
             host_header.as_ref(),
             peer_trusted,
@@ -325,7 +339,7 @@ fn record(
     req: &Request<Incoming>,
     start: Instant,
     metrics: Arc<crate::telemetry::RouteMetrics>,
-    client: std::net::IpAddr,
+    conn: &Conn,
     log: Option<Arc<crate::telemetry::access::AccessLog>>,
 ) -> Record {
     Record::begin(
@@ -333,7 +347,7 @@ fn record(
         metrics,
         req.method().clone(),
         req.uri().clone(),
-        client,
+        conn.peer_text.clone(),
         log,
     )
 }
@@ -343,11 +357,11 @@ fn unrouted(
     rt: &Runtime,
     metrics: Arc<crate::telemetry::RouteMetrics>,
     req: &Request<Incoming>,
-    client: std::net::IpAddr,
+    conn: &Conn,
     start: Instant,
     e: ProxyError,
 ) -> Response<ObservedBody> {
-    let mut rec = record(req, start, metrics, client, rt.access_log.clone());
+    let mut rec = record(req, start, metrics, conn, rt.access_log.clone());
     rec.error = Some(e.label());
     let resp = e.into_response();
     rec.status = resp.status().as_u16();

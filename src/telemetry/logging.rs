@@ -22,8 +22,20 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// Keeps the log writer thread alive; dropping it flushes what is buffered.
-pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+/// Keeps the log writer threads alive; dropping it flushes what is buffered: the access
+/// lines' batches first, then the writer's queue.
+pub struct LogGuard {
+    access: Option<super::batch::FlushGuard>,
+    _writer: tracing_appender::non_blocking::WorkerGuard,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.access.take() {
+            a.close();
+        }
+    }
+}
 
 /// Sets up logging. Lines are formatted on the caller's thread but written by a
 /// dedicated thread through one buffered stdout writer, flushed whenever it has no more
@@ -44,9 +56,18 @@ pub fn init(format: Option<LogFormat>) -> (LogGuard, super::access::AccessLog) {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(8192)
         .finish(stdout);
+    let mut access_guard = None;
     let access = match format {
         _ if !access_on => super::access::AccessLog::Off,
-        LogFormat::Json => super::access::AccessLog::Json(writer.clone()),
+        // Straight to stdout, past the log writer's queue: a batch is one write(2) whole.
+        LogFormat::Json => match super::batch::Batcher::start(std::io::stdout()) {
+            Ok((batcher, guard)) => {
+                access_guard = Some(guard);
+                super::access::AccessLog::Json(batcher)
+            }
+            // No thread for the batches: lines go through tracing, unbatched.
+            Err(_) => super::access::AccessLog::Tracing,
+        },
         LogFormat::Pretty => super::access::AccessLog::Tracing,
     };
     let builder = tracing_subscriber::fmt()
@@ -60,6 +81,10 @@ pub fn init(format: Option<LogFormat>) -> (LogGuard, super::access::AccessLog) {
             .with_span_list(false)
             .try_init(),
         LogFormat::Pretty => builder.try_init(),
+    };
+    let guard = LogGuard {
+        access: access_guard,
+        _writer: guard,
     };
     (guard, access)
 }

@@ -2,6 +2,7 @@
 //! Built once in `app`; other rooms get handles, never a global.
 
 pub mod access;
+pub mod batch;
 pub mod events;
 pub mod histogram;
 pub mod logging;

@@ -64,11 +64,6 @@ impl Signals {
         })
     }
 
-    /// The next SIGTERM/SIGINT; SIGHUPs meanwhile are ignored (no reload while stopping).
-    pub async fn terminate(&mut self) {
-        while self.next().await != Signal::Terminate {}
-    }
-
     pub async fn next(&mut self) -> Signal {
         tokio::select! {
             _ = self.term.recv() => Signal::Terminate,

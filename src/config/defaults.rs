@@ -58,8 +58,8 @@ pub fn yes() -> bool {
 pub fn one() -> u32 {
     1
 }
-pub fn rate_limit_key() -> String {
-    "route".into()
+pub fn rate_limit_key() -> Spelled<super::values::RateKey, String> {
+    Checked::builtin("route".into())
 }
 pub fn rate_limit_max_keys() -> usize {
     RATE_LIMIT_MAX_KEYS

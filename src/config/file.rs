@@ -15,7 +15,7 @@ pub use super::status::StatusPattern;
 use super::status::{StatusRange, StatusRanges};
 use super::units::{Dur, Size};
 pub use super::values::Timestamp;
-use super::values::{Checked, RetryCondition, Spelled, UpstreamUrl, UpstreamUrlError};
+use super::values::{Checked, RateKey, RetryCondition, Spelled, UpstreamUrl, UpstreamUrlError};
 
 #[derive(Deserialize, Serialize, Debug, Clone, Default, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -251,9 +251,9 @@ pub struct RateLimitSection {
     pub burst: Option<u32>,
     #[serde(default)]
     pub dry_run: bool,
-    /// `"route"` (default), `"client_ip"` or `"header:<Name>"`; checked by `validate`.
+    /// `"route"` (default), `"client_ip"` or `"header:<Name>"`.
     #[serde(default = "d::rate_limit_key")]
-    pub key: String,
+    pub key: Spelled<RateKey, String>,
     #[serde(default)]
     pub scope: RateScope,
     #[serde(default = "d::rate_limit_max_keys")]

@@ -10,7 +10,7 @@ use toml::de::DeTable;
 use super::checks::{CheckSpec, compile_kind};
 use super::diag::{Diagnostic, Seg, Source, span_of};
 use super::file::*;
-use super::values::{Checked, RateKey, UpstreamUrlError};
+use super::values::{Checked, UpstreamUrlError};
 use crate::paths::segment_prefix;
 
 /// Route names the metrics layer uses for itself.
@@ -438,7 +438,7 @@ impl<'a> Checker<'a> {
                 v.push(Seg::Key(k));
                 v
             };
-            if let Err(e) = RateKey::parse(&rl.key) {
+            if let Some(e) = rl.key.error() {
                 self.error(&rl_at("key"), format!("rate_limit.{e}"));
             }
             if rl.max_keys == 0 {

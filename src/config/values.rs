@@ -296,10 +296,10 @@ pub enum RateKey {
     Header(HeaderName),
 }
 
-impl RateKey {
-    /// Parses `"route" | "client_ip" | "header:<Name>"`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text {
+/// `"route" | "client_ip" | "header:<Name>"`; the error is the message after `rate_limit.`.
+impl FromConfig<String, String> for RateKey {
+    fn from_config(text: &String) -> Result<Self, String> {
+        match text.as_str() {
             "route" => Ok(Self::Route),
             "client_ip" => Ok(Self::ClientIp),
             _ => match text.strip_prefix("header:") {
@@ -312,7 +312,9 @@ impl RateKey {
             },
         }
     }
+}
 
+impl RateKey {
     /// Written as in the config, for the status page.
     pub fn describe(&self) -> String {
         match self {

@@ -12,7 +12,7 @@ use super::breaker::{BreakerPolicy, RateRule};
 use super::call::{GuardedBreaker, Retries};
 use super::limits::adaptive::{AdaptiveLimiter, AdaptiveSettings};
 use super::limits::lease::{self, LeaseSender, RouteFleet};
-use super::limits::rate::{KeySource, RouteRate};
+use super::limits::rate::RouteRate;
 use super::retry::RetryPolicy;
 use super::route::{Fallback, RateLimit, Route, RouteTable};
 use super::upstream::{BuildError, Target};
@@ -454,8 +454,7 @@ fn route_rate(
     let burst = rl
         .burst
         .unwrap_or_else(|| rl.per_second.ceil().max(1.0) as u32);
-    // Validated at load; a key that no longer parses would have failed there.
-    let source = KeySource::parse(&rl.key).unwrap_or(KeySource::Route);
+    let source = rl.key.get().clone();
     match (rl.scope, leases) {
         (crate::config::RateScope::Fleet, Some(Leases { sender, prefix, .. })) => {
             let gauge = deps

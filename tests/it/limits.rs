@@ -848,6 +848,21 @@ impl Replay {
     }
 }
 
+/// Asserts that the fewest and the most admitted in a phase's 1 s windows
+/// (from [`Replay::windows`]) both fall in `admitted`; `context` goes with a
+/// failure.
+fn assert_windows_within(
+    phase: &str,
+    (least, most): (usize, usize),
+    admitted: std::ops::RangeInclusive<usize>,
+    context: &str,
+) {
+    assert!(
+        *admitted.start() <= least && most <= *admitted.end(),
+        "{phase}: 1 s windows admitted {least}..{most}, want {admitted:?}; {context}"
+    );
+}
+
 /// Three instances' route limits on one Redis running the real lease script,
 /// replayed on a virtual clock in 1 ms steps: every lease runs 1 ms after it
 /// is asked for and is answered 1 ms later. 900/s offered 70/20/10 against
@@ -950,11 +965,8 @@ async fn replay(seconds: u64, outage: Option<std::ops::Range<u64>>) -> Replay {
 async fn on_a_virtual_clock_every_second_of_a_fleet_admits_its_limit() {
     let seconds = 8;
     let r = replay(seconds, None).await;
-    let (lo, hi) = r.windows(1000, 7000);
-    assert!(
-        lo >= 291 && hi <= 309,
-        "1 s windows after the first admitted {lo}..{hi}, limit 300"
-    );
+    let windows = r.windows(1000, 7000);
+    assert_windows_within("after the first second", windows, 291..=309, "limit 300");
     // Max-min fair: the quiet instance's 90/s in full, 105/s each for the others.
     for (i, want) in [105.0, 105.0, 90.0].into_iter().enumerate() {
         let got = r.rate_of(i, 1000, 8000);
@@ -985,26 +997,15 @@ async fn on_a_virtual_clock_a_fleet_rides_out_a_redis_restart_within_its_limit()
     let dies = r.windows(2000, 3000);
     let down = r.windows(3300, 4000);
     let back = r.windows(4000, 8000);
-    assert!(
-        up.0 >= 291 && up.1 <= 309,
-        "before: {up:?}; dying: {dies:?}; down: {down:?}; back: {back:?}"
-    );
+    let all = format!("before: {up:?}; dying: {dies:?}; down: {down:?}; back: {back:?}");
+    assert_windows_within("before", up, 291..=309, &all);
     // Windows that reach into the outage: the local shares (290/s) take over
     // from the allocations (300/s) at once.
-    assert!(
-        dies.0 >= 285 && dies.1 <= 309,
-        "dying: {dies:?}; down: {down:?}; back: {back:?}"
-    );
-    assert!(
-        down.0 >= 285 && down.1 <= 295,
-        "down: {down:?}; back: {back:?}"
-    );
+    assert_windows_within("dying", dies, 285..=309, &all);
+    assert_windows_within("down", down, 285..=295, &all);
     // The first second back holds every instance to its local share (283
     // here), then the allocations take over.
-    assert!(
-        back.0 >= 280 && back.1 <= 309,
-        "from the return on: {back:?}"
-    );
+    assert_windows_within("from the return on", back, 280..=309, &all);
     assert_eq!(r.fallback, [false; 3]);
 }
 

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::support::eventually;
 use crate::support::opsgate::{Launch, breaker, get, raw_exchange, raw_status};
-use crate::support::upstream::{Upstream, full, seen};
+use crate::support::upstream::{Unanswered, Upstream, full, seen};
 
 /// Upper bound for any condition awaited below; the configs use far shorter timeouts.
 const LIMIT: Duration = Duration::from_secs(5);
@@ -65,6 +65,41 @@ async fn upstream_url_credentials_are_sent_as_basic_auth_and_never_logged() {
         .filter(|l| l.contains("s3cretPW") || l.contains("b3BzdXNlcjpzM2NyZXRQVw"))
         .collect();
     assert!(leaks.is_empty(), "credential in log lines: {leaks:#?}");
+}
+
+/// An upstream whose accept queue is full drops the SYN: the connect gives up at
+/// `connect_timeout`, the client gets a 502, and the debug line says it timed out.
+#[tokio::test]
+async fn a_connect_nobody_answers_gives_up_at_connect_timeout_with_a_502() {
+    let app = Unanswered::start();
+    let config = format!(
+        "[upstreams.app]\nurl = \"http://{}\"\nconnect_timeout = \"200ms\"\ntimeout = \"5s\"\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        app.addr
+    );
+    let og = Launch::new()
+        .config(&config)
+        .env("OPSGATE_LOG", "debug")
+        .loopback()
+        .start()
+        .await;
+    let sent = std::time::Instant::now();
+    let answer = get(&og.url("/never"), &[]).await;
+    let took = sent.elapsed();
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert_eq!(answer.text(), r#"{"detail":"upstream unavailable"}"#);
+    assert!(
+        took >= Duration::from_millis(200) && took < LIMIT,
+        "answered after {took:?}"
+    );
+    let logged = og
+        .wait_for_log(LIMIT, |l| {
+            l["message"] == "upstream connect failed"
+                && l["timed_out"] == true
+                && l["error"] == "connect timed out after 200ms"
+        })
+        .await;
+    assert!(logged, "no timed-out connect line: {:#?}", og.json_logs());
 }
 
 /// `[upstreams.app]` at `url` with a 3-failure breaker and retries, one catch-all route.

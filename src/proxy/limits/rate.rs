@@ -192,16 +192,18 @@ mod tests {
 
     #[test]
     fn key_sources_parse() {
-        assert_eq!(KeySource::parse("route"), Ok(KeySource::Route));
-        assert_eq!(KeySource::parse("client_ip"), Ok(KeySource::ClientIp));
+        use crate::config::values::FromConfig;
+        let parse = |text: &str| KeySource::from_config(&text.to_owned());
+        assert_eq!(parse("route"), Ok(KeySource::Route));
+        assert_eq!(parse("client_ip"), Ok(KeySource::ClientIp));
         assert_eq!(
-            KeySource::parse("header:X-Api-Key"),
+            parse("header:X-Api-Key"),
             Ok(KeySource::Header(HeaderName::from_static("x-api-key")))
         );
-        assert!(KeySource::parse("header:bad name").is_err());
-        assert!(KeySource::parse("ip").is_err());
+        assert!(parse("header:bad name").is_err());
+        assert!(parse("ip").is_err());
         assert_eq!(
-            KeySource::parse("header:X-Api-Key").unwrap().describe(),
+            parse("header:X-Api-Key").unwrap().describe(),
             "header:x-api-key"
         );
     }

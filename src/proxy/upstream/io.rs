@@ -203,6 +203,66 @@ enum Stream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+// The transport in use answers each call. A match rather than a `dyn` stream: the calls stay
+// direct (an indirect one cost about 5 instructions a poll, 6 polls a proxied request).
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// An upstream connection that its [`Abort`] can reset. On HTTP/1.1 it is also reset when
 /// closed after writing with nothing read since (a call cut mid-request, e.g. its client's
 /// body broke off): a FIN would wait behind the unsent body of an upstream that is not
@@ -229,6 +289,31 @@ impl UpstreamIo {
         true
     }
 
+    /// `op` on the stream, unless the call using it was abandoned.
+    fn poll_io<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(Pin<&mut Stream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if self.aborted(cx) {
+            return Poll::Ready(Err(aborted_error()));
+        }
+        op(Pin::new(&mut self.inner), cx)
+    }
+
+    /// A write: bytes written and none read since is a connection mid-request.
+    fn poll_written(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(Pin<&mut Stream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        let r = self.poll_io(cx, op);
+        if let Poll::Ready(Ok(n)) = r {
+            self.mid_request |= n > 0;
+        }
+        r
+    }
+
     fn tcp(&self) -> &TcpStream {
         match &self.inner {
             Stream::Plain(s) => s,
@@ -248,13 +333,7 @@ impl AsyncRead for UpstreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.aborted(cx) {
-            return Poll::Ready(Err(aborted_error()));
-        }
-        let r = match &mut this.inner {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        };
+        let r = this.poll_io(cx, |s, cx| s.poll_read(cx, buf));
         if let Poll::Ready(Ok(())) = r {
             this.mid_request = false;
         }
@@ -268,18 +347,8 @@ impl AsyncWrite for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.aborted(cx) {
-            return Poll::Ready(Err(aborted_error()));
-        }
-        let r = match &mut this.inner {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        };
-        if let Poll::Ready(Ok(n)) = r {
-            this.mid_request |= n > 0;
-        }
-        r
+        self.get_mut()
+            .poll_written(cx, |s, cx| s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -287,43 +356,20 @@ impl AsyncWrite for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.aborted(cx) {
-            return Poll::Ready(Err(aborted_error()));
-        }
-        let r = match &mut this.inner {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        };
-        if let Poll::Ready(Ok(n)) = r {
-            this.mid_request |= n > 0;
-        }
-        r
+        self.get_mut()
+            .poll_written(cx, |s, cx| s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.inner {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.aborted(cx) {
-            return Poll::Ready(Err(aborted_error()));
-        }
-        match &mut this.inner {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
+        self.get_mut().poll_io(cx, |s, cx| s.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -265,6 +265,46 @@ pub fn refused_url() -> String {
     format!("http://127.0.0.1:{}", free_port())
 }
 
+/// A listener that never accepts, its accept queue full: the kernel drops every further
+/// SYN, so a connect to it neither succeeds nor fails until the connecting side gives up.
+pub struct Unanswered {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+impl Unanswered {
+    /// How long a connect to a queue with room may take before the queue counts as full:
+    /// a loopback handshake is done in the kernel, far within it.
+    const HANDSHAKE_LIMIT: Duration = Duration::from_millis(500);
+
+    pub fn start() -> Self {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        // How many handshakes a `listen(0)` queue takes is the kernel's choice; the first
+        // connect left unanswered shows it is full, and nothing here ever empties it.
+        let mut queued = Vec::new();
+        loop {
+            match std::net::TcpStream::connect_timeout(&addr, Self::HANDSHAKE_LIMIT) {
+                Ok(s) => queued.push(s),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
+                Err(e) => panic!("filling the accept queue of {addr}: {e}"),
+            }
+            assert!(queued.len() < 16, "the accept queue of {addr} never filled");
+        }
+        Self {
+            addr,
+            _listener: listener,
+            _queued: queued,
+        }
+    }
+}
+
 /// What a [`Scripted`] upstream answers to one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reply {

@@ -15,7 +15,8 @@
 #   WARMUP_REQUESTS [2000]  requests before the counters are zeroed
 #   REPEAT [2]              runs per target
 #   TARGETS ["opsgate nginx haproxy"]; also opsgate-plain (bench/conf/opsgate.toml:
-#                           no breaker, no retry) and opsgate-nolog (access log off)
+#                           no breaker, no retry), opsgate-nolog (access log off) and
+#                           opsgate-maint (maintenance on: every request a 503)
 #   OPSGATE_CONFIG [bench/conf/opsgate-policy.toml]  template, placeholders as
 #                           bench/conf/opsgate.toml (breaker + retry + metrics)
 #   OPSGATE_ACCESS_LOG [true]
@@ -131,12 +132,14 @@ wait_http() { # url seconds: until it answers 200
 cat >"$RUN/client.py" <<'PY'
 import http.client, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
+# 200 with the backend's body, or the status a rejecting target answers with
+expect = int(sys.argv[3]) if len(sys.argv) > 3 else 200
 c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 for i in range(n):
     c.request("GET", "/tiny")
     r = c.getresponse()
     body = r.read()
-    if r.status != 200 or body != b"hello, world\n":
+    if r.status != expect or (expect == 200 and body != b"hello, world\n"):
         sys.exit(f"request {i}: status {r.status}, body {body[:64]!r}")
     if r.will_close:
         sys.exit(f"request {i}: the proxy closed the connection")
@@ -173,7 +176,7 @@ measure() {
     mkdir -p "$dir/tmp"
     alloc_port; port=$ALLOCATED
     local vg=(valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" --dump-line=no)
-    local cmd
+    local cmd expect=200 ready=/tiny
     case $t in
         nginx)
             render "$HERE/conf/proxy.nginx.conf" "$dir/nginx.conf" DIR="$dir" PORT="$port" BACKEND_PORT="$BACKEND_PORT"
@@ -182,9 +185,10 @@ measure() {
         haproxy)
             render "$HERE/conf/haproxy.cfg" "$dir/haproxy.cfg" DIR="$dir" PORT="$port" BACKEND_PORT="$BACKEND_PORT"
             cmd=(haproxy -db -f "$dir/haproxy.cfg") ;;
-        opsgate|opsgate-plain|opsgate-nolog)
+        opsgate|opsgate-plain|opsgate-nolog|opsgate-maint)
             local admin tpl=$OPSGATE_CONFIG al=$OPSGATE_ACCESS_LOG
             [[ $t == opsgate-plain ]] && tpl=$HERE/conf/opsgate.toml
+            [[ $t == opsgate-maint ]] && { tpl=$HERE/conf/opsgate-maintenance.toml; expect=503; ready=/_health/live; }
             [[ $t == opsgate-nolog ]] && al=false
             alloc_port; admin=$ALLOCATED
             # Its own directory: opsgate watches the config's directory, and the
@@ -201,10 +205,10 @@ measure() {
     TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info "${vg[@]}" "${cmd[@]}" >"$dir/stdout.log" 2>"$dir/stderr.log" &
     local pid=$!
     PIDS+=("$pid")
-    wait_http "http://127.0.0.1:$port/tiny" 120 || die "$t did not start under callgrind (see $dir/stderr.log)"
-    python3 "$RUN/client.py" "$port" "$WARMUP_REQUESTS" || die "$t: warm-up failed"
+    wait_http "http://127.0.0.1:$port$ready" 120 || die "$t did not start under callgrind (see $dir/stderr.log)"
+    python3 "$RUN/client.py" "$port" "$WARMUP_REQUESTS" "$expect" || die "$t: warm-up failed"
     callgrind_control --zero "$pid" >/dev/null 2>&1 || die "callgrind_control --zero $pid failed"
-    python3 "$RUN/client.py" "$port" "$REQUESTS" || die "$t: measured run failed"
+    python3 "$RUN/client.py" "$port" "$REQUESTS" "$expect" || die "$t: measured run failed"
     callgrind_control --dump=measured "$pid" >/dev/null 2>&1 || die "callgrind_control --dump $pid failed"
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true

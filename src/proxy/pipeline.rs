@@ -206,6 +206,9 @@ impl Proxy {
 
         // 6. upstream.
         let (mut parts, body) = req.into_parts();
+        // Room for what is added below (request id, X-Forwarded-*, Host): the map grows
+        // once, not once per insert.
+        parts.headers.reserve(5);
         let request_id = headers::ensure_request_id(&mut parts.headers);
         rec.request_id = Some(request_id.clone());
         let upgrade = headers::upgrade_kind(&parts.headers, parts.version);

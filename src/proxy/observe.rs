@@ -96,13 +96,13 @@ impl Drop for Record {
 /// The response body with its record riding along until the last frame.
 pub struct ObservedBody {
     inner: Body,
-    record: Option<Record>,
+    record: Option<Box<Record>>,
     /// Keeps the connection counted busy until the response is done.
     in_flight: Option<super::listener::InFlight>,
 }
 
 impl ObservedBody {
-    pub fn new(inner: Body, record: Option<Record>) -> Self {
+    pub fn new(inner: Body, record: Option<Box<Record>>) -> Self {
         Self {
             inner,
             record,

@@ -40,6 +40,11 @@ impl Gcra {
         }
     }
 
+    /// Nanoseconds between two tokens.
+    pub fn interval_ns(&self) -> u64 {
+        self.interval_ns
+    }
+
     /// The state of a bucket with no token left at `at`.
     pub fn full_at(&self, at: u64) -> u64 {
         at.saturating_add(self.tolerance_ns)

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// A buffer this full is flushed without waiting for the interval.
 const FLUSH_BYTES: usize = 64 * 1024;
-/// Past this, lines are dropped: the writer cannot keep up, and requests must not wait
-/// for it (the log writer's own queue drops lines the same way).
+/// Past this, across all buffers, lines are dropped: the writer cannot keep up, and
+/// requests must not wait for it (the log writer's own queue drops lines the same way).
+/// Split evenly between the buffers, so a stalled stdout holds at most this much.
 const MAX_PENDING: usize = 4 * 1024 * 1024;
 
 /// A line buffer on a cache line of its own, so two threads' appends do not contend.
@@ -27,6 +28,8 @@ struct Shard(Mutex<Vec<u8>>);
 
 struct Shared {
     shards: Box<[Shard]>,
+    /// Each buffer's share of `MAX_PENDING`.
+    shard_limit: usize,
     /// Some buffer holds lines the flusher has not been told about.
     pending: AtomicBool,
     /// A buffer crossed `FLUSH_BYTES`: flush now.
@@ -60,10 +63,10 @@ impl Batcher {
     /// interleave with another writer's.
     pub fn start<W: Write + Send + 'static>(out: W) -> std::io::Result<(Batcher, FlushGuard)> {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let shards = threads * 2;
         let shared = Arc::new(Shared {
-            shards: (0..threads * 2)
-                .map(|_| Shard(Mutex::new(Vec::new())))
-                .collect(),
+            shards: (0..shards).map(|_| Shard(Mutex::new(Vec::new()))).collect(),
+            shard_limit: (MAX_PENDING / shards).max(FLUSH_BYTES),
             pending: AtomicBool::new(false),
             urgent: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -88,7 +91,7 @@ impl Batcher {
         let shared = &*self.shared;
         let index = SHARD.with(|i| *i) % shared.shards.len();
         let mut buf = lock(&shared.shards[index]);
-        if buf.len() >= MAX_PENDING {
+        if buf.len() >= shared.shard_limit {
             return;
         }
         let before = buf.len();
@@ -240,6 +243,50 @@ mod tests {
             assert_eq!(mine, (0..500).collect::<Vec<_>>());
         }
         assert!(text.ends_with("last\n") || text.contains("last\n"));
+    }
+
+    /// A writer that blocks while the test holds its gate: a stdout nobody reads.
+    struct Stalled(Arc<Mutex<()>>);
+
+    impl Write for Stalled {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            drop(self.0.lock());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_writer_holds_at_most_the_cap_and_requests_do_not_wait() {
+        let gate = Arc::new(Mutex::new(()));
+        let (batcher, _guard) = Batcher::start(Stalled(gate.clone())).unwrap();
+        // Taken after the guard, so it is released first even if an assertion fails:
+        // the guard's close waits for the flusher, which waits for the gate.
+        let held = gate.lock().unwrap();
+        let line = [b'x'; 1023];
+        let shards = batcher.shared.shards.len();
+        // Every buffer is offered twice its share: the flusher takes a first batch and
+        // blocks in `write`; the rest piles up to the cap and beyond it is dropped.
+        let per_thread = 2 * MAX_PENDING / shards / 1024 + 64;
+        std::thread::scope(|s| {
+            for _ in 0..shards {
+                let b = batcher.clone();
+                s.spawn(move || {
+                    for _ in 0..per_thread {
+                        b.write(|out| {
+                            out.extend_from_slice(&line);
+                            out.push(b'\n');
+                        });
+                    }
+                });
+            }
+        });
+        let pending: usize = batcher.shared.shards.iter().map(|s| lock(s).len()).sum();
+        assert!(pending <= MAX_PENDING, "{pending} bytes held");
+        assert!(pending >= MAX_PENDING / 2, "{pending} bytes held");
+        drop(held);
     }
 
     #[test]

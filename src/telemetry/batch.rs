@@ -158,7 +158,7 @@ fn flush_loop<W: Write>(shared: &Shared, mut out: W) {
 
 impl FlushGuard {
     /// Flushes what is buffered and stops the flusher. Lines written after this are lost.
-    pub fn close(&mut self) {
+    fn close(&mut self) {
         let Some(thread) = self.thread.take() else {
             return;
         };
@@ -178,16 +178,17 @@ impl Drop for FlushGuard {
 mod tests {
     use super::*;
 
-    /// A writer the test can read back.
+    /// A writer the test can read back, and wait on.
     #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
+    struct Sink(Arc<(Mutex<Vec<u8>>, std::sync::Condvar)>);
 
     impl Write for Sink {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
+            let (buf, written) = &*self.0;
+            buf.lock()
                 .map_err(|_| std::io::Error::other("poisoned"))?
                 .extend_from_slice(b);
+            written.notify_all();
             Ok(b.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -197,19 +198,18 @@ mod tests {
 
     impl Sink {
         fn text(&self) -> String {
-            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+            String::from_utf8(self.0.0.lock().unwrap().clone()).unwrap()
         }
 
-        /// Waits (a bounded number of flush intervals) until `n` lines arrived.
+        /// Waits until `n` lines arrived, or 50 flush intervals passed.
         fn wait_lines(&self, n: usize) -> String {
-            let deadline = Instant::now() + FLUSH_INTERVAL * 50;
-            loop {
-                let t = self.text();
-                if t.lines().count() >= n || Instant::now() > deadline {
-                    return t;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            let (buf, written) = &*self.0;
+            let (buf, _) = written
+                .wait_timeout_while(buf.lock().unwrap(), FLUSH_INTERVAL * 50, |b| {
+                    b.iter().filter(|c| **c == b'\n').count() < n
+                })
+                .unwrap();
+            String::from_utf8(buf.clone()).unwrap()
         }
     }
 

@@ -23,18 +23,10 @@ pub enum LogFormat {
 }
 
 /// Keeps the log writer threads alive; dropping it flushes what is buffered: the access
-/// lines' batches first, then the writer's queue.
+/// lines' batches first, then the writer's queue (fields drop in declaration order).
 pub struct LogGuard {
-    access: Option<super::batch::FlushGuard>,
+    _access: Option<super::batch::FlushGuard>,
     _writer: tracing_appender::non_blocking::WorkerGuard,
-}
-
-impl Drop for LogGuard {
-    fn drop(&mut self) {
-        if let Some(mut a) = self.access.take() {
-            a.close();
-        }
-    }
 }
 
 /// Sets up logging. Lines are formatted on the caller's thread but written by a
@@ -83,7 +75,7 @@ pub fn init(format: Option<LogFormat>) -> (LogGuard, super::access::AccessLog) {
         LogFormat::Pretty => builder.try_init(),
     };
     let guard = LogGuard {
-        access: access_guard,
+        _access: access_guard,
         _writer: guard,
     };
     (guard, access)

@@ -1,16 +1,14 @@
 //! Opening upstream connections: TCP (connect timeout, nodelay, keepalive), rustls with
-//! ALPN for https, and the connection wrapper a call that gave up can reset.
+//! ALPN for https, and the connection wrapper that resets a connection cut mid-request.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
 use http::uri::{Authority, Scheme};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -116,7 +114,6 @@ impl Connector {
             .map_err(|_| ConnectError::Timeout(self.connect_timeout))??;
         Ok(UpstreamIo {
             inner,
-            abort: Abort::default(),
             reset_mid_request: self.reset_mid_request,
             mid_request: false,
         })
@@ -153,47 +150,6 @@ impl std::fmt::Display for Connector {
         match self.addr {
             Some(addr) => write!(f, "{addr}"),
             None => write!(f, "{}:{}", self.host, self.port),
-        }
-    }
-}
-
-/// Resets one upstream connection at once. A call that gave up (timeout, client gone)
-/// uses it: a connection stuck writing a body the upstream never reads would otherwise
-/// stay open until the upstream closes it, and a plain close would queue its FIN behind
-/// the unsent body.
-#[derive(Clone, Default)]
-pub struct Abort(Arc<AbortInner>);
-
-#[derive(Default)]
-struct AbortInner {
-    aborted: AtomicBool,
-    waker: AtomicWaker,
-}
-
-impl Abort {
-    pub fn abort(&self) {
-        self.0.aborted.store(true, Ordering::Release);
-        self.0.waker.wake();
-    }
-
-    #[cfg(test)]
-    pub fn same_as(&self, other: &Abort) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-
-    fn is_aborted(&self) -> bool {
-        self.0.aborted.load(Ordering::Acquire)
-    }
-}
-
-/// Resets the connection a call is using if the call ends without its response (timeout,
-/// or the future dropped because the client went away). Disarmed by a response.
-pub struct AbortOnDrop(pub Option<Abort>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(abort) = self.0.take() {
-            abort.abort();
         }
     }
 }
@@ -263,42 +219,24 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// An upstream connection that its [`Abort`] can reset. On HTTP/1.1 it is also reset when
-/// closed after writing with nothing read since (a call cut mid-request, e.g. its client's
-/// body broke off): a FIN would wait behind the unsent body of an upstream that is not
+/// An upstream connection. On HTTP/1.1 it is reset when closed after writing with nothing
+/// read since (a call cut mid-request: timed out, its client gone, or its client's body
+/// broken off): a FIN would wait behind the unsent body of an upstream that is not
 /// reading, and the upstream would hold its socket until its own timeout.
 pub struct UpstreamIo {
     inner: Stream,
-    abort: Abort,
     reset_mid_request: bool,
     mid_request: bool,
 }
 
 impl UpstreamIo {
-    pub fn abort_handle(&self) -> Abort {
-        self.abort.clone()
-    }
-
-    /// After an abort: every operation fails, and the close that follows is a reset.
-    fn aborted(&mut self, cx: &mut Context<'_>) -> bool {
-        self.abort.0.waker.register(cx.waker());
-        if !self.abort.is_aborted() {
-            return false;
+    #[cfg(test)]
+    pub fn plain(tcp: TcpStream) -> Self {
+        Self {
+            inner: Stream::Plain(tcp),
+            reset_mid_request: true,
+            mid_request: false,
         }
-        let _ = self.tcp().set_zero_linger();
-        true
-    }
-
-    /// `op` on the stream, unless the call using it was abandoned.
-    fn poll_io<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        op: impl FnOnce(Pin<&mut Stream>, &mut Context<'_>) -> Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if self.aborted(cx) {
-            return Poll::Ready(Err(aborted_error()));
-        }
-        op(Pin::new(&mut self.inner), cx)
     }
 
     /// A write: bytes written and none read since is a connection mid-request.
@@ -307,7 +245,7 @@ impl UpstreamIo {
         cx: &mut Context<'_>,
         op: impl FnOnce(Pin<&mut Stream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
-        let r = self.poll_io(cx, op);
+        let r = op(Pin::new(&mut self.inner), cx);
         if let Poll::Ready(Ok(n)) = r {
             self.mid_request |= n > 0;
         }
@@ -322,10 +260,6 @@ impl UpstreamIo {
     }
 }
 
-fn aborted_error() -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionAborted, "call abandoned")
-}
-
 impl AsyncRead for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -333,7 +267,7 @@ impl AsyncRead for UpstreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let r = this.poll_io(cx, |s, cx| s.poll_read(cx, buf));
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             this.mid_request = false;
         }
@@ -365,7 +299,7 @@ impl AsyncWrite for UpstreamIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_io(cx, |s, cx| s.poll_flush(cx))
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -375,9 +309,7 @@ impl AsyncWrite for UpstreamIo {
 
 impl Drop for UpstreamIo {
     fn drop(&mut self) {
-        // hyper may close the connection itself once the call is gone: still a reset.
-        let cut = self.reset_mid_request && self.mid_request;
-        if cut || self.abort.is_aborted() {
+        if self.reset_mid_request && self.mid_request {
             let _ = self.tcp().set_zero_linger();
         }
     }

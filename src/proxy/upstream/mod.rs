@@ -5,8 +5,11 @@
 mod h2;
 mod io;
 mod pool;
+mod quiet;
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -14,10 +17,10 @@ use http::{HeaderValue, Request, Response, Uri};
 use hyper_util::rt::TokioIo;
 
 use self::h2::H2Upstream;
-use self::io::{AbortOnDrop, ConnectError, Connector};
+use self::io::{ConnectError, Connector};
 pub use self::io::{TlsFileError, tls_config};
 pub use self::pool::UpstreamBody;
-use self::pool::{Conn, Pool};
+use self::pool::{Conn, Pool, Slot};
 use super::body::Body;
 use super::respond::ProxyError;
 use crate::config::UpstreamSection;
@@ -83,7 +86,7 @@ impl Target {
         let transport = if s.http2 {
             Transport::Http2(H2Upstream::new())
         } else {
-            Transport::Http1(Pool::new(pool::IDLE_TIMEOUT, pool::MAX_IDLE))
+            Transport::Http1(Pool::new(name.into(), pool::IDLE_TIMEOUT, pool::MAX_IDLE))
         };
         Ok(Self {
             name: name.into(),
@@ -186,33 +189,65 @@ impl Target {
 
     /// HTTP/1.1: an idle connection if one is open, else a new one. A request the idle
     /// connection never started (the app closed it between requests) goes again: on the
-    /// next idle connection, then on a new one, never twice on a new one.
+    /// next idle connection, then on a new one, never twice on a new one. The connection
+    /// is driven here until the response headers, then by the response body.
     async fn send_h1(
         &self,
         pool: &Arc<Pool>,
         mut req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        // Only a call with a body can leave its connection stuck mid-request: a bodiless
-        // one that is dropped lets hyper close the connection on its own.
-        let stuck_if_dropped = !http_body::Body::is_end_stream(req.body());
         loop {
-            let (mut conn, reused) = match pool.checkout() {
+            let (conn, reused) = match pool.checkout() {
                 Some(conn) => (conn, true),
                 None => (self.connect_h1().await?, false),
             };
-            // A connection handed back at its response's last byte may not be ready yet.
-            if reused && conn.sender.ready().await.is_err() {
-                continue;
-            }
-            let sending = conn.sender.try_send_request(req);
-            // Declared after `sending`, so dropped before it: the abort is raised before
-            // hyper learns the call is gone and closes the connection its own
-            // (FIN-queued) way.
-            let mut guard = AbortOnDrop(stuck_if_dropped.then(|| conn.abort.clone()));
-            match sending.await {
+            let Conn {
+                mut sender,
+                driver,
+                quiet,
+            } = conn;
+            let mut driver = Some(driver);
+            // Queued under the quiet waker too: the queue wakes the connection, polled next.
+            let mut unsent = Some(req);
+            let sending = std::future::poll_fn(|cx| {
+                let req = unsent.take().expect("polled once");
+                Poll::Ready(quiet.poll(cx, |_| sender.try_send_request(req)))
+            })
+            .await;
+            let mut sending = std::pin::pin!(sending);
+            // A call dropped here (timeout, client gone) drops the connection with it:
+            // closed, or reset if the request was cut (see `UpstreamIo`).
+            let sent = std::future::poll_fn(|cx| {
+                quiet.poll(cx, |cx| {
+                    if let Some(d) = &mut driver
+                        && pool::poll_driver(d, cx, &self.name).is_ready()
+                    {
+                        // Ended: dropping it answers the pending request with its error.
+                        driver = None;
+                    }
+                    sending.as_mut().poll(cx)
+                })
+            })
+            .await;
+            match sent {
                 Ok(resp) => {
-                    guard.0 = None;
-                    return Ok(resp.map(|b| UpstreamBody::new(b, Some((conn, pool.clone())))));
+                    let Some(driver) = driver else {
+                        return Ok(resp.map(|b| UpstreamBody::new(b, None)));
+                    };
+                    let conn = Conn {
+                        sender,
+                        driver,
+                        quiet,
+                    };
+                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        conn.detach(self.name.clone());
+                        return Ok(resp.map(|b| UpstreamBody::new(b, None)));
+                    }
+                    let slot = Slot {
+                        conn,
+                        pool: pool.clone(),
+                    };
+                    return Ok(resp.map(|b| UpstreamBody::new(b, Some(slot))));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
@@ -224,19 +259,13 @@ impl Target {
 
     async fn connect_h1(&self) -> Result<Conn, SendError> {
         let io = self.connector.connect().await.map_err(SendError::Connect)?;
-        let abort = io.abort_handle();
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        let (sender, driver) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
             .map_err(SendError::Handshake)?;
-        let upstream = self.name.clone();
+        let upstream = &self.name;
         tracing::debug!(%upstream, peer = %self.connector, "upstream connection opened");
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(%upstream, error = %ErrorChain(&e), "upstream connection closed");
-            }
-        });
-        Ok(Conn { sender, abort })
+        Ok(Conn::new(sender, driver))
     }
 }
 

@@ -1,32 +1,83 @@
 //! HTTP/1.1 keep-alive connections to one upstream: the idle ones, most recently used
-//! first, and the response body that hands its connection back once fully read.
+//! first, and the response body that drives its connection and hands it back once fully
+//! read. A connection has no task of its own: whichever call holds it polls it.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http1::{Connection, SendRequest};
+use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use super::io::Abort;
+use super::ErrorChain;
+use super::io::UpstreamIo;
+use super::quiet::Quiet;
 use crate::proxy::body::Body;
 
 /// An idle connection older than this is closed. Apps close theirs sooner (gunicorn 2 s,
-/// Node 5 s); a stale one is detected on checkout or replayed on a fresh connection.
+/// Node 5 s); a request on a stale one is replayed, the close being read before it is sent.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per upstream; past it the least recently used is closed.
 /// Above the concurrency a sidecar sees, so a steady load never churns connections.
 pub const MAX_IDLE: usize = 128;
 
-/// One HTTP/1.1 connection: the sender half and the handle that resets its socket.
+/// hyper's half of a connection: what reads and writes the socket. Boxed, once per
+/// connection, because hyper's type for a connection that can upgrade has no name; and it
+/// must be that one from the first poll, or a 101 read in that poll fails the upgrade.
+pub type Driver = Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>;
+
+/// Moves a connection on: reads and writes what it can. `Ready` once the connection has
+/// ended (closed or failed); it must not be polled after that.
+pub fn poll_driver(driver: &mut Driver, cx: &mut Context<'_>, upstream: &str) -> Poll<()> {
+    match driver.as_mut().poll(cx) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Ok(())) => Poll::Ready(()),
+        Poll::Ready(Err(e)) => {
+            tracing::debug!(%upstream, error = %ErrorChain(&e), "upstream connection closed");
+            Poll::Ready(())
+        }
+    }
+}
+
+/// One HTTP/1.1 connection, driven by the task of the call using it, as Pingora does:
+/// a request and its response wake no second task and cross no channel between tasks.
+/// An idle connection is next polled by the call that takes it, which reads a close the
+/// app sent meanwhile before it writes the request; hyper then hands the request back
+/// unsent. Dropping a connection closes the socket (a reset if cut mid-request).
 pub struct Conn {
     pub sender: SendRequest<Body>,
-    pub abort: Abort,
+    pub driver: Driver,
+    /// The waker both halves are polled with (see [`Quiet`]).
+    pub quiet: Quiet,
+}
+
+impl Conn {
+    pub fn new(sender: SendRequest<Body>, driver: Connection<TokioIo<UpstreamIo>, Body>) -> Self {
+        Self {
+            sender,
+            driver: Box::pin(driver.with_upgrades()),
+            quiet: Quiet::new(),
+        }
+    }
+
+    /// Hands the connection to a task of its own, for a response that switched protocols:
+    /// the upgraded stream comes out once the connection has been driven to its end.
+    pub fn detach(self, upstream: std::sync::Arc<str>) {
+        let Self { sender, driver, .. } = self;
+        tokio::spawn(async move {
+            let _sender = sender;
+            if let Err(e) = driver.await {
+                tracing::debug!(%upstream, error = %ErrorChain(&e), "upstream connection closed");
+            }
+        });
+    }
 }
 
 struct Idle {
@@ -35,39 +86,62 @@ struct Idle {
 }
 
 pub struct Pool {
+    upstream: Arc<str>,
     /// Most recently used at the back. Never held across an await; per upstream.
     idle: Mutex<VecDeque<Idle>>,
     idle_timeout: Duration,
     max_idle: usize,
-    reaper_started: std::sync::atomic::AtomicBool,
+    /// The waker of every idle connection: a close or stray bytes on one wakes the pool's
+    /// watcher, which reads it and closes the connection at once, as nginx does for its
+    /// cached upstream connections (no socket left in CLOSE_WAIT until the next call).
+    watch: Arc<Watch>,
+    watch_waker: Waker,
+    watcher_started: AtomicBool,
+}
+
+struct Watch(tokio::sync::Notify);
+
+impl Wake for Watch {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
 }
 
 impl Pool {
-    pub fn new(idle_timeout: Duration, max_idle: usize) -> Arc<Self> {
+    pub fn new(upstream: Arc<str>, idle_timeout: Duration, max_idle: usize) -> Arc<Self> {
+        let watch = Arc::new(Watch(tokio::sync::Notify::new()));
         Arc::new(Self {
+            upstream,
             idle: Mutex::new(VecDeque::new()),
             idle_timeout,
             max_idle,
-            reaper_started: std::sync::atomic::AtomicBool::new(false),
+            watch_waker: Waker::from(watch.clone()),
+            watch,
+            watcher_started: AtomicBool::new(false),
         })
     }
 
-    /// The most recently used idle connection that is still open.
+    /// The most recently used idle connection.
     pub fn checkout(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(i) = idle.pop_back() {
-            if !i.conn.sender.is_closed() {
-                return Some(i.conn);
-            }
-        }
-        None
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_back()
+            .map(|i| i.conn)
     }
 
-    /// Takes back a connection whose response was read to the end.
+    /// Takes back a connection whose response was read to the end. One still busy (an
+    /// early response while the request body is being written) is closed instead: a later
+    /// call would wait behind that body.
     pub fn put(self: &Arc<Self>, conn: Conn) {
-        if conn.sender.is_closed() {
+        if !conn.sender.is_ready() {
             return;
         }
+        conn.quiet.hand_to(&self.watch_waker);
         let now = Instant::now();
         let evicted = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -76,54 +150,76 @@ impl Pool {
             evicted
         };
         drop(evicted);
-        self.start_reaper();
+        self.start_watcher();
     }
 
-    /// Closes the connections idle longer than the idle timeout. Returns how many are left.
-    fn evict_expired(&self, now: Instant) -> usize {
-        let expired: Vec<Idle> = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let keep_from = idle
-                .iter()
-                .position(|i| now.saturating_duration_since(i.since) < self.idle_timeout)
-                .unwrap_or(idle.len());
-            idle.drain(..keep_from).collect()
-        };
-        drop(expired);
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    /// Closes the connections idle longer than the idle timeout and those that ended while
+    /// idle (each is polled). Returns how many are left.
+    fn sweep(&self, now: Instant) -> usize {
+        let mut cx = Context::from_waker(&self.watch_waker);
+        let mut ended = Vec::new();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        for mut i in std::mem::take(&mut *idle) {
+            let Conn { driver, quiet, .. } = &mut i.conn;
+            let open = now.saturating_duration_since(i.since) < self.idle_timeout
+                && quiet
+                    .poll(&mut cx, |cx| poll_driver(driver, cx, &self.upstream))
+                    .is_pending();
+            if open {
+                idle.push_back(i);
+            } else {
+                ended.push(i);
+            }
+        }
+        let left = idle.len();
+        drop(idle);
+        // Closed outside the lock.
+        drop(ended);
+        left
     }
 
-    /// One task per pool closes expired connections, so an idle sidecar holds no
-    /// upstream sockets after the idle timeout; it ends with the pool.
-    fn start_reaper(self: &Arc<Self>) {
-        use std::sync::atomic::Ordering;
-        if self.reaper_started.load(Ordering::Relaxed)
-            || self.reaper_started.swap(true, Ordering::AcqRel)
+    /// One task per pool sweeps when an idle connection wakes it and every quarter of the
+    /// idle timeout, so an idle sidecar holds no upstream sockets after the idle timeout;
+    /// it ends with the pool.
+    fn start_watcher(self: &Arc<Self>) {
+        if self.watcher_started.load(Ordering::Relaxed)
+            || self.watcher_started.swap(true, Ordering::AcqRel)
         {
             return;
         }
         let pool: Weak<Self> = Arc::downgrade(self);
+        let watch = self.watch.clone();
         let every = self.idle_timeout / 4;
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = watch.0.notified() => {}
+                }
                 let Some(pool) = pool.upgrade() else { return };
-                pool.evict_expired(Instant::now());
+                pool.sweep(Instant::now());
             }
         });
     }
 }
 
-/// A response body from an upstream. On HTTP/1.1 it holds its connection and returns it
-/// to the pool as soon as the last frame is out: a body dropped before its end takes the
-/// connection with it, since hyper cannot reuse a connection with unread response bytes.
+/// A response body from an upstream. On HTTP/1.1 it holds its connection, drives it
+/// while the body is read and returns it to the pool as soon as the last frame is out: a
+/// body dropped before its end takes the connection with it, since a connection with
+/// unread response bytes cannot be reused.
 pub struct UpstreamBody {
     inner: Incoming,
-    slot: Option<(Conn, Arc<Pool>)>,
+    slot: Option<Slot>,
+}
+
+/// The connection a response body came on, and where it goes back.
+pub struct Slot {
+    pub conn: Conn,
+    pub pool: Arc<Pool>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, slot: Option<(Conn, Arc<Pool>)>) -> Self {
+    pub fn new(inner: Incoming, slot: Option<Slot>) -> Self {
         let mut body = Self { inner, slot };
         body.release_if_done();
         body
@@ -131,8 +227,8 @@ impl UpstreamBody {
 
     fn release_if_done(&mut self) {
         if self.slot.is_some() && http_body::Body::is_end_stream(&self.inner) {
-            let (conn, pool) = self.slot.take().expect("checked");
-            pool.put(conn);
+            let slot = self.slot.take().expect("checked");
+            slot.pool.put(slot.conn);
         }
     }
 }
@@ -146,15 +242,33 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let r = match &mut this.slot {
+            // The connection first: it moves the bytes this body reads.
+            Some(Slot { conn, pool }) => {
+                let inner = &mut this.inner;
+                let Conn { driver, quiet, .. } = conn;
+                let (ended, r) = quiet.poll(cx, |cx| {
+                    let ended = poll_driver(driver, cx, &pool.upstream).is_ready();
+                    (ended, Pin::new(inner).poll_frame(cx))
+                });
+                if ended {
+                    this.slot = None;
+                    // The connection's end closed this body's channel: read that now.
+                    if r.is_pending() {
+                        return Pin::new(&mut this.inner).poll_frame(cx);
+                    }
+                }
+                r
+            }
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
         match &r {
             Poll::Ready(Some(Ok(_))) => this.release_if_done(),
             Poll::Ready(None) => {
-                if let Some((conn, pool)) = this.slot.take() {
-                    pool.put(conn);
+                if let Some(slot) = this.slot.take() {
+                    slot.pool.put(slot.conn);
                 }
             }
-            // An error ends the connection: dropping the sender lets hyper close it.
             Poll::Ready(Some(Err(_))) => this.slot = None,
             Poll::Pending => {}
         }
@@ -174,53 +288,85 @@ impl http_body::Body for UpstreamBody {
 mod tests {
     use super::*;
 
-    async fn conn_to(listener: &tokio::net::TcpListener) -> Conn {
+    /// A connection polled once (so ready for a request), and the server's end of it.
+    async fn conn_to(listener: &tokio::net::TcpListener) -> (Conn, tokio::net::TcpStream) {
         let addr = listener.local_addr().unwrap();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(tcp))
+        let (server, _) = listener.accept().await.unwrap();
+        let (sender, driver) =
+            hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(UpstreamIo::plain(tcp)))
                 .await
                 .unwrap();
-        tokio::spawn(conn);
-        Conn {
-            sender,
-            abort: Abort::default(),
-        }
+        let mut conn = Conn::new(sender, driver);
+        let Conn { driver, quiet, .. } = &mut conn;
+        let polled = std::future::poll_fn(|cx| {
+            Poll::Ready(quiet.poll(cx, |cx| poll_driver(driver, cx, "app")))
+        });
+        assert!(polled.await.is_pending(), "open");
+        assert!(conn.sender.is_ready());
+        (conn, server)
+    }
+
+    /// The server's end sees the connection closed.
+    async fn closed(server: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0; 16];
+        let read = server.read(&mut buf);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), read).await,
+            Ok(Ok(0) | Err(_))
+        )
     }
 
     #[tokio::test]
     async fn checkout_is_most_recent_first_and_bounded() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let pool = Pool::new(IDLE_TIMEOUT, 2);
-        let (a, b, c) = (
-            conn_to(&listener).await,
-            conn_to(&listener).await,
-            conn_to(&listener).await,
-        );
-        let (a_abort, c_abort) = (a.abort.clone(), c.abort.clone());
+        let pool = Pool::new("app".into(), IDLE_TIMEOUT, 2);
+        let (a, mut server_a) = conn_to(&listener).await;
+        let (b, mut server_b) = conn_to(&listener).await;
+        let (c, mut server_c) = conn_to(&listener).await;
         pool.put(a);
         pool.put(b);
         // Over the bound: the least recently used (`a`) is closed.
         pool.put(c);
-        let first = pool.checkout().unwrap();
-        assert!(first.abort.same_as(&c_abort));
-        let second = pool.checkout().unwrap();
-        assert!(!second.abort.same_as(&a_abort));
+        assert!(closed(&mut server_a).await);
+        drop(pool.checkout().unwrap());
+        assert!(closed(&mut server_c).await, "c, the most recent, first");
+        drop(pool.checkout().unwrap());
+        assert!(closed(&mut server_b).await);
+        assert!(pool.checkout().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_app_closes_is_closed_at_once() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Pool::new("app".into(), IDLE_TIMEOUT, 8);
+        let (conn, mut server) = conn_to(&listener).await;
+        pool.put(conn);
+        // The app's FIN; its socket can still read opsgate's.
+        server.shutdown().await.unwrap();
+        assert!(
+            closed(&mut server).await,
+            "closed long before the idle timeout"
+        );
         assert!(pool.checkout().is_none());
     }
 
     #[tokio::test(start_paused = true)]
     async fn idle_connections_expire() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let pool = Pool::new(Duration::from_secs(10), 8);
-        pool.put(conn_to(&listener).await);
+        let pool = Pool::new("app".into(), Duration::from_secs(10), 8);
+        let (conn, _server_a) = conn_to(&listener).await;
+        pool.put(conn);
         tokio::time::advance(Duration::from_secs(6)).await;
-        pool.put(conn_to(&listener).await);
-        assert_eq!(pool.evict_expired(Instant::now()), 2);
+        let (conn, _server_b) = conn_to(&listener).await;
+        pool.put(conn);
+        assert_eq!(pool.sweep(Instant::now()), 2);
         tokio::time::advance(Duration::from_secs(5)).await;
         // Only the older one is past 10 s.
-        assert_eq!(pool.evict_expired(Instant::now()), 1);
+        assert_eq!(pool.sweep(Instant::now()), 1);
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(pool.evict_expired(Instant::now()), 0);
+        assert_eq!(pool.sweep(Instant::now()), 0);
     }
 }

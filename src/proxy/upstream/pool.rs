@@ -242,35 +242,51 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let r = match &mut this.slot {
-            // The connection first: it moves the bytes this body reads.
-            Some(Slot { conn, pool }) => {
-                let inner = &mut this.inner;
-                let Conn { driver, quiet, .. } = conn;
-                let (ended, r) = quiet.poll(cx, |cx| {
-                    let ended = poll_driver(driver, cx, &pool.upstream).is_ready();
-                    (ended, Pin::new(inner).poll_frame(cx))
-                });
-                if ended {
-                    this.slot = None;
-                    // The connection's end closed this body's channel: read that now.
-                    if r.is_pending() {
-                        return Pin::new(&mut this.inner).poll_frame(cx);
-                    }
-                }
-                r
-            }
-            None => Pin::new(&mut this.inner).poll_frame(cx),
+        let Some(Slot { conn, pool }) = &mut this.slot else {
+            return Pin::new(&mut this.inner).poll_frame(cx);
         };
-        match &r {
-            Poll::Ready(Some(Ok(_))) => this.release_if_done(),
-            Poll::Ready(None) => {
-                if let Some(slot) = this.slot.take() {
-                    slot.pool.put(slot.conn);
+        let inner = &mut this.inner;
+        let Conn { driver, quiet, .. } = conn;
+        let (ended, r) = quiet.poll(cx, |cx| {
+            // What the connection has read is taken first: a small response is all in the
+            // body's channel by the time its headers are out, and needs no further poll.
+            let r = Pin::new(&mut *inner).poll_frame(cx);
+            if r.is_ready() {
+                return (false, r);
+            }
+            let ended = poll_driver(driver, cx, &pool.upstream).is_ready();
+            (ended, Pin::new(inner).poll_frame(cx))
+        });
+        if ended {
+            this.slot = None;
+            // The connection's end closed this body's channel: read that now.
+            if r.is_pending() {
+                return Pin::new(&mut this.inner).poll_frame(cx);
+            }
+            return r;
+        }
+        let done = match &r {
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Err(_))) => {
+                this.slot = None;
+                false
+            }
+            Poll::Pending => false,
+        };
+        if done && let Some(Slot { mut conn, pool }) = this.slot.take() {
+            // The connection goes idle in the poll that reads the response's end; one
+            // that has not yet (its end came with this frame) gets that poll now.
+            if !conn.sender.is_ready() {
+                let Conn { driver, quiet, .. } = &mut conn;
+                if quiet
+                    .poll(cx, |cx| poll_driver(driver, cx, &pool.upstream))
+                    .is_ready()
+                {
+                    return r;
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.slot = None,
-            Poll::Pending => {}
+            pool.put(conn);
         }
         r
     }

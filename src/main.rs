@@ -14,10 +14,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let (_log_guard, access_log) = opsgate::telemetry::logging::init(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("opsgate: cannot start the async runtime: {e}");
@@ -28,6 +25,24 @@ fn main() -> ExitCode {
     // Background tasks may still log; stop them before the log writer flushes and exits.
     rt.shutdown_timeout(std::time::Duration::from_millis(200));
     code
+}
+
+/// One worker thread per CPU this process may use (`TOKIO_WORKER_THREADS` overrides; a
+/// cgroup CPU limit and the affinity mask count). With one, a current-thread runtime, as
+/// linkerd2-proxy does: a sidecar given one core pays nothing for a work-stealing
+/// scheduler (cross-thread wake-ups, poll-time statistics) on every wake-up.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()
 }
 
 async fn dispatch(cmd: Command, access_log: opsgate::telemetry::access::AccessLog) -> ExitCode {

@@ -25,7 +25,8 @@
 #   METHOD [GET]        request method of the measured runs (e.g. POST; no body)
 #   OPSGATE_VARIANTS    extra opsgate targets, "name=template.toml ...": each runs
 #                       as target "opsgate-<name>" from a template with the same
-#                       placeholders as bench/conf/opsgate.toml
+#                       placeholders as bench/conf/opsgate.toml; "name=template.toml@BIN"
+#                       runs another opsgate binary (A/B of two builds in one run)
 #   SETUP_HOOK          shell command run once every target is up, before the idle
 #                       window; $BENCH_PORTS names a file of "target port admin_port pid",
 #                       $BENCH_OUT the result directory
@@ -71,10 +72,16 @@ METHOD="${METHOD:-GET}"
 export WRK_METHOD="$METHOD"   # read by bench/wrk-report.lua
 IDLE="${IDLE:-2s}"
 OUT_DIR="${OUT_DIR:-$REPO/bench/out/$(date +%Y%m%d-%H%M%S)}"
-declare -A VARIANT_TPL=()
+declare -A VARIANT_TPL=() VARIANT_BIN=()
 for v in $OPSGATE_VARIANTS; do
     [[ $v == *=* ]] || die "OPSGATE_VARIANTS entry '$v' is not name=template"
-    tpl=${v#*=}; [[ $tpl == /* ]] || tpl="$PWD/$tpl"
+    tpl=${v#*=}
+    if [[ $tpl == *@* ]]; then
+        bin=${tpl#*@}; tpl=${tpl%%@*}
+        [[ -x $bin ]] || die "no opsgate binary at $bin"
+        VARIANT_BIN[opsgate-${v%%=*}]=$bin
+    fi
+    [[ $tpl == /* ]] || tpl="$PWD/$tpl"
     [[ -f $tpl ]] || die "no such template: $tpl"
     VARIANT_TPL[opsgate-${v%%=*}]=$tpl
     TARGETS="$TARGETS opsgate-${v%%=*}"
@@ -261,6 +268,7 @@ PORT[direct]=${PORT[backend]}
 
 # ---------------------------------------------------------------- proxies
 cp "$OPSGATE_BIN" "$RUN/opsgate.bin"   # a rebuild elsewhere must not swap it mid-run
+for t in "${!VARIANT_BIN[@]}"; do cp "${VARIANT_BIN[$t]}" "$RUN/$t.bin"; done
 OPSGATE_VERSION=$("$RUN/opsgate.bin" --version 2>/dev/null || echo unknown)
 
 for t in $TARGETS; do
@@ -282,7 +290,8 @@ for t in $TARGETS; do
             # log written next to it would wake the watcher on every write.
             mkdir -p "$dir/conf"
             render "$tpl" "$dir/conf/opsgate.toml" PORT="${PORT[$t]}" BACKEND_PORT="${PORT[backend]}" ADMIN_PORT="$admin" ACCESS_LOG="$al"
-            launch "$t" "$PROXY_CPU" env TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info "$RUN/opsgate.bin" run --config "$dir/conf/opsgate.toml" ;;
+            bin="$RUN/opsgate.bin"; [[ -n ${VARIANT_BIN[$t]:-} ]] && bin="$RUN/$t.bin"
+            launch "$t" "$PROXY_CPU" env TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info "$bin" run --config "$dir/conf/opsgate.toml" ;;
         *) die "unknown target $t" ;;
     esac
 done

@@ -348,9 +348,16 @@ impl Rooms {
         };
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut servers = Vec::new();
+        let rt = tokio::runtime::Handle::current();
+        let runtime = match rt.runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread",
+            _ => "multi-thread",
+        };
         tracing::info!(
             listen = %bound.proxy,
             admin = %bound.admin,
+            runtime,
+            workers = rt.metrics().num_workers(),
             egress = bound.egress.map(|a| a.to_string()),
             config = shared.source.path.as_ref().map(|p| p.display().to_string()),
             version = env!("CARGO_PKG_VERSION"),

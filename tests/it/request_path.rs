@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::eventually;
-use crate::support::opsgate::{Launch, breaker, get, raw_exchange, raw_status};
+use crate::support::opsgate::{Launch, breaker, get, raw_exchange, raw_status, request};
 use crate::support::upstream::{Unanswered, Upstream, full, seen};
 
 /// Upper bound for any condition awaited below; the configs use far shorter timeouts.
@@ -341,6 +341,35 @@ async fn sequential_calls_reuse_one_upstream_connection() {
     }
     assert_eq!(app.hits(), 20);
     assert_eq!(app.connections(), 1);
+}
+
+/// One usable CPU (here `TOKIO_WORKER_THREADS=1`) runs opsgate on tokio's current-thread
+/// runtime: requests with and without bodies, probes and the stop all work there too.
+#[tokio::test]
+async fn one_worker_runs_the_current_thread_runtime() {
+    let app = Upstream::echo("app").await;
+    let mut og = Launch::new()
+        .config(&format!("[proxy]\nupstream = \"{}\"\n", app.url()))
+        .env("TOKIO_WORKER_THREADS", "1")
+        .loopback()
+        .start()
+        .await;
+    assert!(
+        og.logs()
+            .iter()
+            .any(|l| l.contains("opsgate started") && l.contains("current-thread")),
+        "{:?}",
+        og.logs()
+    );
+    for i in 0..10 {
+        let a = request("POST", &og.url(&format!("/one/{i}")), &[], "payload").await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.json()["body_bytes"], 7);
+        assert_eq!(get(&og.url("/_health/live"), &[]).await.status, 200);
+    }
+    assert_eq!(app.hits(), 10);
+    og.sigterm();
+    assert!(og.wait_exit(Duration::from_secs(10)).await.success());
 }
 
 /// An app that answers one request per connection with a keep-alive response, then

@@ -62,11 +62,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
-    let mut builder = http_builder(limits);
-    // No header timer of hyper's here: it arms a boxed timer for every request head. The
-    // connection loop's idle watchdog (`drive`) cuts a head not in within
-    // `header_read_timeout` of the connection going idle, on h1 and h2 alike.
-    builder.http1().header_read_timeout(None);
+    let builder = http_builder(limits);
     let mut accept_errors = 0u32;
     loop {
         let accepted = tokio::select! {
@@ -166,9 +162,8 @@ pub async fn serve(
 
 /// Runs one connection to its end. It is asked to close gracefully (`Connection: close`,
 /// GOAWAY) on shutdown, when it has had no request in flight for `header_read_timeout`
-/// (an idle connection, a partial h1 head, h2 preface or HEADERS frame; an h1 connection
-/// between requests closes at once), and when its client cancels too many streams (h2
-/// rapid reset).
+/// (an idle h2 connection, a partial h2 preface or HEADERS frame: nothing hyper's h1
+/// header timer sees), and when its client cancels too many streams (h2 rapid reset).
 /// A connection that has not finished `header_read_timeout` after an idle or abuse close
 /// began is dropped.
 async fn drive<F>(

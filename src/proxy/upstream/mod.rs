@@ -211,7 +211,7 @@ impl Target {
             let mut unsent = Some(req);
             let sending = std::future::poll_fn(|cx| {
                 let req = unsent.take().expect("polled once");
-                Poll::Ready(quiet.poll(cx, |_| sender.try_send_request(req)))
+                quiet.poll(cx, |_| Poll::Ready(sender.try_send_request(req)))
             })
             .await;
             let mut sending = std::pin::pin!(sending);

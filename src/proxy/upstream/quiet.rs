@@ -4,8 +4,9 @@
 //! polls the other half before it yields. Every other wake passes to the task.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 
 thread_local! {
     /// The `Quiet` whose call this thread is polling right now, if any.
@@ -20,12 +21,15 @@ pub struct Quiet {
 struct Shared {
     /// The task that last polled through this waker.
     task: Mutex<Option<Waker>>,
+    /// A wake was dropped during the current poll.
+    dropped: AtomicBool,
 }
 
 impl Quiet {
     pub fn new() -> Self {
         let shared = Arc::new(Shared {
             task: Mutex::new(None),
+            dropped: AtomicBool::new(false),
         });
         let waker = Waker::from(shared.clone());
         Self { shared, waker }
@@ -39,8 +43,13 @@ impl Quiet {
 
     /// Runs `poll` with this waker in place of the task's. `poll` must poll every future
     /// that can wake another within it after that other one: a wake raised inside is
-    /// dropped.
-    pub fn poll<T>(&self, cx: &mut Context<'_>, poll: impl FnOnce(&mut Context<'_>) -> T) -> T {
+    /// dropped. Should `poll` end pending after a wake was dropped (a future that woke
+    /// itself to yield, as hyper does after 16 rounds of its loop), the task is woken.
+    pub fn poll<T: Pending>(
+        &self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(&mut Context<'_>) -> T,
+    ) -> T {
         {
             let mut task = self.shared.task.lock().unwrap_or_else(|p| p.into_inner());
             match &*task {
@@ -48,8 +57,31 @@ impl Quiet {
                 _ => *task = Some(cx.waker().clone()),
             }
         }
-        let _marked = Marked(POLLING.replace(Arc::as_ptr(&self.shared)));
-        poll(&mut Context::from_waker(&self.waker))
+        let r = {
+            let _marked = Marked(POLLING.replace(Arc::as_ptr(&self.shared)));
+            poll(&mut Context::from_waker(&self.waker))
+        };
+        if self.shared.dropped.swap(false, Ordering::Relaxed) && r.is_pending() {
+            cx.waker().wake_by_ref();
+        }
+        r
+    }
+}
+
+/// What a quiet poll returns: whether it ended pending.
+pub trait Pending {
+    fn is_pending(&self) -> bool;
+}
+
+impl<T> Pending for Poll<T> {
+    fn is_pending(&self) -> bool {
+        Poll::is_pending(self)
+    }
+}
+
+impl<T> Pending for (bool, Poll<T>) {
+    fn is_pending(&self) -> bool {
+        self.1.is_pending()
     }
 }
 
@@ -70,6 +102,7 @@ impl Wake for Shared {
     fn wake_by_ref(self: &Arc<Self>) {
         // Raised by the call's own polling, on its own thread: it is about to look.
         if POLLING.get() == Arc::as_ptr(self) {
+            self.dropped.store(true, Ordering::Relaxed);
             return;
         }
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner());
@@ -82,7 +115,7 @@ impl Wake for Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     struct Count(AtomicUsize);
 
@@ -98,18 +131,46 @@ mod tests {
         let task = Waker::from(count.clone());
         let mut cx = Context::from_waker(&task);
         let quiet = Quiet::new();
-        let stored = quiet.poll(&mut cx, |cx| {
+        let Poll::Ready(stored) = quiet.poll(&mut cx, |cx| {
             cx.waker().wake_by_ref();
-            cx.waker().clone()
-        });
+            Poll::Ready(cx.waker().clone())
+        }) else {
+            unreachable!()
+        };
         assert_eq!(count.0.load(Ordering::Relaxed), 0, "raised while polling");
         stored.wake_by_ref();
         assert_eq!(count.0.load(Ordering::Relaxed), 1, "raised afterwards");
         // From another thread while this one polls: passes.
-        quiet.poll(&mut cx, |_| {
+        let _ = quiet.poll(&mut cx, |_| {
             let w = stored.clone();
             std::thread::spawn(move || w.wake()).join().unwrap();
+            Poll::Ready(())
         });
         assert_eq!(count.0.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_poll_that_woke_itself_and_yields_wakes_the_task() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let task = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&task);
+        let quiet = Quiet::new();
+        let r = quiet.poll(&mut cx, |cx| {
+            cx.waker().wake_by_ref();
+            Poll::<()>::Pending
+        });
+        assert!(r.is_pending());
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            1,
+            "nothing else would poll it again"
+        );
+        // A ready poll needs no wake, and the dropped one is not carried over.
+        let _ = quiet.poll(&mut cx, |cx| {
+            cx.waker().wake_by_ref();
+            Poll::Ready(())
+        });
+        let _ = quiet.poll(&mut cx, |_| Poll::<()>::Pending);
+        assert_eq!(count.0.load(Ordering::Relaxed), 1);
     }
 }

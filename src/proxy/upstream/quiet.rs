@@ -23,6 +23,8 @@ struct Shared {
     task: Mutex<Option<Waker>>,
     /// A wake was dropped during the current poll.
     dropped: AtomicBool,
+    /// A wake passed to the task since its last poll.
+    woke: AtomicBool,
 }
 
 impl Quiet {
@@ -30,15 +32,22 @@ impl Quiet {
         let shared = Arc::new(Shared {
             task: Mutex::new(None),
             dropped: AtomicBool::new(false),
+            woke: AtomicBool::new(false),
         });
         let waker = Waker::from(shared.clone());
         Self { shared, waker }
     }
 
     /// Wakes `waker` from now on, until the next `poll` (a pooled connection's watcher).
+    /// A wake the last task got after its last poll (the app's close, just then) is
+    /// passed on, or it would be seen only at the next checkout.
     pub fn hand_to(&self, waker: &Waker) {
         let mut task = self.shared.task.lock().unwrap_or_else(|p| p.into_inner());
         *task = Some(waker.clone());
+        drop(task);
+        if self.shared.woke.swap(false, Ordering::AcqRel) {
+            waker.wake_by_ref();
+        }
     }
 
     /// Runs `poll` with this waker in place of the task's. `poll` must poll every future
@@ -57,6 +66,7 @@ impl Quiet {
                 _ => *task = Some(cx.waker().clone()),
             }
         }
+        self.shared.woke.store(false, Ordering::Relaxed);
         let r = {
             let _marked = Marked(POLLING.replace(Arc::as_ptr(&self.shared)));
             poll(&mut Context::from_waker(&self.waker))
@@ -105,6 +115,7 @@ impl Wake for Shared {
             self.dropped.store(true, Ordering::Relaxed);
             return;
         }
+        self.woke.store(true, Ordering::Release);
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = &*task {
             w.wake_by_ref();
@@ -147,6 +158,28 @@ mod tests {
             Poll::Ready(())
         });
         assert_eq!(count.0.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_wake_after_the_last_poll_reaches_the_next_owner() {
+        let (first, next) = (
+            Arc::new(Count(AtomicUsize::new(0))),
+            Arc::new(Count(AtomicUsize::new(0))),
+        );
+        let task = Waker::from(first.clone());
+        let quiet = Quiet::new();
+        let Poll::Ready(stored) = quiet.poll(&mut Context::from_waker(&task), |cx| {
+            Poll::Ready(cx.waker().clone())
+        }) else {
+            unreachable!()
+        };
+        stored.wake_by_ref();
+        quiet.hand_to(&Waker::from(next.clone()));
+        assert_eq!(first.0.load(Ordering::Relaxed), 1);
+        assert_eq!(next.0.load(Ordering::Relaxed), 1, "passed on");
+        // Handed on again with no wake since: nothing to pass.
+        quiet.hand_to(&Waker::from(next.clone()));
+        assert_eq!(next.0.load(Ordering::Relaxed), 1);
     }
 
     #[test]

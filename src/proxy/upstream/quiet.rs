@@ -128,6 +128,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    /// A task waker that counts its wakes.
     struct Count(AtomicUsize);
 
     impl Wake for Count {
@@ -136,56 +137,65 @@ mod tests {
         }
     }
 
+    fn counted() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (count.clone(), Waker::from(count))
+    }
+
+    impl Count {
+        fn get(&self) -> usize {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    /// The waker `quiet` lends out while it polls for `task` (what a future stores).
+    fn lent(quiet: &Quiet, task: &Waker) -> Waker {
+        match quiet.poll(&mut Context::from_waker(task), |cx| {
+            Poll::Ready(cx.waker().clone())
+        }) {
+            Poll::Ready(w) => w,
+            Poll::Pending => unreachable!(),
+        }
+    }
+
     #[test]
     fn a_wake_inside_the_poll_is_dropped_and_one_after_it_passes() {
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let task = Waker::from(count.clone());
+        let (count, task) = counted();
         let mut cx = Context::from_waker(&task);
         let quiet = Quiet::new();
-        let Poll::Ready(stored) = quiet.poll(&mut cx, |cx| {
+        let _ = quiet.poll(&mut cx, |cx| {
             cx.waker().wake_by_ref();
-            Poll::Ready(cx.waker().clone())
-        }) else {
-            unreachable!()
-        };
-        assert_eq!(count.0.load(Ordering::Relaxed), 0, "raised while polling");
+            Poll::Ready(())
+        });
+        let stored = lent(&quiet, &task);
+        assert_eq!(count.get(), 0, "raised while polling");
         stored.wake_by_ref();
-        assert_eq!(count.0.load(Ordering::Relaxed), 1, "raised afterwards");
+        assert_eq!(count.get(), 1, "raised afterwards");
         // From another thread while this one polls: passes.
         let _ = quiet.poll(&mut cx, |_| {
             let w = stored.clone();
             std::thread::spawn(move || w.wake()).join().unwrap();
             Poll::Ready(())
         });
-        assert_eq!(count.0.load(Ordering::Relaxed), 2);
+        assert_eq!(count.get(), 2);
     }
 
     #[test]
     fn a_wake_after_the_last_poll_reaches_the_next_owner() {
-        let (first, next) = (
-            Arc::new(Count(AtomicUsize::new(0))),
-            Arc::new(Count(AtomicUsize::new(0))),
-        );
-        let task = Waker::from(first.clone());
+        let ((first, task), (next, next_task)) = (counted(), counted());
         let quiet = Quiet::new();
-        let Poll::Ready(stored) = quiet.poll(&mut Context::from_waker(&task), |cx| {
-            Poll::Ready(cx.waker().clone())
-        }) else {
-            unreachable!()
-        };
-        stored.wake_by_ref();
-        quiet.hand_to(&Waker::from(next.clone()));
-        assert_eq!(first.0.load(Ordering::Relaxed), 1);
-        assert_eq!(next.0.load(Ordering::Relaxed), 1, "passed on");
+        lent(&quiet, &task).wake_by_ref();
+        quiet.hand_to(&next_task);
+        assert_eq!(first.get(), 1);
+        assert_eq!(next.get(), 1, "passed on");
         // Handed on again with no wake since: nothing to pass.
-        quiet.hand_to(&Waker::from(next.clone()));
-        assert_eq!(next.0.load(Ordering::Relaxed), 1);
+        quiet.hand_to(&next_task);
+        assert_eq!(next.get(), 1);
     }
 
     #[test]
     fn a_poll_that_woke_itself_and_yields_wakes_the_task() {
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let task = Waker::from(count.clone());
+        let (count, task) = counted();
         let mut cx = Context::from_waker(&task);
         let quiet = Quiet::new();
         let r = quiet.poll(&mut cx, |cx| {
@@ -193,17 +203,13 @@ mod tests {
             Poll::<()>::Pending
         });
         assert!(r.is_pending());
-        assert_eq!(
-            count.0.load(Ordering::Relaxed),
-            1,
-            "nothing else would poll it again"
-        );
+        assert_eq!(count.get(), 1, "nothing else would poll it again");
         // A ready poll needs no wake, and the dropped one is not carried over.
         let _ = quiet.poll(&mut cx, |cx| {
             cx.waker().wake_by_ref();
             Poll::Ready(())
         });
         let _ = quiet.poll(&mut cx, |_| Poll::<()>::Pending);
-        assert_eq!(count.0.load(Ordering::Relaxed), 1);
+        assert_eq!(count.get(), 1);
     }
 }

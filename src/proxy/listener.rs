@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::body::BoxError;
+use super::head_timer::{HeadClock, HeadTimer};
 use super::pipeline::{Conn, Proxy, Side};
 
 /// hyper's read buffer cannot be smaller than this; `max_header_bytes` below it is raised.
@@ -92,7 +93,10 @@ pub async fn serve(
         let tls_acceptor = tls.as_ref().and_then(|t| t.load_full());
         let conn_info = Conn::new(peer, tls_acceptor.is_some(), side);
         let proxy = proxy.clone();
-        let builder = builder.clone();
+        let head = HeadClock::new();
+        let mut builder = builder.clone();
+        // The h1 header deadline, kept by this connection's watchdog (`drive`).
+        builder.http1().timer(HeadTimer(head.clone()));
         // Held until the connection is gone: the caller's `shutdown()` waits for it.
         let watcher = graceful.watcher();
         let stop = stop.clone();
@@ -149,7 +153,7 @@ pub async fn serve(
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .into_owned();
-            let result = drive(conn, &state, limits, stop, peer).await;
+            let result = drive(conn, &state, &head, limits, stop, peer).await;
             drop(watcher);
             if let Err(e) = result {
                 // Client-side trouble (reset, malformed request, header timeout): not ours to alarm about.
@@ -165,10 +169,11 @@ pub async fn serve(
 /// (an idle h2 connection, a partial h2 preface or HEADERS frame: nothing hyper's h1
 /// header timer sees), and when its client cancels too many streams (h2 rapid reset).
 /// A connection that has not finished `header_read_timeout` after an idle or abuse close
-/// began is dropped.
+/// began is dropped. The same watchdog tells hyper when an h1 request head is overdue.
 async fn drive<F>(
     conn: F,
     state: &ConnState,
+    head: &HeadClock,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
     peer: std::net::SocketAddr,
@@ -218,48 +223,61 @@ where
         .await;
         // Whatever was handled, every signal is looked at (and re-armed) on the next poll.
         gate.fired.store(true, Ordering::Release);
-        match event {
+        let next = match event {
             Signal::Done(r) => return r,
             Signal::Stop => {
                 conn.as_mut().close_gracefully();
                 draining = true;
+                continue;
             }
             Signal::Changed => {
                 changed.set(state.changed.notified());
-                if !draining && state.abusive.load(Ordering::Relaxed) {
-                    tracing::info!(%peer, "closing a connection that cancels too many streams");
-                    conn.as_mut().close_gracefully();
-                    draining = true;
-                    let hard = Instant::now() + limit;
-                    hard_deadline = Some(hard);
-                    watchdog.as_mut().reset(hard);
+                if draining || !state.abusive.load(Ordering::Relaxed) {
+                    continue;
                 }
+                tracing::info!(%peer, "closing a connection that cancels too many streams");
+                conn.as_mut().close_gracefully();
+                draining = true;
+                let hard = Instant::now() + limit;
+                hard_deadline = Some(hard);
+                hard
             }
             Signal::Watchdog => {
                 let now = Instant::now();
+                if head.expire(now.into_std()) {
+                    // hyper ends the connection when the loop polls it next; the watchdog
+                    // stays armed in case it does not.
+                    watchdog.as_mut().reset(now + limit);
+                    continue;
+                }
                 if let Some(hard) = hard_deadline {
                     if now >= hard {
                         tracing::debug!(%peer, "connection did not close in time; dropped");
                         return Ok(());
                     }
-                    watchdog.as_mut().reset(hard);
-                    continue;
-                }
-                match state.idle_deadline(limit) {
-                    Some(due) if now >= due && !draining => {
-                        tracing::debug!(%peer, "closing a connection idle for header_read_timeout");
-                        conn.as_mut().close_gracefully();
-                        draining = true;
-                        let hard = now + limit;
-                        hard_deadline = Some(hard);
-                        watchdog.as_mut().reset(hard);
+                    hard
+                } else {
+                    match state.idle_deadline(limit) {
+                        Some(due) if now >= due && !draining => {
+                            tracing::debug!(%peer, "closing a connection idle for header_read_timeout");
+                            conn.as_mut().close_gracefully();
+                            draining = true;
+                            let hard = now + limit;
+                            hard_deadline = Some(hard);
+                            hard
+                        }
+                        Some(due) if now < due => due,
+                        // A request in flight (or a drain under way): look again a period later.
+                        _ => now + limit,
                     }
-                    Some(due) if now < due => watchdog.as_mut().reset(due),
-                    // A request in flight (or a drain under way): look again a period later.
-                    _ => watchdog.as_mut().reset(now + limit),
                 }
             }
-        }
+        };
+        // An h1 head being read may be due sooner than anything above.
+        let next = head
+            .due()
+            .map_or(next, |due| next.min(Instant::from_std(due)));
+        watchdog.as_mut().reset(next);
     }
 }
 

@@ -1,6 +1,6 @@
 //! The hot path: a request's stages, in the order `pipeline` calls them.
 //!
-//! `listener` accepts -> `normalize` the path -> reserved paths -> `route` ->
+//! `listener` accepts (its h1 header deadline kept by `head_timer`) -> `normalize` the path -> reserved paths -> `route` ->
 //! gates -> `admission` (rate limit, bulkhead) -> `breaker` + `retry` -> `upstream` (with `headers` rewritten) -> `respond` / `observe`.
 //! `runtime` is the compiled config snapshot every stage reads; `window` is the
 //! lock-free sliding window of counters under the breaker's rate rule and the
@@ -11,6 +11,7 @@ pub mod body;
 pub mod breaker;
 pub mod call;
 pub mod clock;
+pub mod head_timer;
 pub mod headers;
 pub mod limits;
 pub mod listener;

@@ -354,13 +354,13 @@ async fn one_worker_runs_the_current_thread_runtime() {
         .loopback()
         .start()
         .await;
-    assert!(
-        og.logs()
-            .iter()
-            .any(|l| l.contains("opsgate started") && l.contains("current-thread")),
-        "{:?}",
-        og.logs()
-    );
+    // Log lines come from a writer thread: the line may trail the open port.
+    let started = og
+        .wait_for_log(LIMIT, |l| {
+            l["message"] == "opsgate started" && l["runtime"] == "current-thread"
+        })
+        .await;
+    assert!(started, "{:?}", og.logs());
     for i in 0..10 {
         let a = request("POST", &og.url(&format!("/one/{i}")), &[], "payload").await;
         assert_eq!(a.status, 200, "{}", a.text());

@@ -9,6 +9,15 @@ use opsgate::app::{self, ConfigSource};
 use opsgate::cli::{Cli, Command};
 use opsgate::config::{self, Overrides};
 
+/// jemalloc, as TiKV and Apollo Router use on Linux: hyper hands each connection a fresh
+/// 8 KiB read buffer per request (the last one is still shared with the request or
+/// response it holds), and the handler's boxed state is another 5.7 KiB. glibc serves
+/// those sizes outside its per-thread cache, through its locked slow path; jemalloc's
+/// thread cache takes them. Measured: 2.9% fewer instructions per request, 11% less CPU
+/// per small request, +0.5 MiB idle RSS (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     // One crypto provider for every rustls user (proxy, probes, Redis, PostgreSQL).
     let _ = rustls::crypto::ring::default_provider().install_default();

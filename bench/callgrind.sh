@@ -317,7 +317,7 @@ GROUPS = [
     ("access log", r"opsgate::telemetry::access"),
     ("opsgate pipeline (proxy, breaker, retry, routing)", r"opsgate::"),
     ("http/bytes/headers types", r"\bhttp::|\bbytes::|http_body"),
-    ("allocator (malloc/free/realloc)", r"\b(_int_)?(malloc|free|realloc|calloc|cfree)\b|malloc_consolidate|tcache|__rust_(alloc|dealloc|realloc)|alloc::alloc::"),
+    ("allocator (malloc/free/realloc)", r"\b(_int_)?(malloc|free|realloc|calloc|cfree)\b|malloc_consolidate|tcache|__rust_(alloc|dealloc|realloc)|alloc::alloc::|_rjem_|jemalloc"),
     ("memcpy/memmove/memset", r"mem(cpy|move|set|cmp)|__memcpy|__memmove|__memset"),
     ("tracing", r"\btracing(_core|_subscriber)?::"),
     ("std/core/alloc (Rust runtime)", r"\b(core|std|alloc)::"),

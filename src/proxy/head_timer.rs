@@ -35,20 +35,32 @@ impl HeadClock {
         }
     }
 
-    /// Marks the head being read as late if `now` is past its deadline. The connection must
-    /// be polled afterwards: hyper learns it from its sleep, which registers no waker.
-    pub fn expire(&self, now: Instant) -> bool {
-        let late = self.due().is_some_and(|due| now >= due);
-        if late {
-            self.expired.store(true, Ordering::Relaxed);
+    /// Marks the head being read as late if `now` is past its deadline. On `Late` the
+    /// connection must be polled next: hyper learns it from its sleep, which registers no
+    /// waker. `StillLate` means it was told before and has not ended the connection.
+    pub fn expire(&self, now: Instant) -> Lateness {
+        if self.due().is_none_or(|due| now < due) {
+            return Lateness::OnTime;
         }
-        late
+        if self.expired.swap(true, Ordering::Relaxed) {
+            Lateness::StillLate
+        } else {
+            Lateness::Late
+        }
     }
 
     fn offset(&self, deadline: Instant) -> u64 {
         let nanos = deadline.saturating_duration_since(self.origin).as_nanos();
         u64::try_from(nanos).unwrap_or(u64::MAX).max(1)
     }
+}
+
+/// Where the head being read stands against its deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lateness {
+    OnTime,
+    Late,
+    StillLate,
 }
 
 /// hyper's `Timer` for one connection's HTTP/1 side. hyper uses it only for the header
@@ -122,10 +134,14 @@ mod tests {
         let mut sleep = timer.sleep_until(deadline);
         assert_eq!(clock.due(), Some(deadline));
         assert!(poll(&mut sleep).is_pending());
-        assert!(!clock.expire(deadline - Duration::from_millis(1)));
+        assert_eq!(
+            clock.expire(deadline - Duration::from_millis(1)),
+            Lateness::OnTime
+        );
         assert!(poll(&mut sleep).is_pending(), "ready before its deadline");
-        assert!(clock.expire(deadline));
+        assert_eq!(clock.expire(deadline), Lateness::Late);
         assert!(poll(&mut sleep).is_ready());
+        assert_eq!(clock.expire(deadline), Lateness::StillLate);
     }
 
     #[test]
@@ -133,7 +149,7 @@ mod tests {
         let clock = HeadClock::new();
         let timer = HeadTimer(clock.clone());
         let first = timer.sleep_until(Instant::now());
-        assert!(clock.expire(Instant::now()));
+        assert_eq!(clock.expire(Instant::now()), Lateness::Late);
         drop(first);
         assert_eq!(
             clock.due(),

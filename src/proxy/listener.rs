@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::body::BoxError;
-use super::head_timer::{HeadClock, HeadTimer};
+use super::head_timer::{HeadClock, HeadTimer, Lateness};
 use super::pipeline::{Conn, Proxy, Side};
 
 /// hyper's read buffer cannot be smaller than this; `max_header_bytes` below it is raised.
@@ -244,11 +244,17 @@ where
             }
             Signal::Watchdog => {
                 let now = Instant::now();
-                if head.expire(now.into_std()) {
-                    // hyper ends the connection when the loop polls it next; the watchdog
-                    // stays armed in case it does not.
-                    watchdog.as_mut().reset(now + limit);
-                    continue;
+                match head.expire(now.into_std()) {
+                    Lateness::OnTime => {}
+                    // hyper ends the connection when the loop polls it next.
+                    Lateness::Late => {
+                        watchdog.as_mut().reset(now + limit);
+                        continue;
+                    }
+                    Lateness::StillLate => {
+                        tracing::debug!(%peer, "request head overdue and not cut by hyper; dropped");
+                        return Ok(());
+                    }
                 }
                 if let Some(hard) = hard_deadline {
                     if now >= hard {

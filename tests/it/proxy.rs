@@ -464,9 +464,9 @@ async fn oversized_headers_get_431_and_the_daemon_keeps_serving() {
 }
 
 /// A head deadline of 500 ms, counted from the head's first byte. A cut that waited for the
-/// connection's idle watchdog and then for its drain lands outside `CUT`.
+/// connection's idle watchdog and then for its drain (1 s) lands outside `CUT`.
 const HEAD_LIMIT: &str = "header_read_timeout = \"500ms\"";
-const CUT: std::ops::Range<Duration> = Duration::from_millis(450)..Duration::from_millis(800);
+const CUT: std::ops::Range<Duration> = Duration::from_millis(450)..Duration::from_millis(950);
 
 #[tokio::test]
 async fn slow_header_client_is_cut_off_after_header_read_timeout() {
@@ -493,6 +493,11 @@ async fn slow_second_head_on_a_keep_alive_connection_is_cut_off_too() {
     let app = Upstream::echo("app").await;
     let og = Opsgate::start(&shorthand(&app.url(), HEAD_LIMIT)).await;
     let mut sock = TcpStream::connect(og.addr()).await.unwrap();
+    // The second head's deadline runs from the end of the first response, which this
+    // client sees late when it is slow itself: timed from before the first request, the
+    // cut is never early. (The idle close falls at the same moment here, so this test
+    // cannot tell the two apart; the first-head tests above can.)
+    let started = Instant::now();
     sock.write_all(b"GET /first HTTP/1.1\r\nhost: t\r\n\r\n")
         .await
         .unwrap();
@@ -503,7 +508,6 @@ async fn slow_second_head_on_a_keep_alive_connection_is_cut_off_too() {
         "{}",
         String::from_utf8_lossy(&first)
     );
-    let started = Instant::now();
     sock.write_all(b"GET /second HTTP/1.1\r\nhost:")
         .await
         .unwrap();

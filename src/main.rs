@@ -13,7 +13,7 @@ use opsgate::config::{self, Overrides};
 /// 8 KiB read buffer per request (the last one is still shared with the request or
 /// response it holds), and the handler's boxed state is another 5.7 KiB. glibc serves
 /// those sizes outside its per-thread cache, through its locked slow path; jemalloc's
-/// thread cache takes them. Measured: 2.9% fewer instructions per request, 11% less CPU
+/// thread cache takes them. Measured: 2.9% fewer instructions per request, 7-11% less CPU
 /// per small request, +0.5 MiB idle RSS (docs/benchmarks.md).
 #[cfg(feature = "jemalloc")]
 #[global_allocator]

@@ -7,14 +7,14 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::eventually;
 use crate::support::metrics::series;
 use crate::support::opsgate::{
-    Opsgate, get, h2c, http1, raw_exchange, raw_status, send, shorthand,
+    Opsgate, get, h2c, http1, raw_exchange, raw_status, read_response, send, shorthand,
 };
 use crate::support::upstream::{Filler, Hangup, Upstream, WsEcho, full, refused_url, seen};
 
@@ -468,6 +468,17 @@ async fn oversized_headers_get_431_and_the_daemon_keeps_serving() {
 const HEAD_LIMIT: &str = "header_read_timeout = \"500ms\"";
 const CUT: std::ops::Range<Duration> = Duration::from_millis(450)..Duration::from_millis(950);
 
+/// Waits for opsgate to close the connection `rd` reads; asserts the close came within
+/// `CUT` of `started`, and returns what opsgate sent before it.
+async fn cut_within_the_limit(rd: &mut (impl AsyncRead + Unpin), started: Instant) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut buf)).await;
+    let took = started.elapsed();
+    assert!(read.is_ok(), "connection still open after 5s");
+    assert!(CUT.contains(&took), "cut off after {took:?}");
+    buf
+}
+
 #[tokio::test]
 async fn slow_header_client_is_cut_off_after_header_read_timeout() {
     let app = Upstream::echo("app").await;
@@ -477,11 +488,7 @@ async fn slow_header_client_is_cut_off_after_header_read_timeout() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     let started = Instant::now();
     sock.write_all(b"GET /slow HT").await.unwrap();
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut buf)).await;
-    let took = started.elapsed();
-    assert!(read.is_ok(), "connection still open after 5s");
-    assert!(CUT.contains(&took), "cut off after {took:?}");
+    let buf = cut_within_the_limit(&mut sock, started).await;
     // Closed without an answer, as hyper and nginx do; never a proxied one.
     assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
     assert_eq!(app.hits(), 0);
@@ -501,52 +508,15 @@ async fn slow_second_head_on_a_keep_alive_connection_is_cut_off_too() {
     sock.write_all(b"GET /first HTTP/1.1\r\nhost: t\r\n\r\n")
         .await
         .unwrap();
-    let first = read_one_response(&mut sock).await;
-    assert_eq!(
-        raw_status(&first),
-        200,
-        "{}",
-        String::from_utf8_lossy(&first)
-    );
+    let (head, _) = read_response(&mut sock).await;
+    assert_eq!(raw_status(head.as_bytes()), 200, "{head}");
     sock.write_all(b"GET /second HTTP/1.1\r\nhost:")
         .await
         .unwrap();
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut buf)).await;
-    let took = started.elapsed();
-    assert!(read.is_ok(), "connection still open after 5s");
-    assert!(CUT.contains(&took), "cut off after {took:?}");
+    let buf = cut_within_the_limit(&mut sock, started).await;
     assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
     assert_eq!(app.hits(), 1);
     still_serving(&og).await;
-}
-
-/// Reads one HTTP/1.1 response with a `content-length` off a kept-alive connection.
-async fn read_one_response(sock: &mut TcpStream) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if buf.len() >= end + 4 + len {
-                return buf;
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut chunk))
-            .await
-            .expect("no response within 5s")
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed mid-response: {}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 #[tokio::test]
@@ -601,12 +571,8 @@ async fn trickling_client_is_cut_off_after_header_read_timeout() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut buf)).await;
-    let took = started.elapsed();
+    cut_within_the_limit(&mut rd, started).await;
     trickle.abort();
-    assert!(read.is_ok(), "trickling connection still open after 5s");
-    assert!(CUT.contains(&took), "cut off after {took:?}");
     assert_eq!(app.hits(), 0);
     still_serving(&og).await;
 }

@@ -12,7 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::eventually;
-use crate::support::opsgate::{Launch, breaker, get, raw_exchange, raw_status, request};
+use crate::support::opsgate::{
+    Launch, breaker, get, raw_exchange, raw_status, read_response, request,
+};
 use crate::support::upstream::{Unanswered, Upstream, full, seen};
 
 /// Upper bound for any condition awaited below; the configs use far shorter timeouts.
@@ -186,42 +188,6 @@ async fn http10_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>
         }
     });
     (addr, task)
-}
-
-/// Reads one response with a `content-length` body from `sock`; returns its head and body.
-async fn read_response(sock: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut data = Vec::new();
-    let mut buf = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = tokio::time::timeout(LIMIT, sock.read(&mut buf))
-            .await
-            .expect("a response within 5s")
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed before a response: {:?}",
-            String::from_utf8_lossy(&data)
-        );
-        data.extend_from_slice(&buf[..n]);
-    };
-    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no content-length: {head}"));
-    while data.len() < head_end + len {
-        let n = sock.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed mid-body");
-        data.extend_from_slice(&buf[..n]);
-    }
-    (head, data[head_end..head_end + len].to_vec())
 }
 
 #[tokio::test]

@@ -148,6 +148,14 @@ mod tests {
         }
     }
 
+    /// A poll that wakes its own task, then returns `r`.
+    fn waking<T>(r: Poll<T>) -> impl FnOnce(&mut Context<'_>) -> Poll<T> {
+        move |cx| {
+            cx.waker().wake_by_ref();
+            r
+        }
+    }
+
     /// The waker `quiet` lends out while it polls for `task` (what a future stores).
     fn lent(quiet: &Quiet, task: &Waker) -> Waker {
         match quiet.poll(&mut Context::from_waker(task), |cx| {
@@ -163,10 +171,7 @@ mod tests {
         let (count, task) = counted();
         let mut cx = Context::from_waker(&task);
         let quiet = Quiet::new();
-        let _ = quiet.poll(&mut cx, |cx| {
-            cx.waker().wake_by_ref();
-            Poll::Ready(())
-        });
+        let _ = quiet.poll(&mut cx, waking(Poll::Ready(())));
         let stored = lent(&quiet, &task);
         assert_eq!(count.get(), 0, "raised while polling");
         stored.wake_by_ref();
@@ -198,17 +203,11 @@ mod tests {
         let (count, task) = counted();
         let mut cx = Context::from_waker(&task);
         let quiet = Quiet::new();
-        let r = quiet.poll(&mut cx, |cx| {
-            cx.waker().wake_by_ref();
-            Poll::<()>::Pending
-        });
+        let r = quiet.poll(&mut cx, waking(Poll::<()>::Pending));
         assert!(r.is_pending());
         assert_eq!(count.get(), 1, "nothing else would poll it again");
         // A ready poll needs no wake, and the dropped one is not carried over.
-        let _ = quiet.poll(&mut cx, |cx| {
-            cx.waker().wake_by_ref();
-            Poll::Ready(())
-        });
+        let _ = quiet.poll(&mut cx, waking(Poll::Ready(())));
         let _ = quiet.poll(&mut cx, |_| Poll::<()>::Pending);
         assert_eq!(count.get(), 1);
     }

@@ -533,6 +533,42 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<V
 }
 
 /// Status code of a raw HTTP/1.x response.
+/// Reads one response with a `content-length` body from `sock`; returns its head and body.
+pub async fn read_response(sock: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+            .await
+            .expect("no response within 5s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a response: {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        data.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    while data.len() < head_end + len {
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed mid-body");
+        data.extend_from_slice(&buf[..n]);
+    }
+    (head, data[head_end..head_end + len].to_vec())
+}
+
 pub fn raw_status(resp: &[u8]) -> u16 {
     let text = String::from_utf8_lossy(resp);
     text.split(' ')

@@ -14,7 +14,8 @@
 #   REQUESTS [20000]        measured requests per run
 #   WARMUP_REQUESTS [2000]  requests before the counters are zeroed
 #   REPEAT [2]              runs per target
-#   TARGETS ["opsgate nginx haproxy"]; also opsgate-plain (bench/conf/opsgate.toml:
+#   TARGETS ["opsgate nginx haproxy hyper"]; `hyper` is the bare hyper proxy of
+#                           bench/bare-hyper (built here when named); also opsgate-plain (bench/conf/opsgate.toml:
 #                           no breaker, no retry), opsgate-nolog (access log off) and
 #                           opsgate-maint (maintenance on: every request a 503)
 #   OPSGATE_CONFIG [bench/conf/opsgate-policy.toml]  template, placeholders as
@@ -34,7 +35,7 @@ REPO="$(cd "$HERE/.." && pwd)"
 REQUESTS="${REQUESTS:-20000}"
 WARMUP_REQUESTS="${WARMUP_REQUESTS:-2000}"
 REPEAT="${REPEAT:-2}"
-TARGETS="${TARGETS:-opsgate nginx haproxy}"
+TARGETS="${TARGETS:-opsgate nginx haproxy hyper}"
 OPSGATE_CONFIG="${OPSGATE_CONFIG:-$HERE/conf/opsgate-policy.toml}"
 OPSGATE_ACCESS_LOG="${OPSGATE_ACCESS_LOG:-true}"
 CALLGRIND_TARGET_DIR="${CALLGRIND_TARGET_DIR:-$REPO/target/callgrind}"
@@ -78,6 +79,12 @@ if [[ -z "${OPSGATE_BIN:-}" ]]; then
     OPSGATE_BIN="$CALLGRIND_TARGET_DIR/release/opsgate"
 fi
 [[ -x "$OPSGATE_BIN" ]] || die "no opsgate binary at $OPSGATE_BIN"
+if [[ " $TARGETS " == *" hyper "* ]]; then
+    log "cargo build --release of bench/bare-hyper"
+    (cd "$HERE/bare-hyper" && CARGO_TARGET_DIR="$REPO/target/bare-hyper" cargo build --release --locked --quiet) \
+        || die "bench/bare-hyper did not build"
+    BARE_HYPER_BIN="$REPO/target/bare-hyper/release/bare-hyper"
+fi
 
 # ---------------------------------------------------------------- state
 RUN="$(mktemp -d /tmp/opsgate-callgrind.XXXXXX)"
@@ -185,6 +192,8 @@ measure() {
         haproxy)
             render "$HERE/conf/haproxy.cfg" "$dir/haproxy.cfg" DIR="$dir" PORT="$port" BACKEND_PORT="$BACKEND_PORT"
             cmd=(haproxy -db -f "$dir/haproxy.cfg") ;;
+        hyper)
+            cmd=("$BARE_HYPER_BIN" "127.0.0.1:$port" "127.0.0.1:$BACKEND_PORT") ;;
         opsgate|opsgate-plain|opsgate-nolog|opsgate-maint)
             local admin tpl=$OPSGATE_CONFIG al=$OPSGATE_ACCESS_LOG
             [[ $t == opsgate-plain ]] && tpl=$HERE/conf/opsgate.toml

@@ -17,7 +17,8 @@
 #   THREADS [1]         wrk threads
 #   WARMUP [1s]         wrk warm-up per target and size before round 1 (0 = none)
 #   SIZES ["tiny 16k 1m"]
-#   TARGETS ["direct nginx haproxy opsgate opsgate-nolog"]
+#   TARGETS ["direct nginx haproxy hyper opsgate opsgate-nolog"]; `hyper` is the
+#                       bare hyper proxy of bench/bare-hyper (built here when named)
 #   RATE [2000]         fixed-rate run: requests per second (0 = skip)
 #   FIXED_DURATION [5s] fixed-rate run duration
 #   FIXED_SIZES ["tiny 16k"]
@@ -58,7 +59,7 @@ CONNS="${CONNS:-32}"
 THREADS="${THREADS:-1}"
 WARMUP="${WARMUP:-1s}"
 SIZES="${SIZES:-tiny 16k 1m}"
-TARGETS="${TARGETS:-direct nginx haproxy opsgate opsgate-nolog}"
+TARGETS="${TARGETS:-direct nginx haproxy hyper opsgate opsgate-nolog}"
 RATE="${RATE:-2000}"
 FIXED_DURATION="${FIXED_DURATION:-5s}"
 FIXED_SIZES="${FIXED_SIZES:-tiny 16k}"
@@ -133,6 +134,12 @@ if [[ -z "${OPSGATE_BIN:-}" ]]; then
     OPSGATE_BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/opsgate"
 fi
 [[ -x "$OPSGATE_BIN" ]] || die "no opsgate binary at $OPSGATE_BIN"
+if [[ " $TARGETS " == *" hyper "* ]]; then
+    log "cargo build --release of bench/bare-hyper"
+    (cd "$HERE/bare-hyper" && CARGO_TARGET_DIR="$REPO/target/bare-hyper" cargo build --release --locked --quiet) \
+        || die "bench/bare-hyper did not build"
+    BARE_HYPER_BIN="$REPO/target/bare-hyper/release/bare-hyper"
+fi
 
 NCPU=$(nproc)
 PINNED=1
@@ -282,6 +289,9 @@ for t in $TARGETS; do
         haproxy)
             render "$HERE/conf/haproxy.cfg" "$dir/haproxy.cfg" DIR="$dir" PORT="${PORT[$t]}" BACKEND_PORT="${PORT[backend]}"
             launch "$t" "$PROXY_CPU" haproxy -db -f "$dir/haproxy.cfg" ;;
+        hyper)
+            cp "$BARE_HYPER_BIN" "$dir/bare-hyper"
+            launch "$t" "$PROXY_CPU" "$dir/bare-hyper" "127.0.0.1:${PORT[$t]}" "127.0.0.1:${PORT[backend]}" ;;
         opsgate|opsgate-*)
             al=${OPSGATE_ACCESS_LOG:-true}; [[ $t == opsgate-nolog ]] && al=false
             tpl="${VARIANT_TPL[$t]:-$HERE/conf/opsgate.toml}"

@@ -15,7 +15,9 @@
 #   WARMUP_REQUESTS [2000]  requests before the counters are zeroed
 #   REPEAT [2]              runs per target
 #   TARGETS ["opsgate nginx haproxy hyper"]; `hyper` is the bare hyper proxy of
-#                           bench/bare-hyper (built here when named); also opsgate-plain (bench/conf/opsgate.toml:
+#                           bench/bare-hyper (built here when named), hyper-mt the same on
+#                           tokio's multi-threaded runtime with one worker (what
+#                           #[tokio::main] gives); also opsgate-plain (bench/conf/opsgate.toml:
 #                           no breaker, no retry), opsgate-nolog (access log off) and
 #                           opsgate-maint (maintenance on: every request a 503)
 #   OPSGATE_CONFIG [bench/conf/opsgate-policy.toml]  template, placeholders as
@@ -79,7 +81,7 @@ if [[ -z "${OPSGATE_BIN:-}" ]]; then
     OPSGATE_BIN="$CALLGRIND_TARGET_DIR/release/opsgate"
 fi
 [[ -x "$OPSGATE_BIN" ]] || die "no opsgate binary at $OPSGATE_BIN"
-if [[ " $TARGETS " == *" hyper "* ]]; then
+if [[ " $TARGETS " == *" hyper"[\ -]* ]]; then
     log "cargo build --release of bench/bare-hyper"
     (cd "$HERE/bare-hyper" && CARGO_TARGET_DIR="$REPO/target/bare-hyper" cargo build --release --locked --quiet) \
         || die "bench/bare-hyper did not build"
@@ -183,7 +185,7 @@ measure() {
     mkdir -p "$dir/tmp"
     alloc_port; port=$ALLOCATED
     local vg=(valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" --dump-line=no)
-    local cmd expect=200 ready=/tiny
+    local cmd expect=200 ready=/tiny bare_runtime=current
     case $t in
         nginx)
             render "$HERE/conf/proxy.nginx.conf" "$dir/nginx.conf" DIR="$dir" PORT="$port" BACKEND_PORT="$BACKEND_PORT"
@@ -192,7 +194,8 @@ measure() {
         haproxy)
             render "$HERE/conf/haproxy.cfg" "$dir/haproxy.cfg" DIR="$dir" PORT="$port" BACKEND_PORT="$BACKEND_PORT"
             cmd=(haproxy -db -f "$dir/haproxy.cfg") ;;
-        hyper)
+        hyper|hyper-mt)
+            [[ $t == hyper-mt ]] && bare_runtime=multi
             cmd=("$BARE_HYPER_BIN" "127.0.0.1:$port" "127.0.0.1:$BACKEND_PORT") ;;
         opsgate|opsgate-plain|opsgate-nolog|opsgate-maint)
             local admin tpl=$OPSGATE_CONFIG al=$OPSGATE_ACCESS_LOG
@@ -211,7 +214,7 @@ measure() {
     # valgrind runs the command in its own process ($! is the pid
     # callgrind_control talks to); the environment is set outside it, as an
     # `env` under valgrind would exec the proxy uninstrumented.
-    TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info "${vg[@]}" "${cmd[@]}" >"$dir/stdout.log" 2>"$dir/stderr.log" &
+    TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info BARE_RUNTIME=$bare_runtime "${vg[@]}" "${cmd[@]}" >"$dir/stdout.log" 2>"$dir/stderr.log" &
     local pid=$!
     PIDS+=("$pid")
     wait_http "http://127.0.0.1:$port$ready" 120 || die "$t did not start under callgrind (see $dir/stderr.log)"

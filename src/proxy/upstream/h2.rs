@@ -41,6 +41,15 @@ impl H2Upstream {
         if let Some(s) = self.open() {
             return Ok(s);
         }
+        // Boxed for the reason `send_h1` boxes its connect: a rare path with a large state.
+        Box::pin(self.connect(connector, upstream)).await
+    }
+
+    async fn connect(
+        &self,
+        connector: &Connector,
+        upstream: &Arc<str>,
+    ) -> Result<SendRequest<Body>, SendError> {
         let _connecting = self.connecting.lock().await;
         if let Some(s) = self.open() {
             return Ok(s);

@@ -199,7 +199,10 @@ impl Target {
         loop {
             let (conn, reused) = match pool.checkout() {
                 Some(conn) => (conn, true),
-                None => (self.connect_h1().await?, false),
+                // Boxed: connecting (TCP, TLS, handshake) is a rare path whose state is
+                // larger than the whole call's; inline, every future that awaits this one
+                // would carry it and be copied at its size on every request.
+                None => (Box::pin(self.connect_h1()).await?, false),
             };
             let Conn {
                 mut sender,

@@ -17,7 +17,9 @@
 #   TARGETS ["opsgate nginx haproxy hyper"]; `hyper` is the bare hyper proxy of
 #                           bench/bare-hyper (built here when named), hyper-mt the same on
 #                           tokio's multi-threaded runtime with one worker (what
-#                           #[tokio::main] gives); also opsgate-plain (bench/conf/opsgate.toml:
+#                           #[tokio::main] gives), hyper-503 the same answering every
+#                           request 503 itself (a hyper server's floor for a rejection);
+#                           also opsgate-plain (bench/conf/opsgate.toml:
 #                           no breaker, no retry), opsgate-nolog (access log off) and
 #                           opsgate-maint (maintenance on: every request a 503)
 #   OPSGATE_CONFIG [bench/conf/opsgate-policy.toml]  template, placeholders as
@@ -128,9 +130,9 @@ render() { # template out KEY=VALUE...
     sed "${args[@]}" "$tpl" >"$out"
 }
 
-wait_http() { # url seconds: until it answers 200
-    local url=$1 deadline=$((SECONDS + $2))
-    until [[ $(curl -sS -o /dev/null -w '%{http_code}' --max-time 2 "$url" 2>/dev/null) == 200 ]]; do
+wait_http() { # url seconds [status]: until it answers with status (200)
+    local url=$1 deadline=$((SECONDS + $2)) want=${3:-200}
+    until [[ $(curl -sS -o /dev/null -w '%{http_code}' --max-time 2 "$url" 2>/dev/null) == "$want" ]]; do
         (( SECONDS < deadline )) || return 1
         sleep 0.2
     done
@@ -185,7 +187,7 @@ measure() {
     mkdir -p "$dir/tmp"
     alloc_port; port=$ALLOCATED
     local vg=(valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" --dump-line=no)
-    local cmd expect=200 ready=/tiny bare_runtime=current
+    local cmd expect=200 ready=/tiny ready_status=200 bare_runtime=current
     case $t in
         nginx)
             render "$HERE/conf/proxy.nginx.conf" "$dir/nginx.conf" DIR="$dir" PORT="$port" BACKEND_PORT="$BACKEND_PORT"
@@ -197,6 +199,9 @@ measure() {
         hyper|hyper-mt)
             [[ $t == hyper-mt ]] && bare_runtime=multi
             cmd=("$BARE_HYPER_BIN" "127.0.0.1:$port" "127.0.0.1:$BACKEND_PORT") ;;
+        hyper-503)
+            expect=503; ready_status=503
+            cmd=("$BARE_HYPER_BIN" "127.0.0.1:$port" -) ;;
         opsgate|opsgate-plain|opsgate-nolog|opsgate-maint)
             local admin tpl=$OPSGATE_CONFIG al=$OPSGATE_ACCESS_LOG
             [[ $t == opsgate-plain ]] && tpl=$HERE/conf/opsgate.toml
@@ -217,7 +222,7 @@ measure() {
     TOKIO_WORKER_THREADS=1 OPSGATE_LOG=info BARE_RUNTIME=$bare_runtime "${vg[@]}" "${cmd[@]}" >"$dir/stdout.log" 2>"$dir/stderr.log" &
     local pid=$!
     PIDS+=("$pid")
-    wait_http "http://127.0.0.1:$port$ready" 120 || die "$t did not start under callgrind (see $dir/stderr.log)"
+    wait_http "http://127.0.0.1:$port$ready" 120 "$ready_status" || die "$t did not start under callgrind (see $dir/stderr.log)"
     python3 "$RUN/client.py" "$port" "$WARMUP_REQUESTS" "$expect" || die "$t: warm-up failed"
     callgrind_control --zero "$pid" >/dev/null 2>&1 || die "callgrind_control --zero $pid failed"
     python3 "$RUN/client.py" "$port" "$REQUESTS" "$expect" || die "$t: measured run failed"

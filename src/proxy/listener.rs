@@ -21,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::body::BoxError;
 use super::head_timer::{HeadClock, HeadTimer, Lateness};
-use super::pipeline::{Conn, Proxy, Side};
+use super::pipeline::{Admitted, Conn, Proxy, Side};
 
 /// hyper's read buffer cannot be smaller than this; `max_header_bytes` below it is raised.
 pub const MIN_HEADER_BUF: usize = 8 * 1024;
@@ -143,9 +143,12 @@ pub async fn serve(
                 let conn_info = conn_info.clone();
                 let mut in_flight = InFlight::start(&service_state);
                 async move {
-                    // Boxed: the handler's state machine is a few KiB, and hyper's dispatcher
-                    // would otherwise move it by value on every request.
-                    let resp = Box::pin(proxy.handle(req, conn_info)).await;
+                    let resp = match proxy.admit(req, conn_info) {
+                        Admitted::Answered(resp) => resp,
+                        // Boxed: the upstream call's state machine is a few KiB, and
+                        // hyper's dispatcher would otherwise move it by value.
+                        Admitted::Forward(f) => Box::pin(proxy.forward(f)).await,
+                    };
                     in_flight.answered(resp.status());
                     Ok::<_, Infallible>(resp.map(|b| b.with_in_flight(in_flight)))
                 }

@@ -1,5 +1,6 @@
-//! The request's path through the proxy, stage by stage, in one function.
-//! normalize -> reserved paths -> route -> gates -> admission -> upstream -> respond.
+//! The request's path through the proxy, stage by stage, in two functions.
+//! `admit`, synchronous: normalize -> reserved paths -> route -> gates -> admission ->
+//! the upstream request; `forward`, the one that waits: upstream call -> respond.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -78,8 +79,34 @@ pub struct Proxy {
 /// How long a client is asked to wait while critical checks hold traffic at startup.
 const STARTING_RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// What the synchronous stages made of a request.
+pub enum Admitted {
+    /// Answered without the upstream: a probe, a scrape, a rejection, a bad path.
+    Answered(Response<ObservedBody>),
+    /// Cleared for the upstream; [`Proxy::forward`] sends it.
+    Forward(Forward),
+}
+
+/// A request cleared for the upstream, with all that answering it needs.
+pub struct Forward {
+    /// Keeps the snapshot the route belongs to (a reload may swap `live` meanwhile).
+    rt: Arc<Runtime>,
+    side: Side,
+    /// The route's place in its table (see `RouteTable::get`).
+    route: usize,
+    rec: Box<Record>,
+    permit: super::admission::BulkheadPermit,
+    outgoing: Outgoing,
+    request_id: HeaderValue,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
 impl Proxy {
-    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<ObservedBody> {
+    /// Everything up to the upstream call, without waiting. Split from [`Self::forward`]
+    /// so a request answered here never builds the upstream call's state (a few KiB),
+    /// which is what makes a rejection cheap.
+    pub fn admit(&self, req: Request<Incoming>, conn: Conn) -> Admitted {
+        use Admitted::Answered;
         let start = Instant::now();
         let rt = self.live.load_full();
         let client = conn.peer.ip();
@@ -91,7 +118,7 @@ impl Proxy {
             Normalized::Path(p) => p,
             Normalized::EncodedSlash => {
                 let m = rt.unmatched_metrics[rt.class_of("/")].clone();
-                return unrouted(&rt, m, &req, &conn, start, ProxyError::BadPath);
+                return Answered(unrouted(&rt, m, &req, &conn, start, ProxyError::BadPath));
             }
         };
         let path: &str = &path;
@@ -102,12 +129,12 @@ impl Proxy {
                 // Probes and scrapes are counted (route "system") but not access-logged.
                 let rec = record(&req, start, rt.system_metrics.clone(), &conn, None);
                 let resp = self.local.health(req, sub);
-                return with_record(resp, rec);
+                return Answered(with_record(resp, rec));
             }
             if rt.metrics_path.as_deref() == Some(path) {
                 let rec = record(&req, start, rt.system_metrics.clone(), &conn, None);
                 let (parts, _) = req.into_parts();
-                return with_record(self.local.metrics(&parts), rec);
+                return Answered(with_record(self.local.metrics(&parts), rec));
             }
         }
 
@@ -121,9 +148,9 @@ impl Proxy {
             Side::Ingress => &rt.ingress,
             Side::Egress => &rt.egress,
         };
-        let Some(route) = table.find(host, path) else {
+        let Some((route_index, route)) = table.find(host, path) else {
             let m = rt.unmatched_metrics[rt.class_of(path)].clone();
-            return unrouted(&rt, m, &req, &conn, start, ProxyError::NoRoute);
+            return Answered(unrouted(&rt, m, &req, &conn, start, ProxyError::NoRoute));
         };
         let metrics = route.metrics_for(rt.class_of(path)).clone();
         let critical = metrics.class() == CRITICAL;
@@ -132,14 +159,14 @@ impl Proxy {
 
         // 4. gates.
         if conn.side == Side::Ingress && self.gates.starting.load(Ordering::Relaxed) {
-            return respond_err(
+            return Answered(respond_err(
                 rec,
                 route,
                 ProxyError::Starting {
                     retry_after: STARTING_RETRY_AFTER,
                 },
                 None,
-            );
+            ));
         }
         if conn.side == Side::Ingress && self.gates.maintenance.is_on() {
             let ip = crate::ops::client_ip(
@@ -152,11 +179,11 @@ impl Proxy {
             {
                 route.maintenance_rejected.inc();
                 rec.error = Some("maintenance");
-                return with_record(respond::maintenance(reject), rec);
+                return Answered(with_record(respond::maintenance(reject), rec));
             }
         }
         if rt.force_open {
-            return respond_err(rec, route, ProxyError::CircuitForced, None);
+            return Answered(respond_err(rec, route, ProxyError::CircuitForced, None));
         }
 
         // 5. admission: rate limit, then the bulkhead and adaptive concurrency, whose
@@ -173,12 +200,12 @@ impl Proxy {
         {
             rl.rejected.inc();
             if !rl.dry_run {
-                return respond_err(
+                return Answered(respond_err(
                     rec,
                     route,
                     ProxyError::RateLimited { retry_after: wait },
                     None,
-                );
+                ));
             }
             if let Some(held) = rl.dry_run_log.allow() {
                 tracing::info!(route = %route.name, more = held, "dry run: rate limit would have rejected requests");
@@ -187,7 +214,7 @@ impl Proxy {
         let upstream = &route.upstream;
         let Some(mut permit) = upstream.bulkhead.try_acquire() else {
             upstream.bulkhead_rejected.inc();
-            return respond_err(rec, route, ProxyError::Overloaded, None);
+            return Answered(respond_err(rec, route, ProxyError::Overloaded, None));
         };
         if let Some((limiter, rejected)) = &upstream.adaptive {
             match limiter.try_acquire(critical, now) {
@@ -199,7 +226,7 @@ impl Proxy {
                 }
                 Err((_, None)) => {
                     rejected.inc();
-                    return respond_err(rec, route, ProxyError::Overloaded, None);
+                    return Answered(respond_err(rec, route, ProxyError::Overloaded, None));
                 }
             }
         }
@@ -223,7 +250,7 @@ impl Proxy {
             .uri_for(route.forward_path(path), parts.uri.path_and_query())
         {
             Ok(u) => u,
-            Err(e) => return respond_err(rec, route, e, Some(request_id)),
+            Err(e) => return Answered(respond_err(rec, route, e, Some(request_id))),
         };
         let host_header = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
@@ -268,9 +295,38 @@ impl Proxy {
             headers: parts.headers,
             body,
         };
+        Admitted::Forward(Forward {
+            rt,
+            side: conn.side,
+            route: route_index,
+            rec,
+            permit,
+            outgoing,
+            request_id,
+            client_upgrade,
+        })
+    }
+
+    /// The upstream call under its protections, and the response to the client.
+    pub async fn forward(&self, f: Forward) -> Response<ObservedBody> {
+        let Forward {
+            rt,
+            side,
+            route,
+            mut rec,
+            permit,
+            outgoing,
+            request_id,
+            client_upgrade,
+        } = f;
+        let route = match side {
+            Side::Ingress => rt.ingress.get(route),
+            Side::Egress => rt.egress.get(route),
+        };
+        let upstream = &route.upstream;
         let breaker = route.breaker.as_deref().or(upstream.breaker.as_ref());
         let result = call::call(
-            target,
+            &upstream.target,
             breaker,
             upstream.retries.as_ref(),
             &self.resilience,

@@ -85,14 +85,21 @@ impl RouteTable {
         Self { routes }
     }
 
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+    /// The first route that takes `host` and `path`, with its place in the table (a
+    /// request cleared for the upstream finds its route again by it; see [`Self::get`]).
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<(usize, &Route)> {
         let host = host.map(strip_port);
-        self.routes.iter().find(|r| {
+        self.routes.iter().enumerate().find(|(_, r)| {
             r.host
                 .as_deref()
                 .is_none_or(|h| host.is_some_and(|req| req.eq_ignore_ascii_case(h)))
                 && segment_prefix(path, &r.prefix)
         })
+    }
+
+    /// The route `find` placed at `index`.
+    pub fn get(&self, index: usize) -> &Route {
+        &self.routes[index]
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Route> {

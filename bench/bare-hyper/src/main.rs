@@ -3,6 +3,8 @@
 //! starts from, measured beside opsgate, nginx and HAProxy.
 //!
 //! Usage: bare-hyper LISTEN_ADDR UPSTREAM_ADDR  (e.g. 127.0.0.1:8080 127.0.0.1:9000)
+//! With `-` as UPSTREAM_ADDR every request is answered 503 with an empty body: the
+//! floor for a rejection answered by a hyper server.
 //! The runtime is tokio's current-thread one, as opsgate's with one worker;
 //! BARE_RUNTIME=multi picks the multi-threaded one (TOKIO_WORKER_THREADS sizes it).
 
@@ -52,6 +54,17 @@ async fn serve(listen: SocketAddr, upstream: String) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        if upstream == "-" {
+            tokio::spawn(async move {
+                let service = service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(status(StatusCode::SERVICE_UNAVAILABLE))
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+            continue;
+        }
         let client = client.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| forward(client.clone(), upstream, req));

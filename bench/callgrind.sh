@@ -83,7 +83,8 @@ if [[ -z "${OPSGATE_BIN:-}" ]]; then
     OPSGATE_BIN="$CALLGRIND_TARGET_DIR/release/opsgate"
 fi
 [[ -x "$OPSGATE_BIN" ]] || die "no opsgate binary at $OPSGATE_BIN"
-if [[ " $TARGETS " == *" hyper"[\ -]* ]]; then
+wants_bare_hyper() { local t; for t in $TARGETS; do [[ $t == hyper || $t == hyper-* ]] && return 0; done; return 1; }
+if wants_bare_hyper; then
     log "cargo build --release of bench/bare-hyper"
     (cd "$HERE/bare-hyper" && CARGO_TARGET_DIR="$REPO/target/bare-hyper" cargo build --release --locked --quiet) \
         || die "bench/bare-hyper did not build"
@@ -166,6 +167,7 @@ PIDS+=("$!")
 wait_http "http://127.0.0.1:$BACKEND_PORT/tiny" 10 || die "backend did not start (see $RUN/backend)"
 
 cp "$OPSGATE_BIN" "$RUN/opsgate.bin"   # a rebuild elsewhere must not swap it mid-run
+[[ -n ${BARE_HYPER_BIN:-} ]] && cp "$BARE_HYPER_BIN" "$RUN/bare-hyper.bin"
 {
     echo "date: $(date -Is)"
     echo "host: $(uname -srm), $(nproc) cpus, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
@@ -198,10 +200,10 @@ measure() {
             cmd=(haproxy -db -f "$dir/haproxy.cfg") ;;
         hyper|hyper-mt)
             [[ $t == hyper-mt ]] && bare_runtime=multi
-            cmd=("$BARE_HYPER_BIN" "127.0.0.1:$port" "127.0.0.1:$BACKEND_PORT") ;;
+            cmd=("$RUN/bare-hyper.bin" "127.0.0.1:$port" "127.0.0.1:$BACKEND_PORT") ;;
         hyper-503)
             expect=503; ready_status=503
-            cmd=("$BARE_HYPER_BIN" "127.0.0.1:$port" -) ;;
+            cmd=("$RUN/bare-hyper.bin" "127.0.0.1:$port" -) ;;
         opsgate|opsgate-plain|opsgate-nolog|opsgate-maint)
             local admin tpl=$OPSGATE_CONFIG al=$OPSGATE_ACCESS_LOG
             [[ $t == opsgate-plain ]] && tpl=$HERE/conf/opsgate.toml

@@ -19,7 +19,8 @@
 #   SIZES ["tiny 16k 1m"]
 #   TARGETS ["direct nginx haproxy hyper opsgate opsgate-nolog"]; `hyper` is the
 #                       bare hyper proxy of bench/bare-hyper (built here when named),
-#                       `hyper-mt` the same on tokio's multi-threaded runtime, one worker
+#                       `hyper-mt` the same on tokio's multi-threaded runtime, one worker,
+#                       `hyper-503` the same answering every request 503 itself
 #   RATE [2000]         fixed-rate run: requests per second (0 = skip)
 #   FIXED_DURATION [5s] fixed-rate run duration
 #   FIXED_SIZES ["tiny 16k"]
@@ -135,7 +136,8 @@ if [[ -z "${OPSGATE_BIN:-}" ]]; then
     OPSGATE_BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/opsgate"
 fi
 [[ -x "$OPSGATE_BIN" ]] || die "no opsgate binary at $OPSGATE_BIN"
-if [[ " $TARGETS " == *" hyper"[\ -]* ]]; then
+wants_bare_hyper() { local t; for t in $TARGETS; do [[ $t == hyper || $t == hyper-* ]] && return 0; done; return 1; }
+if wants_bare_hyper; then
     log "cargo build --release of bench/bare-hyper"
     (cd "$HERE/bare-hyper" && CARGO_TARGET_DIR="$REPO/target/bare-hyper" cargo build --release --locked --quiet) \
         || die "bench/bare-hyper did not build"
@@ -290,11 +292,12 @@ for t in $TARGETS; do
         haproxy)
             render "$HERE/conf/haproxy.cfg" "$dir/haproxy.cfg" DIR="$dir" PORT="${PORT[$t]}" BACKEND_PORT="${PORT[backend]}"
             launch "$t" "$PROXY_CPU" haproxy -db -f "$dir/haproxy.cfg" ;;
-        hyper|hyper-mt)
-            rt=current; [[ $t == hyper-mt ]] && rt=multi
+        hyper|hyper-mt|hyper-503)
+            bare_runtime=current; [[ $t == hyper-mt ]] && bare_runtime=multi
+            bare_upstream="127.0.0.1:${PORT[backend]}"; [[ $t == hyper-503 ]] && bare_upstream=-
             cp "$BARE_HYPER_BIN" "$dir/bare-hyper"
-            launch "$t" "$PROXY_CPU" env BARE_RUNTIME=$rt TOKIO_WORKER_THREADS=1 \
-                "$dir/bare-hyper" "127.0.0.1:${PORT[$t]}" "127.0.0.1:${PORT[backend]}" ;;
+            launch "$t" "$PROXY_CPU" env BARE_RUNTIME=$bare_runtime TOKIO_WORKER_THREADS=1 \
+                "$dir/bare-hyper" "127.0.0.1:${PORT[$t]}" "$bare_upstream" ;;
         opsgate|opsgate-*)
             al=${OPSGATE_ACCESS_LOG:-true}; [[ $t == opsgate-nolog ]] && al=false
             tpl="${VARIANT_TPL[$t]:-$HERE/conf/opsgate.toml}"

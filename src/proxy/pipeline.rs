@@ -307,7 +307,8 @@ impl Proxy {
         })
     }
 
-    /// The upstream call under its protections, and the response to the client.
+    /// The upstream call under its protections, and the response to the client: the part
+    /// of a request that waits, so the only part whose state is boxed.
     pub async fn forward(&self, f: Forward) -> Response<ObservedBody> {
         let Forward {
             rt,

@@ -97,7 +97,8 @@ impl RouteTable {
         })
     }
 
-    /// The route `find` placed at `index`.
+    /// The route `find` placed at `index`. Panics on an index from another table: one
+    /// from `find` is only valid in the snapshot whose table gave it.
     pub fn get(&self, index: usize) -> &Route {
         &self.routes[index]
     }

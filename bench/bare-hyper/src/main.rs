@@ -43,18 +43,10 @@ fn main() {
 
 async fn serve(listen: SocketAddr, upstream: String) {
     let listener = TcpListener::bind(listen).await.expect("bind");
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<HttpConnector, Incoming> =
-        Client::builder(TokioExecutor::new()).build(connector);
-    let upstream: &'static str = Box::leak(upstream.into_boxed_str());
     eprintln!("bare-hyper: listening on {listen}, upstream {upstream}");
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        if upstream == "-" {
+    if upstream == "-" {
+        loop {
+            let stream = accept(&listener).await;
             tokio::spawn(async move {
                 let service = service_fn(|_req: Request<Incoming>| async {
                     Ok::<_, Infallible>(status(StatusCode::SERVICE_UNAVAILABLE))
@@ -63,8 +55,15 @@ async fn serve(listen: SocketAddr, upstream: String) {
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
-            continue;
         }
+    }
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Incoming> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    let upstream: &'static str = Box::leak(upstream.into_boxed_str());
+    loop {
+        let stream = accept(&listener).await;
         let client = client.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| forward(client.clone(), upstream, req));
@@ -72,6 +71,20 @@ async fn serve(listen: SocketAddr, upstream: String) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// The next connection, with Nagle off. An accept error (EMFILE) backs off briefly
+/// instead of spinning.
+async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                return stream;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
     }
 }
 

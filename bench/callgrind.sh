@@ -83,13 +83,12 @@ if [[ -z "${OPSGATE_BIN:-}" ]]; then
     OPSGATE_BIN="$CALLGRIND_TARGET_DIR/release/opsgate"
 fi
 [[ -x "$OPSGATE_BIN" ]] || die "no opsgate binary at $OPSGATE_BIN"
-wants_bare_hyper() { local t; for t in $TARGETS; do [[ $t == hyper || $t == hyper-* ]] && return 0; done; return 1; }
-if wants_bare_hyper; then
+for t in $TARGETS; do
+    [[ $t == hyper || $t == hyper-* ]] || continue
     log "cargo build --release of bench/bare-hyper"
-    (cd "$HERE/bare-hyper" && CARGO_TARGET_DIR="$REPO/target/bare-hyper" cargo build --release --locked --quiet) \
-        || die "bench/bare-hyper did not build"
-    BARE_HYPER_BIN="$REPO/target/bare-hyper/release/bare-hyper"
-fi
+    BARE_HYPER_BIN=$(bash "$HERE/bare-hyper/build.sh") || die "bench/bare-hyper did not build"
+    break
+done
 
 # ---------------------------------------------------------------- state
 RUN="$(mktemp -d /tmp/opsgate-callgrind.XXXXXX)"

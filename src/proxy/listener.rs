@@ -52,6 +52,28 @@ pub fn http_builder(limits: Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The HTTP/1 half of [`http_builder`], for a connection whose first bytes already ruled
+/// out h2: served by hyper's h1 connection directly, without the auto-detecting wrapper
+/// that replays the sniffed bytes and dispatches every poll.
+fn http1_builder(limits: Limits) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BUF))
+        .keep_alive(true);
+    b
+}
+
+/// The h2 connection preface (RFC 9113 §3.4): what a prior-knowledge h2 client sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a connection whose first bytes are `first` may be h2 with prior knowledge.
+/// Any other first bytes (`GET`, `POST`, ...) can only be HTTP/1.
+fn may_be_h2(first: &[u8]) -> bool {
+    let n = first.len().min(H2_PREFACE.len());
+    first[..n] == H2_PREFACE[..n]
+}
+
 /// Accepts until `stop` turns true, then asks every open connection to close gracefully
 /// (`Connection: close` on HTTP/1, GOAWAY on h2) and returns the handle that waits for them.
 pub async fn serve(
@@ -64,6 +86,7 @@ pub async fn serve(
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
     let builder = http_builder(limits);
+    let h1_builder = http1_builder(limits);
     let mut accept_errors = 0u32;
     loop {
         let accepted = tokio::select! {
@@ -94,29 +117,35 @@ pub async fn serve(
         let conn_info = Conn::new(peer, tls_acceptor.is_some(), side);
         let proxy = proxy.clone();
         let head = HeadClock::new();
-        let mut builder = builder.clone();
-        // The h1 header deadline, kept by this connection's watchdog (`drive`).
-        builder.http1().timer(HeadTimer(head.clone()));
+        let builder = builder.clone();
+        let h1_builder = h1_builder.clone();
         // Held until the connection is gone: the caller's `shutdown()` waits for it.
         let watcher = graceful.watcher();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let mut h1_only = false;
             let io = match tls_acceptor {
                 None => {
                     // hyper's header timer starts only after the h1/h2 sniff, which waits for
                     // the first byte without a deadline: a client that sends nothing would
                     // hold its socket forever. One peek bounds that.
-                    let mut first = [0u8; 1];
-                    match tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first))
-                        .await
+                    // The same look decides the protocol when it can: bytes that are not
+                    // the start of the h2 preface mean HTTP/1.
+                    let mut first = [0u8; H2_PREFACE.len()];
+                    let n = match tokio::time::timeout(
+                        limits.header_read_timeout,
+                        stream.peek(&mut first),
+                    )
+                    .await
                     {
-                        Ok(Ok(n)) if n > 0 => {}
+                        Ok(Ok(n)) if n > 0 => n,
                         Ok(_) => return,
                         Err(_) => {
                             tracing::debug!(%peer, "client sent nothing before header_read_timeout");
                             return;
                         }
-                    }
+                    };
+                    h1_only = !may_be_h2(&first[..n]);
                     ClientIo::Plain(stream)
                 }
                 Some(acceptor) => {
@@ -159,10 +188,22 @@ pub async fn serve(
                     Ok::<_, Infallible>(resp.map(|b| b.with_in_flight(in_flight)))
                 }
             });
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
-                .into_owned();
-            let result = drive(conn, &state, &head, limits, stop, peer).await;
+            // The h1 header deadline is kept by this connection's watchdog (`drive`).
+            let result = if h1_only {
+                let mut builder = h1_builder;
+                builder.timer(HeadTimer(head.clone()));
+                let conn = builder
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades();
+                drive(conn, &state, &head, limits, stop, peer).await
+            } else {
+                let mut builder = builder;
+                builder.http1().timer(HeadTimer(head.clone()));
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(io), service)
+                    .into_owned();
+                drive(conn, &state, &head, limits, stop, peer).await
+            };
             drop(watcher);
             if let Err(e) = result {
                 // Client-side trouble (reset, malformed request, header timeout): not ours to alarm about.
@@ -179,7 +220,7 @@ pub async fn serve(
 /// header timer sees), and when its client cancels too many streams (h2 rapid reset).
 /// A connection that has not finished `header_read_timeout` after an idle or abuse close
 /// began is dropped. The same watchdog tells hyper when an h1 request head is overdue.
-async fn drive<F>(
+async fn drive<F, E>(
     conn: F,
     state: &ConnState,
     head: &HeadClock,
@@ -188,7 +229,8 @@ async fn drive<F>(
     peer: std::net::SocketAddr,
 ) -> Result<(), BoxError>
 where
-    F: Future<Output = Result<(), BoxError>> + GracefulClose,
+    F: Future<Output = Result<(), E>> + GracefulClose,
+    E: Into<BoxError>,
 {
     let mut conn = std::pin::pin!(conn);
     let mut stop = std::pin::pin!(stopped(&mut stop));
@@ -233,7 +275,7 @@ where
         // Whatever was handled, every signal is looked at (and re-armed) on the next poll.
         gate.fired.store(true, Ordering::Release);
         let next = match event {
-            Signal::Done(r) => return r,
+            Signal::Done(r) => return r.map_err(Into::into),
             Signal::Stop => {
                 conn.as_mut().close_gracefully();
                 draining = true;
@@ -297,8 +339,8 @@ where
 }
 
 /// What woke a connection's `drive` loop.
-enum Signal {
-    Done(Result<(), BoxError>),
+enum Signal<E> {
+    Done(Result<(), E>),
     Stop,
     Changed,
     Watchdog,
@@ -332,9 +374,22 @@ impl std::task::Wake for SignalGate {
     }
 }
 
-/// `graceful_shutdown` of hyper-util's connection, behind a trait so `drive` can name it.
+/// `graceful_shutdown` of hyper's and hyper-util's connections, behind a trait so `drive` can name it.
 pub trait GracefulClose {
     fn close_gracefully(self: std::pin::Pin<&mut Self>);
+}
+
+impl<S, B> GracefulClose
+    for hyper::server::conn::http1::UpgradeableConnection<TokioIo<ClientIo>, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn close_gracefully(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
 }
 
 impl<S, B> GracefulClose
@@ -557,4 +612,21 @@ pub fn tls_acceptor(
         .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_start_of_the_h2_preface_may_be_h2() {
+        assert!(may_be_h2(H2_PREFACE));
+        assert!(may_be_h2(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12\x04"));
+        // Too few bytes to rule it out.
+        assert!(may_be_h2(b"P"));
+        assert!(may_be_h2(b"PRI * HT"));
+        for h1 in [&b"GET / HTTP/1.1\r\n"[..], b"POST /", b"PUT", b"PATCH", b"PRI / HTTP/1.1"] {
+            assert!(!may_be_h2(h1), "{:?}", String::from_utf8_lossy(h1));
+        }
+    }
 }

@@ -130,16 +130,17 @@ pub struct Outgoing {
     pub body: Incoming,
 }
 
-/// Sends `req` to `target` under `breaker` and `retries`; `timeout` is the route's.
+/// Sends `req` to `target` under `breaker` and `retries`; `timeout` is the route's,
+/// counted from `start`, when the request arrived.
 pub async fn call(
     target: &Target,
     breaker: Option<&GuardedBreaker>,
     retries: Option<&Retries>,
     metrics: &ResilienceMetrics,
     req: Outgoing,
+    start: Instant,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    let start = Instant::now();
     let retry = match retries {
         Some(r) if r.policy.attempts > 1 && r.policy.allows_method(&req.method) => {
             r.budget.record_request(start);
@@ -159,7 +160,7 @@ pub async fn call(
                 (Body::Watched(req.body, fault.clone()), Some(fault))
             };
             let req = build(req.method, req.uri, req.version, req.headers, body);
-            return attempt(target, breaker, req, timeout, fault.as_deref())
+            return attempt(target, breaker, req, start, start + timeout, fault.as_deref())
                 .await
                 .0;
         }
@@ -172,23 +173,27 @@ pub async fn call(
         body,
     } = req;
     // A client that cannot deliver its (small, announced) body is the client's fault.
-    let bytes = if http_body::Body::is_end_stream(&body) {
-        bytes::Bytes::new()
+    // The first attempt starts when the request arrived, or once its body is in: a slow
+    // upload is the client's time, not the upstream's. A retry reads the clock afresh.
+    let (bytes, mut now) = if http_body::Body::is_end_stream(&body) {
+        (bytes::Bytes::new(), start)
     } else {
-        body.collect()
+        let bytes = body
+            .collect()
             .await
             .map_err(|e| ProxyError::from(classify(&e)))?
-            .to_bytes()
+            .to_bytes();
+        (bytes, Instant::now())
     };
     let per_try = retry.policy.per_try_timeout;
-    let deadline = per_try.map(|_| start + timeout);
+    let deadline = start + timeout;
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let now = Instant::now();
-        let this_timeout = match (per_try, deadline) {
-            (Some(p), Some(d)) => p.min(d.saturating_duration_since(now)),
-            _ => timeout,
+        // Without a per-try timeout each attempt gets the route's whole timeout.
+        let this_deadline = match per_try {
+            Some(p) => (now + p).min(deadline),
+            None => now + timeout,
         };
         let req = build(
             method.clone(),
@@ -202,7 +207,7 @@ pub async fn call(
                 Body::Full(Some(bytes.clone()))
             },
         );
-        let (result, kind) = attempt(target, breaker, req, this_timeout, None).await;
+        let (result, kind) = attempt(target, breaker, req, now, this_deadline, None).await;
         let Some(kind) = kind else { return result };
         let retry_after = match &result {
             Ok(r) if matches!(r.status().as_u16(), 429 | 503) => r
@@ -211,8 +216,8 @@ pub async fn call(
                 .and_then(|v| parse_retry_after(v, SystemTime::now())),
             _ => None,
         };
-        let now = Instant::now();
-        let time_left = deadline.map(|d| d.saturating_duration_since(now));
+        now = Instant::now();
+        let time_left = per_try.map(|_| deadline.saturating_duration_since(now));
         match retry
             .policy
             .decide(attempts, &kind, retry_after, time_left, &retry.budget, now)
@@ -228,6 +233,7 @@ pub async fn call(
                 tracing::debug!(upstream = %target.name, reason, attempt = attempts, "retrying");
                 drop(result);
                 tokio::time::sleep(delay).await;
+                now = Instant::now();
             }
             Decision::Stop(Stop::BudgetExhausted { .. }) => {
                 retry.exhausted.inc();
@@ -265,19 +271,20 @@ fn build(
     req
 }
 
-/// One attempt. Returns the result and, when it failed in a way retries may care
-/// about, what kind of failure it was (`None`: success, breaker rejection or client
-/// fault, final).
+/// One attempt, started at `now`, waiting for response headers until `deadline`.
+/// Returns the result and, when it failed in a way retries may care about, what kind of
+/// failure it was (`None`: success, breaker rejection or client fault, final).
 async fn attempt(
     target: &Target,
     breaker: Option<&GuardedBreaker>,
     req: Request<Body>,
-    timeout: Duration,
+    now: Instant,
+    deadline: Instant,
     client_fault: Option<&ClientFault>,
 ) -> (Result<Response<UpstreamBody>, ProxyError>, Option<Attempt>) {
     let permit = match breaker {
         None => None,
-        Some(b) => match b.breaker.try_acquire(Instant::now()) {
+        Some(b) => match b.breaker.try_acquire(now) {
             Ok(p) => {
                 if p.would_have_rejected().is_some() {
                     b.calls[2].inc();
@@ -298,7 +305,7 @@ async fn attempt(
             }
         },
     };
-    let mut result = target.send(req, timeout).await;
+    let mut result = target.send(req, deadline).await;
     // The client broke its own body: the upstream did nothing wrong.
     if result.is_err()
         && let Some(f) = client_fault.and_then(ClientFault::get)

@@ -170,18 +170,21 @@ pub async fn serve(
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
                 let conn_info = conn_info.clone();
-                let mut in_flight = InFlight::start(&service_state);
+                // The request's one clock read at arrival: its in-flight span, its record,
+                // admission, the breaker and the upstream deadline all start from it.
+                let arrived = Instant::now();
+                let mut in_flight = InFlight::start(&service_state, arrived);
                 async move {
                     // The await comes after the match, so the `Admitted` (~380 bytes) is
                     // not kept in this future, which hyper holds for every request.
-                    let call = match proxy.admit(req, conn_info) {
+                    let call = match proxy.admit(req, conn_info, arrived) {
                         Admitted::Answered(resp) => {
                             in_flight.answered(resp.status());
                             return Ok(resp.map(|b| b.with_in_flight(in_flight)));
                         }
                         // Boxed: the upstream call's state machine is a few KiB, and
                         // hyper's dispatcher would otherwise move it by value.
-                        Admitted::Forward(f) => Box::pin(proxy.forward(f)),
+                        Admitted::Forward(f) => boxed_in_place(|| proxy.forward(f)),
                     };
                     let resp = call.await;
                     in_flight.answered(resp.status());
@@ -212,6 +215,13 @@ pub async fn serve(
         });
     }
     graceful
+}
+
+/// Boxes the future `make` builds, built where the box is: `Box::pin(fut)` would build it
+/// on the stack and copy it whole (a few KiB, though only its arguments are set yet).
+fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    let slot = Box::new_uninit();
+    Box::into_pin(Box::write(slot, make()))
 }
 
 /// Runs one connection to its end. It is asked to close gracefully (`Connection: close`,
@@ -456,17 +466,25 @@ pub struct InFlight {
     state: Arc<ConnState>,
     started: Instant,
     answered: bool,
+    /// When the response ended, when the one who saw it end read the clock already.
+    end: Option<Instant>,
 }
 
 impl InFlight {
-    fn start(state: &Arc<ConnState>) -> Self {
+    fn start(state: &Arc<ConnState>, now: Instant) -> Self {
         state.in_flight.fetch_add(1, Ordering::AcqRel);
         state.requests.fetch_add(1, Ordering::Relaxed);
         Self {
             state: state.clone(),
-            started: Instant::now(),
+            started: now,
             answered: false,
+            end: None,
         }
+    }
+
+    /// Ends the span at `end`.
+    pub fn close(mut self, end: Instant) {
+        self.end = Some(end);
     }
 
     fn answered(&mut self, status: http::StatusCode) {
@@ -491,7 +509,9 @@ impl Drop for InFlight {
             }
         }
         if s.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let ms = u64::try_from(s.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let end = self.end.unwrap_or_else(Instant::now);
+            let ms = u64::try_from(end.saturating_duration_since(s.born).as_millis())
+                .unwrap_or(u64::MAX);
             s.idle_since_ms.store(ms, Ordering::Relaxed);
         }
     }

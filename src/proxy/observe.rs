@@ -34,6 +34,8 @@ pub struct Record {
     pub bytes: u64,
     /// The bulkhead slot, released with the record when the response is done.
     pub permit: Option<super::admission::BulkheadPermit>,
+    /// When the response ended, when the one who saw it end read the clock already.
+    end: Option<Instant>,
 }
 
 impl Record {
@@ -59,7 +61,13 @@ impl Record {
             access_log,
             bytes: 0,
             permit: None,
+            end: None,
         }
+    }
+
+    /// Records the request as ended at `end`.
+    fn close(mut self: Box<Self>, end: Instant) {
+        self.end = Some(end);
     }
 }
 
@@ -70,7 +78,10 @@ impl Drop for Record {
             self.status = CLIENT_CLOSED;
             self.error = self.error.or(Some(ProxyError::ClientAbort.label()));
         }
-        let elapsed = self.start.elapsed();
+        let elapsed = match self.end {
+            Some(end) => end.saturating_duration_since(self.start),
+            None => self.start.elapsed(),
+        };
         self.metrics.finish(
             method_index(&self.method),
             self.status,
@@ -116,6 +127,29 @@ impl ObservedBody {
     }
 }
 
+impl ObservedBody {
+    /// Ends the record and the in-flight span with one clock read between them.
+    fn finish(&mut self) {
+        if self.record.is_none() && self.in_flight.is_none() {
+            return;
+        }
+        let end = tokio::time::Instant::now();
+        if let Some(r) = self.record.take() {
+            r.close(end.into_std());
+        }
+        if let Some(f) = self.in_flight.take() {
+            f.close(end);
+        }
+    }
+}
+
+/// hyper drops a body it knows is complete without polling it to the end.
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 impl http_body::Body for ObservedBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -132,10 +166,7 @@ impl http_body::Body for ObservedBody {
                     r.bytes += d.len() as u64;
                 }
             }
-            Poll::Ready(None) => {
-                this.record.take();
-                this.in_flight.take();
-            }
+            Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 if let Some(r) = this.record.as_mut() {
                     r.error = Some("response_body_error");

@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
@@ -91,6 +93,8 @@ pub enum Admitted {
 pub struct Forward {
     /// Keeps the snapshot the route belongs to (a reload may swap `live` meanwhile).
     rt: Arc<Runtime>,
+    /// When the request arrived: the upstream call's deadline counts from it.
+    start: Instant,
     side: Side,
     /// The route's place in its table (see `RouteTable::get`).
     route: usize,
@@ -105,9 +109,9 @@ impl Proxy {
     /// Everything up to the upstream call, without waiting. Split from [`Self::forward`]
     /// so a request answered here never builds the upstream call's state (a few KiB),
     /// which is what makes a rejection cheap.
-    pub fn admit(&self, req: Request<Incoming>, conn: Conn) -> Admitted {
+    /// `start` is when the request arrived: every stage reads time from it.
+    pub fn admit(&self, req: Request<Incoming>, conn: Conn, start: Instant) -> Admitted {
         use Admitted::Answered;
-        let start = Instant::now();
         let rt = self.live.load_full();
         let client = conn.peer.ip();
 
@@ -188,7 +192,7 @@ impl Proxy {
 
         // 5. admission: rate limit, then the bulkhead and adaptive concurrency, whose
         // permits ride with the response until its last byte.
-        let now = tokio::time::Instant::now();
+        let now = start;
         if let Some(rl) = &route.rate_limit
             && let Err(wait) = rl.limiter.check(now, req.headers(), || {
                 crate::ops::client_ip(
@@ -297,6 +301,7 @@ impl Proxy {
         };
         Admitted::Forward(Forward {
             rt,
+            start,
             side: conn.side,
             route: route_index,
             rec,
@@ -312,6 +317,7 @@ impl Proxy {
     pub async fn forward(&self, f: Forward) -> Response<ObservedBody> {
         let Forward {
             rt,
+            start,
             side,
             route,
             mut rec,
@@ -332,6 +338,7 @@ impl Proxy {
             upstream.retries.as_ref(),
             &self.resilience,
             outgoing,
+            start,
             route.timeout,
         )
         .await;
@@ -405,7 +412,7 @@ fn record(
     // Boxed: the record rides in the response body, which hyper moves several times;
     // 8 bytes move cheaper than ~300.
     Box::new(Record::begin(
-        start,
+        start.into_std(),
         metrics,
         req.method().clone(),
         req.uri().clone(),

@@ -152,17 +152,19 @@ impl Target {
         Uri::from_parts(parts).map_err(|_| ProxyError::BadPath)
     }
 
-    /// One attempt: send and wait for response headers for at most `timeout`.
+    /// One attempt: send and wait for response headers until `deadline`.
     pub async fn send(
         &self,
         req: Request<Body>,
-        timeout: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let sent = match &self.transport {
-            Transport::Http1(pool) => tokio::time::timeout(timeout, self.send_h1(pool, req)).await,
+            Transport::Http1(pool) => {
+                tokio::time::timeout_at(deadline, self.send_h1(pool, req)).await
+            }
             Transport::Http2(h2) => {
                 let sending = h2.send(&self.connector, &self.name, req);
-                tokio::time::timeout(timeout, sending)
+                tokio::time::timeout_at(deadline, sending)
                     .await
                     .map(|r| r.map(|resp| resp.map(|b| UpstreamBody::new(b, None))))
             }

@@ -160,9 +160,16 @@ pub async fn call(
                 (Body::Watched(req.body, fault.clone()), Some(fault))
             };
             let req = build(req.method, req.uri, req.version, req.headers, body);
-            return attempt(target, breaker, req, start, start + timeout, fault.as_deref())
-                .await
-                .0;
+            return attempt(
+                target,
+                breaker,
+                req,
+                start,
+                start + timeout,
+                fault.as_deref(),
+            )
+            .await
+            .0;
         }
     };
     let Outgoing {

@@ -165,6 +165,18 @@ pub fn set_forwarded(
     }
 }
 
+/// Every byte as two lowercase hex digits.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    t
+};
+
 /// Returns the request's id, generating a 32-hex-digit one when the client sent none.
 pub fn ensure_request_id(h: &mut HeaderMap) -> HeaderValue {
     match h.entry(&X_REQUEST_ID) {
@@ -181,12 +193,16 @@ pub fn ensure_request_id(h: &mut HeaderMap) -> HeaderValue {
 }
 
 pub fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = fastrand::u128(..);
     let mut buf = [0u8; 32];
-    for b in buf.iter_mut().rev() {
-        *b = HEX[(n & 0xf) as usize];
-        n >>= 4;
+    // A byte at a time through a table of digit pairs: half the steps of a nibble loop,
+    // on 64-bit halves rather than a u128.
+    for (half, n) in buf
+        .chunks_exact_mut(16)
+        .zip([fastrand::u64(..), fastrand::u64(..)])
+    {
+        for (pair, byte) in half.chunks_exact_mut(2).zip(n.to_be_bytes()) {
+            pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
+        }
     }
     // Owned by the `Bytes` itself: one allocation, and the clones that go into the
     // response and the access line are reference counts.
@@ -277,6 +293,17 @@ mod tests {
         let mut h = HeaderMap::new();
         let id = ensure_request_id(&mut h);
         assert_eq!(id.len(), 32);
+        assert!(
+            id.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)),
+            "{id:?}"
+        );
+        assert_ne!(new_request_id(), new_request_id());
+        // Every pair of digits is the byte it stands for.
+        for (i, pair) in HEX_PAIRS.iter().enumerate() {
+            assert_eq!(format!("{i:02x}").as_bytes(), pair);
+        }
         let mut h = map(&[("x-request-id", "abc")]);
         assert_eq!(ensure_request_id(&mut h), "abc");
     }

@@ -178,17 +178,20 @@ pub async fn serve(
                     // The await comes after the match, so the `Admitted` (~380 bytes) is
                     // not kept in this future, which hyper holds for every request.
                     let call = match proxy.admit(req, conn_info, arrived) {
-                        Admitted::Answered(resp) => {
+                        Admitted::Answered(mut resp) => {
                             in_flight.answered(resp.status());
-                            return Ok(resp.map(|b| b.with_in_flight(in_flight)));
+                            resp.body_mut().set_in_flight(in_flight);
+                            return Ok(resp);
                         }
                         // Boxed: the upstream call's state machine is a few KiB, and
                         // hyper's dispatcher would otherwise move it by value.
                         Admitted::Forward(f) => boxed_in_place(|| proxy.forward(f)),
                     };
-                    let resp = call.await;
+                    let mut resp = call.await;
                     in_flight.answered(resp.status());
-                    Ok::<_, Infallible>(resp.map(|b| b.with_in_flight(in_flight)))
+                    // Set in place: `Response::map` would move the whole response twice.
+                    resp.body_mut().set_in_flight(in_flight);
+                    Ok::<_, Infallible>(resp)
                 }
             });
             // The h1 header deadline is kept by this connection's watchdog (`drive`).
@@ -389,8 +392,7 @@ pub trait GracefulClose {
     fn close_gracefully(self: std::pin::Pin<&mut Self>);
 }
 
-impl<S, B> GracefulClose
-    for hyper::server::conn::http1::UpgradeableConnection<TokioIo<ClientIo>, S>
+impl<S, B> GracefulClose for hyper::server::conn::http1::UpgradeableConnection<TokioIo<ClientIo>, S>
 where
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
     S::Error: Into<BoxError>,
@@ -645,7 +647,13 @@ mod tests {
         // Too few bytes to rule it out.
         assert!(may_be_h2(b"P"));
         assert!(may_be_h2(b"PRI * HT"));
-        for h1 in [&b"GET / HTTP/1.1\r\n"[..], b"POST /", b"PUT", b"PATCH", b"PRI / HTTP/1.1"] {
+        for h1 in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"POST /",
+            b"PUT",
+            b"PATCH",
+            b"PRI / HTTP/1.1",
+        ] {
             assert!(!may_be_h2(h1), "{:?}", String::from_utf8_lossy(h1));
         }
     }

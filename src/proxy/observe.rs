@@ -121,9 +121,8 @@ impl ObservedBody {
         }
     }
 
-    pub fn with_in_flight(mut self, f: super::listener::InFlight) -> Self {
+    pub fn set_in_flight(&mut self, f: super::listener::InFlight) {
         self.in_flight = Some(f);
-        self
     }
 }
 

@@ -360,7 +360,7 @@ impl Proxy {
             rec.status = 101;
             let (mut parts, _) = resp.into_parts();
             parts.headers.insert(X_REQUEST_ID.clone(), request_id);
-            return with_record_status(Response::from_parts(parts, Body::Empty), rec, Some(permit));
+            return observed(parts, Body::Empty, rec, Some(permit));
         }
         let (mut parts, body) = resp.into_parts();
         // An intermediary speaks its own version (RFC 9110 §2.5): an HTTP/1.0 upstream must
@@ -370,11 +370,7 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers, Upgrade::None);
         parts.headers.insert(X_REQUEST_ID.clone(), request_id);
         rec.status = parts.status.as_u16();
-        with_record_status(
-            Response::from_parts(parts, Body::Upstream(body)),
-            rec,
-            Some(permit),
-        )
+        observed(parts, Body::Upstream(body), rec, Some(permit))
     }
 }
 
@@ -459,10 +455,20 @@ fn with_record(resp: Response<Body>, mut rec: Box<Record>) -> Response<ObservedB
 
 fn with_record_status(
     resp: Response<Body>,
+    rec: Box<Record>,
+    permit: Option<super::admission::BulkheadPermit>,
+) -> Response<ObservedBody> {
+    let (parts, body) = resp.into_parts();
+    observed(parts, body, rec, permit)
+}
+
+/// The response to the client, its record riding in the body.
+fn observed(
+    parts: http::response::Parts,
+    body: Body,
     mut rec: Box<Record>,
     permit: Option<super::admission::BulkheadPermit>,
 ) -> Response<ObservedBody> {
     rec.permit = permit;
-    let (parts, body) = resp.into_parts();
     Response::from_parts(parts, ObservedBody::new(body, Some(rec)))
 }

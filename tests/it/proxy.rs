@@ -120,6 +120,52 @@ async fn serves_h2c_with_prior_knowledge() {
     assert_eq!(seen(&echo, "x-forwarded-host"), [og.addr().to_string()]);
 }
 
+/// The first bytes decide whether a plain connection is served as HTTP/1 directly or
+/// through the h1/h2 detecting connection: a request whose first segment is too short to
+/// tell (`P` could begin `PRI`, the h2 preface, or `POST`) must still be served, and so
+/// must a whole request line that begins with `P`.
+#[tokio::test]
+async fn requests_starting_like_the_h2_preface_are_served_as_http1() {
+    let app = Upstream::echo("app").await;
+    let og = Opsgate::start(&shorthand(&app.url(), "")).await;
+    for (first, rest) in [
+        (
+            &b"P"[..],
+            &b"OST /split HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n"[..],
+        ),
+        (
+            b"PR",
+            b"OPFIND /split HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n",
+        ),
+        (
+            b"POST /whole HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n",
+            b"",
+        ),
+    ] {
+        let mut sock = TcpStream::connect(og.addr()).await.unwrap();
+        sock.set_nodelay(true).unwrap();
+        sock.write_all(first).await.unwrap();
+        if !rest.is_empty() {
+            // Not a synchronization: the answer is the same either way. The pause makes
+            // it likely that opsgate's first look sees only `first`.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            sock.write_all(rest).await.unwrap();
+        }
+        let (head, body) = read_response(&mut sock).await;
+        let sent = String::from_utf8_lossy(first);
+        assert_eq!(raw_status(head.as_bytes()), 200, "{sent:?}: {head}");
+        let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(echo["version"], "HTTP/1.1", "{sent:?}");
+        let line = [first, rest].concat();
+        let method = line.split(|b| *b == b' ').next().unwrap();
+        assert_eq!(
+            echo["method"].as_str().unwrap().as_bytes(),
+            method,
+            "{sent:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn strips_hop_by_hop_headers_but_keeps_te_trailers() {
     let app = Upstream::echo("app").await;

@@ -130,8 +130,9 @@ pub struct Outgoing {
     pub body: Incoming,
 }
 
-/// Sends `req` to `target` under `breaker` and `retries`; `timeout` is the route's,
-/// counted from `start`, when the request arrived.
+/// Sends `req` to `target` under `breaker` and `retries`. `start` is when the request was
+/// first handled; `timeout` is the route's: per attempt (the first counted from `start`),
+/// and with `per_try_timeout` also the whole call's, counted from `start`.
 pub async fn call(
     target: &Target,
     breaker: Option<&GuardedBreaker>,
@@ -180,9 +181,10 @@ pub async fn call(
         body,
     } = req;
     // A client that cannot deliver its (small, announced) body is the client's fault.
-    // The first attempt starts when the request arrived, or once its body is in: a slow
-    // upload is the client's time, not the upstream's. A retry reads the clock afresh.
-    let (bytes, mut now) = if http_body::Body::is_end_stream(&body) {
+    // Each attempt's own timeout starts with it: the first once the body is in (so the
+    // upload does not eat it), a retry after its backoff. The whole call's deadline, which
+    // applies with `per_try_timeout`, still counts the upload, as it always has.
+    let (bytes, mut attempt_start) = if http_body::Body::is_end_stream(&body) {
         (bytes::Bytes::new(), start)
     } else {
         let bytes = body
@@ -193,14 +195,14 @@ pub async fn call(
         (bytes, Instant::now())
     };
     let per_try = retry.policy.per_try_timeout;
-    let deadline = start + timeout;
+    let overall_deadline = start + timeout;
     let mut attempts = 0u32;
     loop {
         attempts += 1;
         // Without a per-try timeout each attempt gets the route's whole timeout.
-        let this_deadline = match per_try {
-            Some(p) => (now + p).min(deadline),
-            None => now + timeout,
+        let attempt_deadline = match per_try {
+            Some(p) => (attempt_start + p).min(overall_deadline),
+            None => attempt_start + timeout,
         };
         let req = build(
             method.clone(),
@@ -214,7 +216,8 @@ pub async fn call(
                 Body::Full(Some(bytes.clone()))
             },
         );
-        let (result, kind) = attempt(target, breaker, req, now, this_deadline, None).await;
+        let (result, kind) =
+            attempt(target, breaker, req, attempt_start, attempt_deadline, None).await;
         let Some(kind) = kind else { return result };
         let retry_after = match &result {
             Ok(r) if matches!(r.status().as_u16(), 429 | 503) => r
@@ -223,8 +226,8 @@ pub async fn call(
                 .and_then(|v| parse_retry_after(v, SystemTime::now())),
             _ => None,
         };
-        now = Instant::now();
-        let time_left = per_try.map(|_| deadline.saturating_duration_since(now));
+        let now = Instant::now();
+        let time_left = per_try.map(|_| overall_deadline.saturating_duration_since(now));
         match retry
             .policy
             .decide(attempts, &kind, retry_after, time_left, &retry.budget, now)
@@ -240,7 +243,7 @@ pub async fn call(
                 tracing::debug!(upstream = %target.name, reason, attempt = attempts, "retrying");
                 drop(result);
                 tokio::time::sleep(delay).await;
-                now = Instant::now();
+                attempt_start = Instant::now();
             }
             Decision::Stop(Stop::BudgetExhausted { .. }) => {
                 retry.exhausted.inc();

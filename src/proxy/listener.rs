@@ -33,13 +33,21 @@ pub struct Limits {
     pub header_read_timeout: Duration,
 }
 
+/// The HTTP/1 settings, on hyper's h1 builder and on hyper-util's auto builder's h1 half
+/// alike (two types with the same methods): one list, so the two paths cannot drift.
+macro_rules! http1_settings {
+    ($builder:expr, $limits:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .header_read_timeout($limits.header_read_timeout)
+            .max_buf_size($limits.max_header_bytes.max(MIN_HEADER_BUF))
+            .keep_alive(true)
+    };
+}
+
 pub fn http_builder(limits: Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BUF))
-        .keep_alive(true);
+    http1_settings!(b.http1(), limits);
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
@@ -57,10 +65,7 @@ pub fn http_builder(limits: Limits) -> auto::Builder<TokioExecutor> {
 /// that replays the sniffed bytes and dispatches every poll.
 fn http1_builder(limits: Limits) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BUF))
-        .keep_alive(true);
+    http1_settings!(b, limits);
     b
 }
 
@@ -123,8 +128,8 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let mut h1_only = false;
-            let io = match tls_acceptor {
+            // `h1_only`: the first bytes ruled out h2 (see `may_be_h2`).
+            let (io, h1_only) = match tls_acceptor {
                 None => {
                     // hyper's header timer starts only after the h1/h2 sniff, which waits for
                     // the first byte without a deadline: a client that sends nothing would
@@ -145,15 +150,15 @@ pub async fn serve(
                             return;
                         }
                     };
-                    h1_only = !may_be_h2(&first[..n]);
-                    ClientIo::Plain(stream)
+                    (ClientIo::Plain(stream), !may_be_h2(&first[..n]))
                 }
                 Some(acceptor) => {
                     let handshake =
                         tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
                             .await;
                     match handshake {
-                        Ok(Ok(s)) => ClientIo::Tls(Box::new(s)),
+                        // ALPN decides inside the auto connection.
+                        Ok(Ok(s)) => (ClientIo::Tls(Box::new(s)), false),
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "tls handshake failed");
                             return;
@@ -170,11 +175,14 @@ pub async fn serve(
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
                 let conn_info = conn_info.clone();
-                // The request's one clock read at arrival: its in-flight span, its record,
-                // admission, the breaker and the upstream deadline all start from it.
-                let arrived = Instant::now();
-                let mut in_flight = InFlight::start(&service_state, arrived);
+                let mut in_flight = InFlight::start(&service_state);
                 async move {
+                    // Read when the request is first polled: hyper's h2 server calls the
+                    // service, then queues the future as a task of its own, and that wait
+                    // is not the upstream's. The in-flight span, the record, admission, the
+                    // breaker's admission and the upstream deadline all start from it.
+                    let arrived = Instant::now();
+                    in_flight.started = Some(arrived);
                     // The await comes after the match, so the `Admitted` (~380 bytes) is
                     // not kept in this future, which hyper holds for every request.
                     let call = match proxy.admit(req, conn_info, arrived) {
@@ -220,8 +228,9 @@ pub async fn serve(
     graceful
 }
 
-/// Boxes the future `make` builds, built where the box is: `Box::pin(fut)` would build it
-/// on the stack and copy it whole (a few KiB, though only its arguments are set yet).
+/// Boxes the future `make` builds. Allocating first lets the optimiser build the future in
+/// the box; `Box::pin(fut)` builds it on the stack and copies it whole (a few KiB, though
+/// only its arguments are set yet).
 fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
     let slot = Box::new_uninit();
     Box::into_pin(Box::write(slot, make()))
@@ -466,19 +475,20 @@ impl ConnState {
 /// One request on a connection, from its head until its response body is done (or dropped).
 pub struct InFlight {
     state: Arc<ConnState>,
-    started: Instant,
+    /// When the request was first polled; `None` until then (a stream reset while queued).
+    started: Option<Instant>,
     answered: bool,
-    /// When the response ended, when the one who saw it end read the clock already.
+    /// Set by `close`, so `drop` reuses the caller's clock read instead of reading again.
     end: Option<Instant>,
 }
 
 impl InFlight {
-    fn start(state: &Arc<ConnState>, now: Instant) -> Self {
+    fn start(state: &Arc<ConnState>) -> Self {
         state.in_flight.fetch_add(1, Ordering::AcqRel);
         state.requests.fetch_add(1, Ordering::Relaxed);
         Self {
             state: state.clone(),
-            started: now,
+            started: None,
             answered: false,
             end: None,
         }
@@ -500,7 +510,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let s = &*self.state;
-        if !self.answered && self.started.elapsed() < PREMATURE_RESET {
+        // Cancelled before it was polled at all counts as premature too.
+        let premature = self.started.is_none_or(|t| t.elapsed() < PREMATURE_RESET);
+        if !self.answered && premature {
             let resets = s.premature_resets.fetch_add(1, Ordering::Relaxed) + 1;
             if resets >= MAX_PREMATURE_RESETS
                 && u64::from(resets) * 2 >= u64::from(s.requests.load(Ordering::Relaxed))

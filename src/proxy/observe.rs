@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Uri};
@@ -34,7 +34,7 @@ pub struct Record {
     pub bytes: u64,
     /// The bulkhead slot, released with the record when the response is done.
     pub permit: Option<super::admission::BulkheadPermit>,
-    /// When the response ended, when the one who saw it end read the clock already.
+    /// Set by `close`, so `drop` reuses the caller's clock read instead of reading again.
     end: Option<Instant>,
 }
 
@@ -65,7 +65,7 @@ impl Record {
         }
     }
 
-    /// Records the request as ended at `end`.
+    /// Ends the request at `end`: dropping the record writes its metrics and access line.
     fn close(mut self: Box<Self>, end: Instant) {
         self.end = Some(end);
     }
@@ -124,17 +124,15 @@ impl ObservedBody {
     pub fn set_in_flight(&mut self, f: super::listener::InFlight) {
         self.in_flight = Some(f);
     }
-}
 
-impl ObservedBody {
     /// Ends the record and the in-flight span with one clock read between them.
     fn finish(&mut self) {
         if self.record.is_none() && self.in_flight.is_none() {
             return;
         }
-        let end = tokio::time::Instant::now();
+        let end = Instant::now();
         if let Some(r) = self.record.take() {
-            r.close(end.into_std());
+            r.close(end);
         }
         if let Some(f) = self.in_flight.take() {
             f.close(end);
@@ -167,10 +165,10 @@ impl http_body::Body for ObservedBody {
             }
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
-                if let Some(r) = this.record.as_mut() {
+                if let Some(mut r) = this.record.take() {
                     r.error = Some("response_body_error");
+                    r.close(Instant::now());
                 }
-                this.record.take();
             }
             Poll::Pending => {}
         }

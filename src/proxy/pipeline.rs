@@ -93,7 +93,7 @@ pub enum Admitted {
 pub struct Forward {
     /// Keeps the snapshot the route belongs to (a reload may swap `live` meanwhile).
     rt: Arc<Runtime>,
-    /// When the request arrived: the upstream call's deadline counts from it.
+    /// When the request was first handled: the upstream call's deadlines count from it.
     start: Instant,
     side: Side,
     /// The route's place in its table (see `RouteTable::get`).
@@ -109,7 +109,8 @@ impl Proxy {
     /// Everything up to the upstream call, without waiting. Split from [`Self::forward`]
     /// so a request answered here never builds the upstream call's state (a few KiB),
     /// which is what makes a rejection cheap.
-    /// `start` is when the request arrived: every stage reads time from it.
+    /// `start` is when the request was first handled: the record, admission and the
+    /// upstream call's first deadline count from it.
     pub fn admit(&self, req: Request<Incoming>, conn: Conn, start: Instant) -> Admitted {
         use Admitted::Answered;
         let rt = self.live.load_full();
@@ -348,7 +349,7 @@ impl Proxy {
         };
         // Time to the response headers is the latency adaptive concurrency tracks.
         if let Some(p) = &permit.adaptive {
-            p.sample(tokio::time::Instant::now());
+            p.sample(Instant::now());
         }
 
         // 7. respond.
@@ -408,7 +409,7 @@ fn record(
     // Boxed: the record rides in the response body, which hyper moves several times;
     // 8 bytes move cheaper than ~300.
     Box::new(Record::begin(
-        start.into_std(),
+        start,
         metrics,
         req.method().clone(),
         req.uri().clone(),

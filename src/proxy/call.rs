@@ -281,20 +281,20 @@ fn build(
     req
 }
 
-/// One attempt, started at `now`, waiting for response headers until `deadline`.
+/// One attempt, started at `started`, waiting for response headers until `deadline`.
 /// Returns the result and, when it failed in a way retries may care about, what kind of
 /// failure it was (`None`: success, breaker rejection or client fault, final).
 async fn attempt(
     target: &Target,
     breaker: Option<&GuardedBreaker>,
     req: Request<Body>,
-    now: Instant,
+    started: Instant,
     deadline: Instant,
     client_fault: Option<&ClientFault>,
 ) -> (Result<Response<UpstreamBody>, ProxyError>, Option<Attempt>) {
     let permit = match breaker {
         None => None,
-        Some(b) => match b.breaker.try_acquire(now) {
+        Some(b) => match b.breaker.try_acquire(started) {
             Ok(p) => {
                 if p.would_have_rejected().is_some() {
                     b.calls[2].inc();

@@ -12,7 +12,9 @@ use serde_json::Value;
 use crate::support::eventually;
 use crate::support::inprocess::InProcess;
 use crate::support::metrics::{sample, scrape};
-use crate::support::opsgate::{Answer, Launch, Opsgate, get, http1, send};
+use crate::support::opsgate::{
+    Answer, Launch, Opsgate, get, http1, raw_status, read_response, send,
+};
 use crate::support::upstream::{Reply, Scripted, Upstream, full, refused_url};
 
 /// Upper bound for any condition awaited below; the configs use far shorter timeouts.
@@ -513,6 +515,34 @@ async fn without_per_try_timeout_a_hanging_upstream_gives_504_after_the_route_ti
         "took {took:?}"
     );
     assert_eq!(app.hits(), 1);
+}
+
+/// A replayable body is read before the first attempt; its upload is the client's time,
+/// so the attempt's timeout starts once the body is in, not when the request arrived.
+#[tokio::test]
+async fn a_slow_small_upload_does_not_use_up_the_first_attempts_timeout() {
+    let app = Upstream::echo("app").await;
+    let rig = Setup::new(&app.url())
+        .tables(&retry_table("attempts = 2"))
+        .route("timeout = \"300ms\"")
+        .start()
+        .await;
+    let mut sock = tokio::net::TcpStream::connect(rig.addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    sock.write_all(b"PUT /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\n\r\nab")
+        .await
+        .unwrap();
+    // The slow client under test: half its body now, the rest after twice the timeout.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    sock.write_all(b"cd").await.unwrap();
+    let (head, body) = read_response(&mut sock).await;
+    assert_eq!(raw_status(head.as_bytes()), 200, "{head}");
+    let echo: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["body_bytes"], 4, "{echo}");
+    assert_eq!(app.hits(), 1);
+    // Not saved by a retry: a first attempt timed out by the upload would be retried.
+    let labels = [("upstream", "app"), ("reason", "timeout")];
+    assert_eq!(rig.metric("upstream_retries_total", &labels).await, None);
 }
 
 #[tokio::test]

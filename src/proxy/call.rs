@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
@@ -121,12 +121,11 @@ impl Retries {
     }
 }
 
-/// The request to send, replayable when it may be retried.
+/// The request to send, replayable when it may be retried: its head is cloned per
+/// attempt, its body buffered first.
 pub struct Outgoing {
-    pub method: Method,
-    pub uri: Uri,
-    pub version: Version,
-    pub headers: HeaderMap,
+    /// Without extensions: they belong to the client's connection, not the upstream's.
+    pub head: http::request::Parts,
     pub body: Incoming,
 }
 
@@ -143,7 +142,7 @@ pub async fn call(
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let retry = match retries {
-        Some(r) if r.policy.attempts > 1 && r.policy.allows_method(&req.method) => {
+        Some(r) if r.policy.attempts > 1 && r.policy.allows_method(&req.head.method) => {
             r.budget.record_request(start);
             Some(r)
         }
@@ -160,7 +159,7 @@ pub async fn call(
                 let fault = Arc::new(ClientFault::default());
                 (Body::Watched(req.body, fault.clone()), Some(fault))
             };
-            let req = build(req.method, req.uri, req.version, req.headers, body);
+            let req = Request::from_parts(req.head, body);
             return attempt(
                 target,
                 breaker,
@@ -173,13 +172,7 @@ pub async fn call(
             .0;
         }
     };
-    let Outgoing {
-        method,
-        uri,
-        version,
-        headers,
-        body,
-    } = req;
+    let Outgoing { head, body } = req;
     // A client that cannot deliver its (small, announced) body is the client's fault.
     // Each attempt's own timeout starts with it: the first once the body is in (so the
     // upload does not eat it), a retry after its backoff. The whole call's deadline, which
@@ -204,11 +197,8 @@ pub async fn call(
             Some(p) => (attempt_start + p).min(overall_deadline),
             None => attempt_start + timeout,
         };
-        let req = build(
-            method.clone(),
-            uri.clone(),
-            version,
-            headers.clone(),
+        let req = Request::from_parts(
+            head.clone(),
             // No body stays no body: the non-retry path sends none either.
             if bytes.is_empty() {
                 Body::Empty
@@ -259,26 +249,12 @@ fn replayable(req: &Outgoing, max_body: usize) -> bool {
     if req.body.is_end_stream() {
         return true;
     }
-    req.headers
+    req.head
+        .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .is_some_and(|len| len <= max_body as u64)
-}
-
-fn build(
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    body: Body,
-) -> Request<Body> {
-    let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = version;
-    *req.headers_mut() = headers;
-    req
 }
 
 /// One attempt, started at `started`, waiting for response headers until `deadline`.

@@ -10,22 +10,17 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_OPSGATE_CIRCUIT: HeaderName = HeaderName::from_static("x-opsgate-circuit");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-fn fixed_hop_by_hop() -> [&'static HeaderName; 8] {
-    [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ]
-}
+static FIXED_HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
 
 /// What kind of upgrade a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +60,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
     let tunnel = upgrade == Upgrade::Tunnel;
     // One pass over the lines finds all there is to do, without hashing a name; most
     // messages carry none of these, a typical response just `Connection`.
-    let mut present = [false; 8];
+    let mut present = 0u8;
     let mut names_others = false;
     let mut te_other = false;
     for (k, v) in h.iter() {
@@ -73,10 +68,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
         if k == header::TE {
             te_other |= !v.eq_ignore_ascii_case(b"trailers");
         } else if let Some(i) = fixed_index(k) {
-            present[i] = true;
+            present |= 1 << i;
             // Every `Connection` line counts: `close` on the first must not hide a name
             // on the second.
-            names_others |= k == header::CONNECTION && (v.contains(&b',') || !is_std_token(v));
+            names_others |= i == 0 && (v.contains(&b',') || !is_std_token(v));
         }
     }
     if names_others {
@@ -92,10 +87,14 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
             h.remove(n);
         }
     }
-    for (name, present) in fixed_hop_by_hop().into_iter().zip(present) {
-        if present && !(tunnel && (name == header::CONNECTION || name == header::UPGRADE)) {
-            h.remove(name);
-        }
+    if tunnel {
+        // The tunnel needs `Connection: upgrade` and `Upgrade`: set and kept below.
+        present &= !(1 << 0 | 1 << 7);
+    }
+    while present != 0 {
+        let i = present.trailing_zeros() as usize;
+        present &= present - 1;
+        h.remove(&FIXED_HOP_BY_HOP[i]);
     }
     if tunnel {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -105,13 +104,13 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
     }
 }
 
-/// Where `name` is in `fixed_hop_by_hop()`. Most names are ruled out by their length
+/// Where `name` is in [`FIXED_HOP_BY_HOP`]. Most names are ruled out by their length
 /// alone (the fixed names are 7, 10 or 16 to 19 bytes long), without reading their bytes.
 fn fixed_index(name: &HeaderName) -> Option<usize> {
     if !matches!(name.as_str().len(), 7 | 10 | 16..=19) {
         return None;
     }
-    fixed_hop_by_hop().iter().position(|n| *n == name)
+    FIXED_HOP_BY_HOP.iter().position(|n| n == name)
 }
 
 /// `Connection: close` / `keep-alive` name no extra headers; skip the scan for them.
@@ -271,7 +270,7 @@ mod tests {
 
     #[test]
     fn the_length_check_lets_every_fixed_name_through() {
-        for (i, name) in fixed_hop_by_hop().into_iter().enumerate() {
+        for (i, name) in FIXED_HOP_BY_HOP.iter().enumerate() {
             assert_eq!(fixed_index(name), Some(i), "{name}");
         }
         for name in ["te", "host", "trailers", "connections", "content-length"] {

@@ -170,11 +170,9 @@ pub async fn serve(
                     }
                 }
             };
-            let state = Arc::new(ConnState::new());
+            let state = Arc::new(ConnState::new(proxy, conn_info));
             let service_state = state.clone();
             let service = service_fn(move |req| {
-                let proxy = proxy.clone();
-                let conn_info = conn_info.clone();
                 let mut in_flight = InFlight::start(&service_state);
                 async move {
                     // Read when the request is first polled: hyper's h2 server calls the
@@ -185,7 +183,9 @@ pub async fn serve(
                     in_flight.started = Some(arrived);
                     // The await comes after the match, so the `Admitted` (~380 bytes) is
                     // not kept in this future, which hyper holds for every request.
-                    let call = match proxy.admit(req, conn_info, arrived) {
+                    let state = &*in_flight.state;
+                    let proxy = &state.proxy;
+                    let call = match proxy.admit(req, &state.conn, arrived) {
                         Admitted::Answered(mut resp) => {
                             in_flight.answered(resp.status());
                             resp.body_mut().set_in_flight(in_flight);
@@ -433,9 +433,13 @@ const PREMATURE_RESET: Duration = Duration::from_secs(1);
 /// premature cancels and they are at least half of its requests, it gets GOAWAY.
 const MAX_PREMATURE_RESETS: u32 = 100;
 
-/// What a connection's watchdog knows: requests in flight, since when it has been idle,
-/// and how its client has been cancelling.
+/// What a connection's requests share: who the client is, and what its watchdog knows
+/// (requests in flight, since when it has been idle, how its client has been cancelling).
+/// Every request's in-flight span holds it, so a request reaches the proxy and its
+/// connection through that one reference.
 pub struct ConnState {
+    proxy: Arc<Proxy>,
+    conn: Conn,
     born: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds after `born` when the last request finished.
@@ -449,8 +453,10 @@ pub struct ConnState {
 }
 
 impl ConnState {
-    fn new() -> Self {
+    fn new(proxy: Arc<Proxy>, conn: Conn) -> Self {
         Self {
+            proxy,
+            conn,
             born: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
@@ -510,9 +516,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let s = &*self.state;
-        // Cancelled before it was polled at all counts as premature too.
-        let premature = self.started.is_none_or(|t| t.elapsed() < PREMATURE_RESET);
-        if !self.answered && premature {
+        // Cancelled before it was polled at all counts as premature too. An answered
+        // request reads no clock here.
+        if !self.answered && self.started.is_none_or(|t| t.elapsed() < PREMATURE_RESET) {
             let resets = s.premature_resets.fetch_add(1, Ordering::Relaxed) + 1;
             if resets >= MAX_PREMATURE_RESETS
                 && u64::from(resets) * 2 >= u64::from(s.requests.load(Ordering::Relaxed))

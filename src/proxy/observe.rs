@@ -13,7 +13,7 @@ use http_body::{Frame, SizeHint};
 use super::body::{Body, BoxError};
 use super::respond::{CLIENT_CLOSED, ProxyError};
 use crate::telemetry::RouteMetrics;
-use crate::telemetry::access::{AccessLog, Entry};
+use crate::telemetry::access::{AccessLog, Entry, RouteNames};
 use crate::telemetry::metrics::method_index;
 
 /// What the access log line needs; everything is a cheap clone of request data.
@@ -26,7 +26,8 @@ pub struct Record {
     /// The client's IP as text.
     pub client: HeaderValue,
     pub request_id: Option<HeaderValue>,
-    pub upstream: Option<Arc<str>>,
+    /// The route's and upstream's names, for routed requests.
+    pub names: Option<Arc<RouteNames>>,
     /// Why opsgate answered itself, when it did.
     pub error: Option<&'static str>,
     /// Where the access line goes; `None`: no line (access log off, or a reserved path).
@@ -56,7 +57,7 @@ impl Record {
             status: 0,
             client,
             request_id: None,
-            upstream: None,
+            names: None,
             error: None,
             access_log,
             bytes: 0,
@@ -95,7 +96,8 @@ impl Drop for Record {
                 duration: elapsed,
                 bytes: self.bytes,
                 route: self.metrics.route(),
-                upstream: self.upstream.as_deref(),
+                upstream: self.names.as_ref().map(|n| &*n.upstream),
+                names_json: self.names.as_ref().map(|n| n.json()),
                 client: self.client.as_bytes(),
                 request_id: self.request_id.as_ref().map(|v| v.as_bytes()),
                 error: self.error,

@@ -111,7 +111,7 @@ impl Proxy {
     /// which is what makes a rejection cheap.
     /// `start` is when the request was first handled: the record, admission and the
     /// upstream call's first deadline count from it.
-    pub fn admit(&self, req: Request<Incoming>, conn: Conn, start: Instant) -> Admitted {
+    pub fn admit(&self, req: Request<Incoming>, conn: &Conn, start: Instant) -> Admitted {
         use Admitted::Answered;
         let rt = self.live.load_full();
         let client = conn.peer.ip();
@@ -123,7 +123,7 @@ impl Proxy {
             Normalized::Path(p) => p,
             Normalized::EncodedSlash => {
                 let m = rt.unmatched_metrics[rt.class_of("/")].clone();
-                return Answered(unrouted(&rt, m, &req, &conn, start, ProxyError::BadPath));
+                return Answered(unrouted(&rt, m, &req, conn, start, ProxyError::BadPath));
             }
         };
         let path: &str = &path;
@@ -132,35 +132,39 @@ impl Proxy {
         if conn.side == Side::Ingress {
             if let Some(sub) = reserved_sub(path, &rt.health_prefix) {
                 // Probes and scrapes are counted (route "system") but not access-logged.
-                let rec = record(&req, start, rt.system_metrics.clone(), &conn, None);
+                let rec = record(&req, start, rt.system_metrics.clone(), conn, None);
                 let resp = self.local.health(req, sub);
                 return Answered(with_record(resp, rec));
             }
             if rt.metrics_path.as_deref() == Some(path) {
-                let rec = record(&req, start, rt.system_metrics.clone(), &conn, None);
+                let rec = record(&req, start, rt.system_metrics.clone(), conn, None);
                 let (parts, _) = req.into_parts();
                 return Answered(with_record(self.local.metrics(&parts), rec));
             }
         }
 
-        // 3. route.
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()));
+        // 3. route. The Host header is looked up once: routing reads it only when a route
+        // matches on host; the upstream request always carries it on.
+        let host_value = req.headers().get(header::HOST);
         let table = match conn.side {
             Side::Ingress => &rt.ingress,
             Side::Egress => &rt.egress,
         };
+        let host = if table.by_host() {
+            host_value
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        } else {
+            None
+        };
         let Some((route_index, route)) = table.find(host, path) else {
             let m = rt.unmatched_metrics[rt.class_of(path)].clone();
-            return Answered(unrouted(&rt, m, &req, &conn, start, ProxyError::NoRoute));
+            return Answered(unrouted(&rt, m, &req, conn, start, ProxyError::NoRoute));
         };
         let metrics = route.metrics_for(rt.class_of(path)).clone();
         let critical = metrics.class() == CRITICAL;
-        let mut rec = record(&req, start, metrics, &conn, rt.access_log.clone());
-        rec.upstream = Some(route.upstream.name().clone());
+        let mut rec = record(&req, start, metrics, conn, rt.access_log.clone());
+        rec.names = Some(route.log_names.clone());
 
         // 4. gates.
         if conn.side == Side::Ingress && self.gates.starting.load(Ordering::Relaxed) {
@@ -237,6 +241,11 @@ impl Proxy {
         }
 
         // 6. upstream.
+        let host_header = host_value.cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         let (mut parts, body) = req.into_parts();
         // Room for what is added below (request id, X-Forwarded-*, Host): the map grows
         // once, not once per insert.
@@ -244,8 +253,10 @@ impl Proxy {
         let request_id = headers::ensure_request_id(&mut parts.headers);
         rec.request_id = Some(request_id.clone());
         let upgrade = headers::upgrade_kind(&parts.headers, parts.version);
+        // The client connection's extensions stay here: none of them is the upstream's.
+        let mut client_extensions = std::mem::take(&mut parts.extensions);
         let client_upgrade = if upgrade == Upgrade::Tunnel {
-            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+            client_extensions.remove::<hyper::upgrade::OnUpgrade>()
         } else {
             None
         };
@@ -257,12 +268,6 @@ impl Proxy {
             Ok(u) => u,
             Err(e) => return Answered(respond_err(rec, route, e, Some(request_id))),
         };
-        let host_header = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         let peer_trusted = rt.trusted_proxies.iter().any(|n| n.contains(&client));
         headers::set_forwarded(
@@ -293,13 +298,7 @@ impl Proxy {
             parts.uri = uri;
             parts.version = Version::HTTP_11;
         }
-        let outgoing = Outgoing {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            body,
-        };
+        let outgoing = Outgoing { head: parts, body };
         Admitted::Forward(Forward {
             rt,
             start,

@@ -35,6 +35,8 @@ pub struct Route {
     /// Lowercase, without port.
     pub host: Option<String>,
     pub upstream: Arc<Upstream>,
+    /// Its name and its upstream's, as access lines carry them.
+    pub log_names: Arc<crate::telemetry::access::RouteNames>,
     pub timeout: Duration,
     pub strip_prefix: bool,
     pub fallback: Option<Fallback>,
@@ -70,6 +72,8 @@ impl Route {
 pub struct RouteTable {
     /// Sorted: host routes first, then longer prefixes first.
     routes: Vec<Route>,
+    /// Whether any route matches on host; without one the Host header is not looked at.
+    by_host: bool,
 }
 
 impl RouteTable {
@@ -82,13 +86,23 @@ impl RouteTable {
                     .cmp(&a.prefix.trim_end_matches('/').len()),
             )
         });
-        Self { routes }
+        let by_host = routes.iter().any(|r| r.host.is_some());
+        Self { routes, by_host }
+    }
+
+    /// Whether a route matches on host, so [`Self::find`] needs the request's.
+    pub fn by_host(&self) -> bool {
+        self.by_host
     }
 
     /// The first route that takes `host` and `path`, with its place in the table (a
     /// request cleared for the upstream finds its route again by it; see [`Self::get`]).
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<(usize, &Route)> {
-        let host = host.map(strip_port);
+        let host = if self.by_host {
+            host.map(strip_port)
+        } else {
+            None
+        };
         self.routes.iter().enumerate().find(|(_, r)| {
             r.host
                 .as_deref()

@@ -275,6 +275,10 @@ impl Runtime {
                             content_type: fb.content_type.get().clone(),
                             body: Bytes::from(fb.body.clone()),
                         }),
+                        log_names: Arc::new(crate::telemetry::access::RouteNames::new(
+                            &name,
+                            upstream.name().clone(),
+                        )),
                         upstream,
                         maintenance_rejected: deps
                             .ops

@@ -26,6 +26,8 @@ pub struct Entry<'a> {
     pub bytes: u64,
     pub route: &'a str,
     pub upstream: Option<&'a str>,
+    /// `route` and `upstream` as the JSON line carries them, when rendered in advance.
+    pub names_json: Option<&'a [u8]>,
     /// The client's IP as text.
     pub client: &'a [u8],
     pub request_id: Option<&'a [u8]>,
@@ -60,13 +62,47 @@ impl AccessLog {
     }
 }
 
+/// A route's name and its upstream's as access lines carry them: escaped once, when the
+/// route is built, instead of on every line.
+pub struct RouteNames {
+    pub upstream: std::sync::Arc<str>,
+    /// `,"route":"…","upstream":"…"`
+    json: Box<[u8]>,
+}
+
+impl RouteNames {
+    pub fn new(route: &str, upstream: std::sync::Arc<str>) -> Self {
+        let mut json = Vec::new();
+        names_json(&mut json, route, Some(&upstream));
+        Self {
+            upstream,
+            json: json.into(),
+        }
+    }
+
+    pub fn json(&self) -> &[u8] {
+        &self.json
+    }
+}
+
+fn names_json(out: &mut Vec<u8>, route: &str, upstream: Option<&str>) {
+    out.extend_from_slice(b",\"route\":");
+    json_str(out, route.as_bytes());
+    if let Some(u) = upstream {
+        out.extend_from_slice(b",\"upstream\":");
+        json_str(out, u.as_bytes());
+    }
+}
+
 /// The same shape tracing's JSON lines have, so one parser reads every line.
 pub fn format_json(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
     out.extend_from_slice(b"{\"timestamp\":\"");
     rfc3339_micros(out, now);
-    out.extend_from_slice(b"\",\"level\":\"INFO\",\"method\":");
-    json_str(out, e.method.as_bytes());
-    out.extend_from_slice(b",\"path\":");
+    out.extend_from_slice(b"\",\"level\":\"INFO\",\"method\":\"");
+    // A method is a token (RFC 9110 §9.1), which has nothing to escape; hyper's parser
+    // and `http::Method` accept nothing else.
+    out.extend_from_slice(e.method.as_bytes());
+    out.extend_from_slice(b"\",\"path\":");
     json_str(out, e.path.as_bytes());
     // Integers through itoa: this runs once per request, and float formatting
     // (`{:.3}`) costs more than the rest of the line.
@@ -77,11 +113,9 @@ pub fn format_json(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
     millis_3(out, e.duration);
     out.extend_from_slice(b",\"bytes\":");
     out.extend_from_slice(ints.format(e.bytes).as_bytes());
-    out.extend_from_slice(b",\"route\":");
-    json_str(out, e.route.as_bytes());
-    if let Some(u) = e.upstream {
-        out.extend_from_slice(b",\"upstream\":");
-        json_str(out, u.as_bytes());
+    match e.names_json {
+        Some(names) => out.extend_from_slice(names),
+        None => names_json(out, e.route, e.upstream),
     }
     out.extend_from_slice(b",\"client\":\"");
     out.extend_from_slice(e.client);
@@ -136,7 +170,8 @@ fn rfc3339_micros(out: &mut Vec<u8>, now: SystemTime) {
 /// A duration in milliseconds with three decimals (microseconds, rounded), as `{:.3}`
 /// would print it.
 fn millis_3(out: &mut Vec<u8>, d: Duration) {
-    let micros = (d.as_nanos() + 500) / 1000;
+    // In u64, not the u128 `as_nanos` gives: no 128-bit division per line.
+    let micros = d.as_secs() * 1_000_000 + u64::from(d.subsec_nanos() + 500) / 1000;
     let mut ints = itoa::Buffer::new();
     out.extend_from_slice(ints.format(micros / 1000).as_bytes());
     let frac = (micros % 1000) as u16;
@@ -205,6 +240,7 @@ mod tests {
             bytes: 13,
             route: "api",
             upstream: Some("app"),
+            names_json: None,
             client: b"127.0.0.1",
             request_id: Some(b"abc"),
             error: None,
@@ -212,6 +248,9 @@ mod tests {
         format_json(&mut out, &e, SystemTime::UNIX_EPOCH);
         assert_eq!(out.last(), Some(&b'\n'));
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["route"], "api");
+        assert_eq!(v["upstream"], "app");
         assert_eq!(v["path"], "/a\"b\\c\u{1}");
         assert_eq!(v["status"], 200);
         assert_eq!(v["duration_ms"], 1.5);
@@ -219,6 +258,35 @@ mod tests {
         assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000000Z");
         assert_eq!(v["request_id"], "abc");
         assert!(v.get("error").is_none());
+    }
+
+    #[test]
+    fn names_rendered_in_advance_read_as_those_rendered_per_line() {
+        let names = RouteNames::new("r\"1", "up\\x".into());
+        let line = |names_json| {
+            let mut out = Vec::new();
+            let e = Entry {
+                method: "PURGE",
+                path: "/",
+                status: 200,
+                duration: Duration::ZERO,
+                bytes: 0,
+                route: "r\"1",
+                upstream: Some("up\\x"),
+                names_json,
+                client: b"::1",
+                request_id: None,
+                error: None,
+            };
+            format_json(&mut out, &e, SystemTime::UNIX_EPOCH);
+            out
+        };
+        let ahead = line(Some(names.json()));
+        assert_eq!(ahead, line(None));
+        let v: serde_json::Value = serde_json::from_slice(&ahead).unwrap();
+        assert_eq!(v["route"], "r\"1");
+        assert_eq!(v["upstream"], "up\\x");
+        assert_eq!(v["method"], "PURGE");
     }
 
     #[test]

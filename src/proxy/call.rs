@@ -159,11 +159,11 @@ pub async fn call(
                 let fault = Arc::new(ClientFault::default());
                 (Body::Watched(req.body, fault.clone()), Some(fault))
             };
-            let req = Request::from_parts(req.head, body);
+            let mut req = Some(Request::from_parts(req.head, body));
             return attempt(
                 target,
                 breaker,
-                req,
+                &mut req,
                 start,
                 start + timeout,
                 fault.as_deref(),
@@ -197,7 +197,7 @@ pub async fn call(
             Some(p) => (attempt_start + p).min(overall_deadline),
             None => attempt_start + timeout,
         };
-        let req = Request::from_parts(
+        let mut req = Some(Request::from_parts(
             head.clone(),
             // No body stays no body: the non-retry path sends none either.
             if bytes.is_empty() {
@@ -205,9 +205,16 @@ pub async fn call(
             } else {
                 Body::Full(Some(bytes.clone()))
             },
-        );
-        let (result, kind) =
-            attempt(target, breaker, req, attempt_start, attempt_deadline, None).await;
+        ));
+        let (result, kind) = attempt(
+            target,
+            breaker,
+            &mut req,
+            attempt_start,
+            attempt_deadline,
+            None,
+        )
+        .await;
         let Some(kind) = kind else { return result };
         let retry_after = match &result {
             Ok(r) if matches!(r.status().as_u16(), 429 | 503) => r
@@ -258,12 +265,14 @@ fn replayable(req: &Outgoing, max_body: usize) -> bool {
 }
 
 /// One attempt, started at `started`, waiting for response headers until `deadline`.
+/// `req` stays with the caller until the connection takes it: a request moves once, into
+/// hyper, not through every future on the way (it is over 300 bytes).
 /// Returns the result and, when it failed in a way retries may care about, what kind of
 /// failure it was (`None`: success, breaker rejection or client fault, final).
 async fn attempt(
     target: &Target,
     breaker: Option<&GuardedBreaker>,
-    req: Request<Body>,
+    req: &mut Option<Request<Body>>,
     started: Instant,
     deadline: Instant,
     client_fault: Option<&ClientFault>,

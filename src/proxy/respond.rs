@@ -210,8 +210,26 @@ pub fn maintenance(r: MaintenanceReject) -> Response<Body> {
     *resp.status_mut() = r.status;
     resp.headers_mut().insert(header::CONTENT_TYPE, ctype);
     resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after_secs));
+        .insert(header::RETRY_AFTER, retry_after_header(r.retry_after_secs));
     resp
+}
+
+/// `Retry-After` for a maintenance answer. Its value rarely changes (the configured
+/// `retry_after`, or a window's end counting down a second at a time), so each thread keeps
+/// the last one and clones it instead of formatting and allocating one per answer.
+fn retry_after_header(secs: u64) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((s, v)) if *s == secs => v.clone(),
+        _ => {
+            let v = HeaderValue::from(secs);
+            *last = Some((secs, v.clone()));
+            v
+        }
+    })
 }
 
 pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
@@ -232,6 +250,16 @@ pub fn retry_after_value(d: Duration) -> HeaderValue {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_kept_retry_after_follows_the_seconds_asked_for() {
+        for secs in [120, 120, 7, 120, 0, u64::MAX] {
+            assert_eq!(
+                super::retry_after_header(secs).to_str().unwrap(),
+                secs.to_string()
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -78,10 +78,11 @@ impl H2Upstream {
         &self,
         connector: &Connector,
         upstream: &Arc<str>,
-        req: http::Request<Body>,
+        req: &mut Option<http::Request<Body>>,
     ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
         let mut send = self.sender(connector, upstream).await?;
         send.ready().await.map_err(SendError::Reset)?;
+        let req = req.take().expect("a request to send");
         send.send_request(req).await.map_err(SendError::Reset)
     }
 }

@@ -152,10 +152,11 @@ impl Target {
         Uri::from_parts(parts).map_err(|_| ProxyError::BadPath)
     }
 
-    /// One attempt: send and wait for response headers until `deadline`.
+    /// One attempt: send and wait for response headers until `deadline`. `req` is taken
+    /// when a connection takes it.
     pub async fn send(
         &self,
-        req: Request<Body>,
+        req: &mut Option<Request<Body>>,
         deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let sent = match &self.transport {
@@ -196,7 +197,7 @@ impl Target {
     async fn send_h1(
         &self,
         pool: &Arc<Pool>,
-        mut req: Request<Body>,
+        req: &mut Option<Request<Body>>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         loop {
             let (conn, reused) = match pool.checkout() {
@@ -213,9 +214,8 @@ impl Target {
             } = conn;
             let mut driver = Some(driver);
             // Queued under the quiet waker too: the queue wakes the connection, polled next.
-            let mut unsent = Some(req);
             let sending = std::future::poll_fn(|cx| {
-                let req = unsent.take().expect("polled once");
+                let req = req.take().expect("a request to send");
                 quiet.poll(cx, |_| Poll::Ready(sender.try_send_request(req)))
             })
             .await;
@@ -255,7 +255,7 @@ impl Target {
                     return Ok(resp.map(|b| UpstreamBody::new(b, Some(slot))));
                 }
                 Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
+                    Some(unsent) if reused => *req = Some(unsent),
                     _ => return Err(SendError::Reset(e.into_error())),
                 },
             }

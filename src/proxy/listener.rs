@@ -193,7 +193,9 @@ pub async fn serve(
                         }
                         // Boxed: the upstream call's state machine is a few KiB, and
                         // hyper's dispatcher would otherwise move it by value.
-                        Admitted::Forward(f) => boxed_in_place(|| proxy.forward(f)),
+                        Admitted::Forward(f) => {
+                            Box::into_pin(super::boxed_in_place(|| proxy.forward(f)))
+                        }
                     };
                     let mut resp = call.await;
                     in_flight.answered(resp.status());
@@ -226,14 +228,6 @@ pub async fn serve(
         });
     }
     graceful
-}
-
-/// Boxes the future `make` builds. Allocating first lets the optimiser build the future in
-/// the box; `Box::pin(fut)` builds it on the stack and copies it whole (a few KiB, though
-/// only its arguments are set yet).
-fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
-    let slot = Box::new_uninit();
-    Box::into_pin(Box::write(slot, make()))
 }
 
 /// Runs one connection to its end. It is asked to close gracefully (`Connection: close`,

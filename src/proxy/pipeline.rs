@@ -407,14 +407,16 @@ fn record(
 ) -> Box<Record> {
     // Boxed: the record rides in the response body, which hyper moves several times;
     // 8 bytes move cheaper than ~300.
-    Box::new(Record::begin(
-        start,
-        metrics,
-        req.method().clone(),
-        req.uri().clone(),
-        conn.peer_text.clone(),
-        log,
-    ))
+    super::boxed_in_place(|| {
+        Record::begin(
+            start,
+            metrics,
+            req.method().clone(),
+            req.uri().clone(),
+            conn.peer_text.clone(),
+            log,
+        )
+    })
 }
 
 /// Answers a request no route took (bad path, no route) with `e`.

@@ -353,6 +353,47 @@ timeout = "200ms"
     );
 }
 
+/// A kept upstream connection carries one timer from call to call, moved to each call's
+/// deadline: later (a fast call, then a slow one with a longer timeout) and earlier.
+#[tokio::test]
+async fn each_call_on_a_kept_connection_times_out_by_its_own_deadline() {
+    let app = Upstream::echo("app").await;
+    let og = Opsgate::start(&format!(
+        r#"
+[upstreams.app]
+url = "{}"
+[[routes]]
+name = "short"
+prefix = "/short"
+upstream = "app"
+timeout = "200ms"
+[[routes]]
+name = "long"
+prefix = "/long"
+upstream = "app"
+timeout = "5s"
+"#,
+        app.url()
+    ))
+    .await;
+    // A short deadline, then a slow call with a later one on the same connection: the
+    // earlier deadline must not cut it.
+    assert_eq!(get(&og.url("/short/a"), &[]).await.status, StatusCode::OK);
+    let answer = get(&og.url("/long/b?sleep_ms=500"), &[]).await;
+    assert_eq!(answer.status, StatusCode::OK, "cut at the earlier deadline");
+    // A long deadline, then a hung call with an earlier one: cut at its own.
+    assert_eq!(get(&og.url("/long/c"), &[]).await.status, StatusCode::OK);
+    let started = Instant::now();
+    let answer = get(&og.url("/short/d?sleep_ms=3000"), &[]).await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        took >= Duration::from_millis(190) && took < Duration::from_millis(2000),
+        "504 after {took:?}"
+    );
+    assert_eq!(get(&og.url("/long/e"), &[]).await.status, StatusCode::OK);
+}
+
 fn two_upstreams(a: &Upstream, b: &Upstream, routes: &str) -> String {
     format!(
         "[upstreams.a]\nurl = \"{}\"\n[upstreams.b]\nurl = \"{}\"\n{routes}",

@@ -57,6 +57,8 @@ enum SendError {
     Handshake(hyper::Error),
     /// The connection failed or closed before the response headers.
     Reset(hyper::Error),
+    /// No response headers by the attempt's deadline.
+    Timeout,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,30 +162,29 @@ impl Target {
         deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let sent = match &self.transport {
-            Transport::Http1(pool) => {
-                tokio::time::timeout_at(deadline, self.send_h1(pool, req)).await
-            }
+            Transport::Http1(pool) => self.send_h1(pool, req, deadline).await,
             Transport::Http2(h2) => {
                 let sending = h2.send(&self.connector, &self.name, req);
-                tokio::time::timeout_at(deadline, sending)
-                    .await
-                    .map(|r| r.map(|resp| resp.map(|b| UpstreamBody::new(b, None))))
+                match tokio::time::timeout_at(deadline, sending).await {
+                    Ok(r) => r.map(|resp| resp.map(|b| UpstreamBody::new(b, None))),
+                    Err(_) => Err(SendError::Timeout),
+                }
             }
         };
         let upstream = &self.name;
         match sent {
-            Err(_) => Err(ProxyError::UpstreamTimeout),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(SendError::Connect(e))) => {
+            Ok(resp) => Ok(resp),
+            Err(SendError::Timeout) => Err(ProxyError::UpstreamTimeout),
+            Err(SendError::Connect(e)) => {
                 let timed_out = matches!(e, ConnectError::Timeout(_));
                 tracing::debug!(%upstream, timed_out, error = %e, "upstream connect failed");
                 Err(ProxyError::UpstreamConnect)
             }
-            Ok(Err(SendError::Handshake(e))) => {
+            Err(SendError::Handshake(e)) => {
                 tracing::debug!(%upstream, error = %ErrorChain(&e), "upstream handshake failed");
                 Err(ProxyError::UpstreamConnect)
             }
-            Ok(Err(SendError::Reset(e))) => {
+            Err(SendError::Reset(e)) => {
                 tracing::debug!(%upstream, error = %ErrorChain(&e), "upstream request failed");
                 Err(ProxyError::UpstreamReset)
             }
@@ -198,6 +199,7 @@ impl Target {
         &self,
         pool: &Arc<Pool>,
         req: &mut Option<Request<Body>>,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         loop {
             let (conn, reused) = match pool.checkout() {
@@ -205,13 +207,20 @@ impl Target {
                 // Boxed: connecting (TCP, TLS, handshake) is a rare path whose state is
                 // larger than the whole call's; inline, every future that awaits this one
                 // would carry it and be copied at its size on every request.
-                None => (Box::pin(self.connect_h1()).await?, false),
+                None => {
+                    match tokio::time::timeout_at(deadline, Box::pin(self.connect_h1())).await {
+                        Ok(conn) => (conn?, false),
+                        Err(_) => return Err(SendError::Timeout),
+                    }
+                }
             };
             let Conn {
                 mut sender,
                 driver,
                 quiet,
+                deadline: mut timer,
             } = conn;
+            timer.as_mut().reset(deadline);
             let mut driver = Some(driver);
             // Queued under the quiet waker too: the queue wakes the connection, polled next.
             let sending = std::future::poll_fn(|cx| {
@@ -223,7 +232,7 @@ impl Target {
             // A call dropped here (timeout, client gone) drops the connection with it:
             // closed, or reset if the request was cut (see `UpstreamIo`).
             let sent = std::future::poll_fn(|cx| {
-                quiet.poll(cx, |cx| {
+                let sent = quiet.poll(cx, |cx| {
                     if let Some(d) = &mut driver
                         && pool::poll_driver(d, cx, &self.name).is_ready()
                     {
@@ -231,9 +240,18 @@ impl Target {
                         driver = None;
                     }
                     sending.as_mut().poll(cx)
-                })
+                });
+                // With the task's own waker: the timer's wake comes from outside this poll.
+                if sent.is_pending() && timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                sent.map(Some)
             })
             .await;
+            // Timed out: the connection is dropped with the call, as a cancelled call's is.
+            let Some(sent) = sent else {
+                return Err(SendError::Timeout);
+            };
             match sent {
                 Ok(resp) => {
                     let Some(driver) = driver else {
@@ -243,6 +261,7 @@ impl Target {
                         sender,
                         driver,
                         quiet,
+                        deadline: timer,
                     };
                     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                         conn.detach(self.name.clone());

@@ -56,6 +56,11 @@ pub struct Conn {
     pub driver: Driver,
     /// The waker both halves are polled with (see [`Quiet`]).
     pub quiet: Quiet,
+    /// The deadline of the call using the connection. One timer for the connection's life:
+    /// tokio moves a registered timer to a later deadline with one atomic step, where a
+    /// timer per call is an insertion into its timer wheel and a removal (~600
+    /// instructions). Between calls it may fire and wake the last caller's task, harmlessly.
+    pub deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Conn {
@@ -64,6 +69,8 @@ impl Conn {
             sender,
             driver: Box::pin(driver.with_upgrades()),
             quiet: Quiet::new(),
+            // Set by each call before it is polled.
+            deadline: Box::pin(tokio::time::sleep_until(Instant::now())),
         }
     }
 

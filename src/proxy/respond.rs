@@ -214,9 +214,11 @@ pub fn maintenance(r: MaintenanceReject) -> Response<Body> {
     resp
 }
 
-/// `Retry-After` for a maintenance answer. Its value rarely changes (the configured
-/// `retry_after`, or a window's end counting down a second at a time), so each thread keeps
-/// the last one and clones it instead of formatting and allocating one per answer.
+/// `Retry-After: secs`, for every answer that carries one. Within a burst of rejections
+/// the value rarely changes (a configured `retry_after`, a window's end or an open
+/// breaker's recovery counting down a second at a time, a rate limit's refill), so each
+/// thread keeps the last one and clones it instead of formatting and allocating one per
+/// answer.
 fn retry_after_header(secs: u64) -> HeaderValue {
     thread_local! {
         static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> =
@@ -245,22 +247,23 @@ pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
 /// Whole seconds, rounded up, at least 1 (a `Retry-After: 0` invites a hot loop).
 pub fn retry_after_value(d: Duration) -> HeaderValue {
     let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    HeaderValue::from(secs.max(1))
+    retry_after_header(secs.max(1))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_kept_retry_after_follows_the_seconds_asked_for() {
         for secs in [120, 120, 7, 120, 0, u64::MAX] {
-            assert_eq!(
-                super::retry_after_header(secs).to_str().unwrap(),
-                secs.to_string()
-            );
+            assert_eq!(retry_after_header(secs).to_str().unwrap(), secs.to_string());
         }
+        // Rejections of other kinds share the kept value, rounding their own way.
+        assert_eq!(retry_after_value(Duration::from_millis(119_001)), "120");
+        assert_eq!(retry_after_header(0), "0");
+        assert_eq!(retry_after_value(Duration::ZERO), "1");
     }
-
-    use super::*;
 
     #[test]
     fn retry_after_rounds_up() {

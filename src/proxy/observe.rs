@@ -13,7 +13,7 @@ use http_body::{Frame, SizeHint};
 use super::body::{Body, BoxError};
 use super::respond::{CLIENT_CLOSED, ProxyError};
 use crate::telemetry::RouteMetrics;
-use crate::telemetry::access::{AccessLog, Entry, RouteNames};
+use crate::telemetry::access::{AccessLog, Entry, Names, RouteNames};
 use crate::telemetry::metrics::method_index;
 
 /// What the access log line needs; everything is a cheap clone of request data.
@@ -95,9 +95,10 @@ impl Drop for Record {
                 status: self.status,
                 duration: elapsed,
                 bytes: self.bytes,
-                route: self.metrics.route(),
-                upstream: self.names.as_ref().map(|n| &*n.upstream),
-                names_json: self.names.as_ref().map(|n| n.json()),
+                names: match &self.names {
+                    Some(n) => Names::Route(n),
+                    None => Names::Unrouted(self.metrics.route()),
+                },
                 client: self.client.as_bytes(),
                 request_id: self.request_id.as_ref().map(|v| v.as_bytes()),
                 error: self.error,

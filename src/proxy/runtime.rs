@@ -276,7 +276,7 @@ impl Runtime {
                             body: Bytes::from(fb.body.clone()),
                         }),
                         log_names: Arc::new(crate::telemetry::access::RouteNames::new(
-                            &name,
+                            name.clone(),
                             upstream.name().clone(),
                         )),
                         upstream,

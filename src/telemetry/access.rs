@@ -24,10 +24,7 @@ pub struct Entry<'a> {
     pub status: u16,
     pub duration: Duration,
     pub bytes: u64,
-    pub route: &'a str,
-    pub upstream: Option<&'a str>,
-    /// `route` and `upstream` as the JSON line carries them, when rendered in advance.
-    pub names_json: Option<&'a [u8]>,
+    pub names: Names<'a>,
     /// The client's IP as text.
     pub client: &'a [u8],
     pub request_id: Option<&'a [u8]>,
@@ -52,8 +49,8 @@ impl AccessLog {
                 status = e.status,
                 duration_ms = e.duration.as_secs_f64() * 1000.0,
                 bytes = e.bytes,
-                route = e.route,
-                upstream = e.upstream,
+                route = e.names.route(),
+                upstream = e.names.upstream(),
                 client = std::str::from_utf8(e.client).unwrap_or("?"),
                 request_id = e.request_id.and_then(|v| std::str::from_utf8(v).ok()),
                 error = e.error,
@@ -62,26 +59,49 @@ impl AccessLog {
     }
 }
 
-/// A route's name and its upstream's as access lines carry them: escaped once, when the
-/// route is built, instead of on every line.
+/// Which route answered, as the access line names it.
+#[derive(Clone, Copy)]
+pub enum Names<'a> {
+    /// A configured route, with its upstream.
+    Route(&'a RouteNames),
+    /// No configured route: `system` (probes, scrapes) or an unmatched request's.
+    Unrouted(&'a str),
+}
+
+impl<'a> Names<'a> {
+    fn route(self) -> &'a str {
+        match self {
+            Names::Route(n) => &n.route,
+            Names::Unrouted(r) => r,
+        }
+    }
+
+    fn upstream(self) -> Option<&'a str> {
+        match self {
+            Names::Route(n) => Some(&n.upstream),
+            Names::Unrouted(_) => None,
+        }
+    }
+}
+
+/// A route's name and its upstream's, and the two as access lines carry them: escaped
+/// once, when the route is built, instead of on every line.
 pub struct RouteNames {
-    pub upstream: std::sync::Arc<str>,
+    route: std::sync::Arc<str>,
+    upstream: std::sync::Arc<str>,
     /// `,"route":"…","upstream":"…"`
     json: Box<[u8]>,
 }
 
 impl RouteNames {
-    pub fn new(route: &str, upstream: std::sync::Arc<str>) -> Self {
+    pub fn new(route: std::sync::Arc<str>, upstream: std::sync::Arc<str>) -> Self {
         let mut json = Vec::new();
-        names_json(&mut json, route, Some(&upstream));
+        names_json(&mut json, &route, Some(&upstream));
         Self {
+            route,
             upstream,
             json: json.into(),
         }
-    }
-
-    pub fn json(&self) -> &[u8] {
-        &self.json
     }
 }
 
@@ -113,9 +133,9 @@ pub fn format_json(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
     millis_3(out, e.duration);
     out.extend_from_slice(b",\"bytes\":");
     out.extend_from_slice(ints.format(e.bytes).as_bytes());
-    match e.names_json {
-        Some(names) => out.extend_from_slice(names),
-        None => names_json(out, e.route, e.upstream),
+    match e.names {
+        Names::Route(n) => out.extend_from_slice(&n.json),
+        Names::Unrouted(route) => names_json(out, route, None),
     }
     out.extend_from_slice(b",\"client\":\"");
     out.extend_from_slice(e.client);
@@ -238,9 +258,7 @@ mod tests {
             status: 200,
             duration: Duration::from_micros(1500),
             bytes: 13,
-            route: "api",
-            upstream: Some("app"),
-            names_json: None,
+            names: Names::Route(&RouteNames::new("api".into(), "app".into())),
             client: b"127.0.0.1",
             request_id: Some(b"abc"),
             error: None,
@@ -261,9 +279,9 @@ mod tests {
     }
 
     #[test]
-    fn names_rendered_in_advance_read_as_those_rendered_per_line() {
-        let names = RouteNames::new("r\"1", "up\\x".into());
-        let line = |names_json| {
+    fn route_names_are_escaped_and_an_unrouted_line_has_no_upstream() {
+        let names = RouteNames::new("r\"1".into(), "up\\x".into());
+        let line = |names| {
             let mut out = Vec::new();
             let e = Entry {
                 method: "PURGE",
@@ -271,22 +289,21 @@ mod tests {
                 status: 200,
                 duration: Duration::ZERO,
                 bytes: 0,
-                route: "r\"1",
-                upstream: Some("up\\x"),
-                names_json,
+                names,
                 client: b"::1",
                 request_id: None,
                 error: None,
             };
             format_json(&mut out, &e, SystemTime::UNIX_EPOCH);
-            out
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
         };
-        let ahead = line(Some(names.json()));
-        assert_eq!(ahead, line(None));
-        let v: serde_json::Value = serde_json::from_slice(&ahead).unwrap();
-        assert_eq!(v["route"], "r\"1");
-        assert_eq!(v["upstream"], "up\\x");
-        assert_eq!(v["method"], "PURGE");
+        let routed = line(Names::Route(&names));
+        assert_eq!(routed["route"], "r\"1");
+        assert_eq!(routed["upstream"], "up\\x");
+        assert_eq!(routed["method"], "PURGE");
+        let unrouted = line(Names::Unrouted("un\"matched"));
+        assert_eq!(unrouted["route"], "un\"matched");
+        assert!(unrouted.get("upstream").is_none());
     }
 
     #[test]

@@ -326,39 +326,9 @@ async fn upstream_closing_before_its_answer_is_502() {
     assert_eq!(answer.json(), json!({"detail": "upstream unavailable"}));
 }
 
-#[tokio::test]
-async fn slow_upstream_is_504_after_the_route_timeout() {
-    let app = Upstream::echo("app").await;
-    let og = Opsgate::start(&format!(
-        r#"
-[upstreams.app]
-url = "{}"
-[[routes]]
-name = "slow"
-prefix = "/"
-upstream = "app"
-timeout = "200ms"
-"#,
-        app.url()
-    ))
-    .await;
-    let started = Instant::now();
-    let answer = get(&og.url("/x?sleep_ms=3000"), &[]).await;
-    let took = started.elapsed();
-    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(answer.json(), json!({"detail": "upstream timeout"}));
-    assert!(
-        took >= Duration::from_millis(190) && took < Duration::from_millis(2000),
-        "504 after {took:?}"
-    );
-}
-
-/// A kept upstream connection carries one timer from call to call, moved to each call's
-/// deadline: later (a fast call, then a slow one with a longer timeout) and earlier.
-#[tokio::test]
-async fn each_call_on_a_kept_connection_times_out_by_its_own_deadline() {
-    let app = Upstream::echo("app").await;
-    let og = Opsgate::start(&format!(
+/// Two routes to one upstream: `/short` times out after 200 ms, `/long` after 5 s.
+fn short_and_long_timeouts(app: &Upstream) -> String {
+    format!(
         r#"
 [upstreams.app]
 url = "{}"
@@ -374,8 +344,35 @@ upstream = "app"
 timeout = "5s"
 "#,
         app.url()
-    ))
-    .await;
+    )
+}
+
+/// A call to `/short` the echo upstream holds for 3 s: a 504 at the 200 ms timeout.
+async fn assert_cut_at_the_short_timeout(og: &Opsgate, path: &str) {
+    let started = Instant::now();
+    let answer = get(&og.url(&format!("/short{path}?sleep_ms=3000")), &[]).await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.json(), json!({"detail": "upstream timeout"}));
+    assert!(
+        took >= Duration::from_millis(190) && took < Duration::from_millis(2000),
+        "504 after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_after_the_route_timeout() {
+    let app = Upstream::echo("app").await;
+    let og = Opsgate::start(&short_and_long_timeouts(&app)).await;
+    assert_cut_at_the_short_timeout(&og, "/x").await;
+}
+
+/// A kept upstream connection carries one timer from call to call, moved to each call's
+/// deadline: later (a fast call, then a slow one with a longer timeout) and earlier.
+#[tokio::test]
+async fn each_call_on_a_kept_connection_times_out_by_its_own_deadline() {
+    let app = Upstream::echo("app").await;
+    let og = Opsgate::start(&short_and_long_timeouts(&app)).await;
     // A short deadline, then a slow call with a later one on the same connection: the
     // earlier deadline must not cut it.
     assert_eq!(get(&og.url("/short/a"), &[]).await.status, StatusCode::OK);
@@ -383,14 +380,7 @@ timeout = "5s"
     assert_eq!(answer.status, StatusCode::OK, "cut at the earlier deadline");
     // A long deadline, then a hung call with an earlier one: cut at its own.
     assert_eq!(get(&og.url("/long/c"), &[]).await.status, StatusCode::OK);
-    let started = Instant::now();
-    let answer = get(&og.url("/short/d?sleep_ms=3000"), &[]).await;
-    let took = started.elapsed();
-    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(
-        took >= Duration::from_millis(190) && took < Duration::from_millis(2000),
-        "504 after {took:?}"
-    );
+    assert_cut_at_the_short_timeout(&og, "/d").await;
     assert_eq!(get(&og.url("/long/e"), &[]).await.status, StatusCode::OK);
 }
 

@@ -322,6 +322,42 @@ async fn second_signal_during_the_delay_exits_1() {
     );
 }
 
+/// A routed request's line names its route and upstream (rendered when the route is
+/// built); a request no route took names `unmatched` and no upstream.
+#[tokio::test]
+async fn access_lines_name_the_route_and_its_upstream() {
+    let app = Upstream::echo("app").await;
+    let config = format!(
+        "[upstreams.app]\nurl = \"{}\"\n[[routes]]\nname = \"api\"\nprefix = \"/api\"\nupstream = \"app\"\n",
+        app.url()
+    );
+    let mut og = Launch::new().config(&config).loopback().start().await;
+    assert_eq!(get(&og.url("/api/x"), &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&og.url("/elsewhere"), &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
+    // Access lines are batched; a clean stop writes out every line.
+    og.sigterm();
+    assert!(og.wait_exit(Duration::from_secs(10)).await.success());
+    let logs = og.json_logs();
+    let line = |path: &str| {
+        logs.iter()
+            .find(|l| l["target"] == "access" && l["path"] == path)
+            .unwrap_or_else(|| panic!("no access line for {path}: {logs:?}"))
+            .clone()
+    };
+    let routed = line("/api/x");
+    assert_eq!(routed["route"], "api");
+    assert_eq!(routed["upstream"], "app");
+    assert_eq!(routed["method"], "GET");
+    assert_eq!(routed["status"], 200);
+    let unmatched = line("/elsewhere");
+    assert_eq!(unmatched["route"], "unmatched");
+    assert!(unmatched.get("upstream").is_none(), "{unmatched}");
+    assert_eq!(unmatched["status"], 404);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opsgate_log_governs_the_access_log() {
     let app = Upstream::echo("app").await;

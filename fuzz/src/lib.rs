@@ -427,6 +427,28 @@ pub fn check_headers(data: &[u8]) {
         Some(v) if !v.is_empty() && v.len() <= 200 => assert_eq!(&id, v),
         _ => assert!(id.len() == 32 && id.as_bytes().iter().all(u8::is_ascii_hexdigit)),
     }
+
+    // The replay copy a retry sends: every line back, in order, sensitivity included.
+    if flags & 8 != 0
+        && let Some(v) = h.get_mut(&headers::X_FORWARDED_FOR)
+    {
+        v.set_sensitive(true);
+    }
+    let (mut head, ()) = http::Request::new(()).into_parts();
+    head.headers = h;
+    let again = opsgate::proxy::replay::Replay::new(&head)
+        .head()
+        .expect("a copied head comes back");
+    let lines = |m: &HeaderMap| -> Vec<(HeaderName, HeaderValue, bool)> {
+        m.iter()
+            .map(|(n, v)| (n.clone(), v.clone(), v.is_sensitive()))
+            .collect()
+    };
+    assert_eq!(
+        lines(&again.headers),
+        lines(&head.headers),
+        "replay changed the head"
+    );
 }
 
 /// The rightmost address not itself a trusted proxy, walking from the trusted peer.

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::body::{Body, ClientFault, classify};
 use super::breaker::{Breaker, Outcome, State, Transition};
+use super::replay::Replay;
 use super::respond::{Fault, ProxyError};
 use super::retry::{Attempt, Decision, RetryBudget, RetryPolicy, Stop, parse_retry_after};
 use super::upstream::{Target, UpstreamBody};
@@ -121,8 +122,8 @@ impl Retries {
     }
 }
 
-/// The request to send, replayable when it may be retried: its head is cloned per
-/// attempt, its body buffered first.
+/// The request to send, replayable when it may be retried: its head copied (see
+/// [`Replay`]), its body buffered first.
 pub struct Outgoing {
     /// Without extensions: they belong to the client's connection, not the upstream's.
     pub head: http::request::Parts,
@@ -187,6 +188,18 @@ pub async fn call(
             .to_bytes();
         (bytes, Instant::now())
     };
+    // No body stays no body: the non-retry path sends none either.
+    let body = || {
+        if bytes.is_empty() {
+            Body::Empty
+        } else {
+            Body::Full(Some(bytes.clone()))
+        }
+    };
+    // The first attempt sends the head itself; a retry, the copy, unless the attempt
+    // before left the request unsent (a failed connect), as it was.
+    let replay = Replay::new(&head);
+    let mut req = Some(Request::from_parts(head, body()));
     let per_try = retry.policy.per_try_timeout;
     let overall_deadline = start + timeout;
     let mut attempts = 0u32;
@@ -197,15 +210,6 @@ pub async fn call(
             Some(p) => (attempt_start + p).min(overall_deadline),
             None => attempt_start + timeout,
         };
-        let mut req = Some(Request::from_parts(
-            head.clone(),
-            // No body stays no body: the non-retry path sends none either.
-            if bytes.is_empty() {
-                Body::Empty
-            } else {
-                Body::Full(Some(bytes.clone()))
-            },
-        ));
         let (result, kind) = attempt(
             target,
             breaker,
@@ -230,6 +234,12 @@ pub async fn call(
             .decide(attempts, &kind, retry_after, time_left, &retry.budget, now)
         {
             Decision::Retry { reason, delay } => {
+                if req.is_none() {
+                    let Some(head) = replay.head() else {
+                        return result;
+                    };
+                    req = Some(Request::from_parts(head, body()));
+                }
                 metrics
                     .retries
                     .get_or_create(&RetryLabels {

@@ -18,6 +18,7 @@ pub mod listener;
 pub mod normalize;
 pub mod observe;
 pub mod pipeline;
+pub mod replay;
 pub mod respond;
 pub mod retry;
 pub mod route;

@@ -13,7 +13,7 @@ use crate::support::eventually;
 use crate::support::inprocess::InProcess;
 use crate::support::metrics::{sample, scrape};
 use crate::support::opsgate::{
-    Answer, Launch, Opsgate, get, http1, raw_status, read_response, send,
+    Answer, Launch, Opsgate, get, http1, raw_status, read_response, request, send,
 };
 use crate::support::upstream::{Reply, Scripted, Upstream, full, refused_url};
 
@@ -403,6 +403,44 @@ async fn a_get_is_retried_on_503_and_succeeds() {
         rig.metric("upstream_retries_total", &labels).await,
         Some(1.0)
     );
+}
+
+#[tokio::test]
+async fn a_retry_sends_the_head_the_first_attempt_sent() {
+    let app = Scripted::start(Reply::Ok).await;
+    let rig = Setup::new(&app.url())
+        .tables(&retry_table("attempts = 3"))
+        .start()
+        .await;
+    app.then(&[Reply::Status(503), Reply::Status(502)]);
+    let headers = [
+        ("accept", "text/html"),
+        ("accept", "application/json"),
+        ("x-tenant", "caf\u{e9}"),
+        ("x-empty", ""),
+        ("cookie", "a=1"),
+        ("cookie", "b=2"),
+    ];
+    let answer = request("PUT", &rig.url("/x/y?q=1&r=2"), &headers, "{\"n\":1}").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let heads = app.heads();
+    assert_eq!(heads.len(), 3, "{heads:#?}");
+    // Three attempts, one head: the request id and X-Forwarded-* included.
+    assert_eq!(heads[1], heads[0]);
+    assert_eq!(heads[2], heads[0]);
+    let first = &heads[0];
+    assert!(first.starts_with("PUT /x/y?q=1&r=2 HTTP/1.1\n"), "{first}");
+    for line in [
+        "accept: text/html\naccept: application/json\n",
+        "x-tenant: caf\u{e9}\n",
+        "x-empty: \n",
+        "cookie: a=1\ncookie: b=2\n",
+        "content-length: 7\n",
+        "x-request-id: ",
+        "x-forwarded-for: 127.0.0.1\n",
+    ] {
+        assert!(first.contains(line), "{line:?} not in {first}");
+    }
 }
 
 #[tokio::test]

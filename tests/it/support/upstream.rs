@@ -323,6 +323,8 @@ pub enum Reply {
 struct Script {
     queue: std::collections::VecDeque<Reply>,
     steady: Reply,
+    /// Every request head seen, as text (see [`Scripted::heads`]).
+    heads: Vec<String>,
 }
 
 /// An HTTP/1.1 app that fails on command: each request takes the next queued [`Reply`],
@@ -345,6 +347,7 @@ impl Scripted {
         let script = Arc::new(std::sync::Mutex::new(Script {
             queue: Default::default(),
             steady,
+            heads: Vec::new(),
         }));
         let (counter, shared) = (hits.clone(), script.clone());
         let task = tokio::spawn(async move {
@@ -355,6 +358,7 @@ impl Scripted {
                     counter.fetch_add(1, Ordering::SeqCst);
                     let reply = {
                         let mut s = shared.lock().unwrap();
+                        s.heads.push(head_text(&req));
                         let steady = s.steady;
                         s.queue.pop_front().unwrap_or(steady)
                     };
@@ -384,6 +388,12 @@ impl Scripted {
         self.hits.load(Ordering::SeqCst)
     }
 
+    /// The heads of the requests seen so far, in order: the request line, then every
+    /// header line as it arrived (`name: value`), one per line.
+    pub fn heads(&self) -> Vec<String> {
+        self.script.lock().unwrap().heads.clone()
+    }
+
     /// From now on, answers `reply` once the queue is empty.
     pub fn set(&self, reply: Reply) {
         self.script.lock().unwrap().steady = reply;
@@ -399,6 +409,17 @@ impl Drop for Scripted {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+fn head_text(req: &Request<Incoming>) -> String {
+    let mut text = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+    for (name, value) in req.headers() {
+        text.push_str(&format!(
+            "{name}: {}\n",
+            String::from_utf8_lossy(value.as_bytes())
+        ));
+    }
+    text
 }
 
 async fn scripted_answer(

@@ -207,7 +207,7 @@ check_dockerfile() {
     hadolint --failure-threshold warning Dockerfile || return 1
     # The build context must keep what `cargo build --release --locked` needs.
     local f
-    for f in Cargo.toml Cargo.lock src config; do
+    for f in Cargo.toml Cargo.lock build.rs build src config; do
         if grep -qxE "/?${f}/?" .dockerignore; then
             echo ".dockerignore excludes $f, which the build needs"
             return 1

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Writes build/symbol-order.txt: the functions of the release binary that
+# start-up, an idle daemon and its requests run, hottest first. build.rs hands
+# the list to the linker, which places those functions together at the start
+# of .text, so the pages the kernel maps for them are few (see build.rs).
+#
+# How: the release build (its symbol table is kept for this) runs under
+# valgrind's callgrind with the benchmark's
+# policy config in front of an nginx backend; it serves proxied requests,
+# probes, scrapes and admin calls, then stops. Every function callgrind saw run
+# in the binary is listed, by instructions spent in it.
+#
+# Run it after changes to the hot path or to dependencies: names carry a hash
+# of their crate, so a stale list matches less and less (and costs memory,
+# never correctness). `bench/symbol-order.sh --check` reports how many listed
+# names the current build still has.
+#
+# Environment: REQUESTS [2000], BASE_PORT [28700],
+#   ORDER_TARGET_DIR [target/symbol-order] (so target/release is not touched).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/.." && pwd)"
+ORDER="$REPO/build/symbol-order.txt"
+REQUESTS="${REQUESTS:-2000}"
+BASE_PORT="${BASE_PORT:-28700}"
+ORDER_TARGET_DIR="${ORDER_TARGET_DIR:-$REPO/target/symbol-order}"
+
+log() { printf '[symbol-order] %s\n' "$*" >&2; }
+die() { printf '[symbol-order] error: %s\n' "$*" >&2; exit 1; }
+
+for tool in valgrind nginx curl python3 nm; do
+    command -v "$tool" >/dev/null || die "needs $tool (apt-get install valgrind nginx curl python3 binutils)"
+done
+
+log "cargo build --release into $ORDER_TARGET_DIR"
+# The release profile as it is: a symbol's name carries a hash of its crate's build
+# settings, so only the same settings give the names the shipped build has. Without the
+# list: what the list holds must not depend on an older list.
+(cd "$REPO" && OPSGATE_NO_SYMBOL_ORDER=1 CARGO_TARGET_DIR="$ORDER_TARGET_DIR" \
+    cargo build --release --quiet) || die "build failed"
+BIN="$ORDER_TARGET_DIR/release/opsgate"
+
+if [[ ${1:-} == --check ]]; then
+    [[ -f $ORDER ]] || die "no $ORDER"
+    have=$(nm --defined-only "$BIN" | awk '{print $3}' | sort -u)
+    listed=$(wc -l <"$ORDER")
+    found=$(comm -12 <(sort -u "$ORDER") <(printf '%s\n' "$have") | wc -l)
+    log "$found of $listed listed functions are in the current build"
+    exit 0
+fi
+
+RUN="$(mktemp -d /tmp/opsgate-symbol-order.XXXXXX)"
+chmod 755 "$RUN"
+declare -a PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$RUN"
+}
+trap cleanup EXIT
+
+port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+NEXT_PORT=$BASE_PORT
+alloc_port() {
+    while port_busy "$NEXT_PORT"; do NEXT_PORT=$((NEXT_PORT + 1)); done
+    ALLOCATED=$NEXT_PORT
+    NEXT_PORT=$((NEXT_PORT + 1))
+}
+render() {
+    local tpl=$1 out=$2; shift 2
+    local args=() kv
+    for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
+    sed "${args[@]}" "$tpl" >"$out"
+}
+wait_http() {
+    local url=$1 deadline=$((SECONDS + $2))
+    until [[ $(curl -sS -o /dev/null -w '%{http_code}' --max-time 2 "$url" 2>/dev/null) == 200 ]]; do
+        (( SECONDS < deadline )) || return 1
+        sleep 0.2
+    done
+}
+
+alloc_port; BACKEND=$ALLOCATED
+mkdir -p "$RUN/backend/tmp" "$RUN/data" "$RUN/conf"
+render "$HERE/conf/backend.nginx.conf" "$RUN/backend/nginx.conf" DIR="$RUN/backend" DATA="$RUN/data" PORT="$BACKEND"
+nginx -p "$RUN/backend" -c "$RUN/backend/nginx.conf" >"$RUN/backend/stdout.log" 2>&1 &
+PIDS+=("$!")
+wait_http "http://127.0.0.1:$BACKEND/tiny" 10 || die "backend did not start"
+
+alloc_port; PORT=$ALLOCATED
+alloc_port; ADMIN=$ALLOCATED
+render "$HERE/conf/opsgate-policy.toml" "$RUN/conf/opsgate.toml" PORT="$PORT" \
+    BACKEND_PORT="$BACKEND" ADMIN_PORT="$ADMIN" ACCESS_LOG=true
+log "opsgate under callgrind: $REQUESTS proxied requests, probes, scrapes, admin calls"
+valgrind --tool=callgrind --demangle=no --callgrind-out-file="$RUN/callgrind.out" \
+    "$BIN" run --config "$RUN/conf/opsgate.toml" >"$RUN/stdout.log" 2>"$RUN/stderr.log" &
+PID=$!
+PIDS+=("$PID")
+wait_http "http://127.0.0.1:$PORT/tiny" 120 || die "opsgate did not start (see $RUN/stderr.log)"
+python3 - "$PORT" "$ADMIN" "$REQUESTS" <<'PY' || die "requests failed"
+import http.client, sys
+port, admin, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for i in range(n):
+    c.request("GET", "/tiny")
+    r = c.getresponse(); r.read()
+    if r.status != 200:
+        sys.exit(f"request {i}: {r.status}")
+for path in ("/_health/live", "/_health/ready", "/_health/startup", "/metrics"):
+    c.request("GET", path); c.getresponse().read()
+a = http.client.HTTPConnection("127.0.0.1", admin, timeout=60)
+for path in ("/metrics", "/_health/ready", "/"):
+    a.request("GET", path); a.getresponse().read()
+PY
+kill -TERM "$PID"
+wait "$PID" 2>/dev/null || true
+[[ -s $RUN/callgrind.out ]] || die "no callgrind output (see $RUN/stderr.log)"
+
+python3 - "$RUN/callgrind.out" "$(basename "$BIN")" "$ORDER" <<'PY'
+import collections, re, sys
+path, binary, out = sys.argv[1:4]
+ref = re.compile(r"^\((\d+)\)(?: (.*))?$")
+objs, fns, cost = {}, {}, collections.Counter()
+def name(table, s):
+    m = ref.match(s)
+    if not m:
+        return s
+    if m.group(2) is not None:
+        table[m.group(1)] = m.group(2)
+    return table.get(m.group(1))
+ob = fn = None
+after_call = False
+for line in open(path):
+    line = line.rstrip("\n")
+    if line.startswith("ob="):
+        ob = name(objs, line[3:])
+    elif line.startswith("cob="):
+        name(objs, line[4:])
+    elif line.startswith("fn="):
+        fn = name(fns, line[3:])
+        if ob and ob.endswith("/" + binary) and not fn.startswith("0x"):
+            cost[fn] += 0
+        else:
+            fn = None
+    elif line.startswith("cfn="):
+        name(fns, line[4:])
+    elif line.startswith("calls="):
+        after_call = True
+    elif line[:1].isdigit() or line[:1] in "+-*":
+        if after_call:
+            after_call = False
+        elif fn is not None and len(line.split()) >= 2:
+            cost[fn] += int(line.split()[1])
+names = sorted(cost, key=lambda n: (-cost[n], n))
+with open(out, "w") as f:
+    f.write("\n".join(names) + "\n")
+print(f"[symbol-order] {len(names)} functions written to {out}", file=sys.stderr)
+PY

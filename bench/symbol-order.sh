@@ -5,10 +5,10 @@
 # of .text, so the pages the kernel maps for them are few (see build.rs).
 #
 # How: the release build (its symbol table is kept for this) runs under
-# valgrind's callgrind with the benchmark's
-# policy config in front of an nginx backend; it serves proxied requests,
-# probes, scrapes and admin calls, then stops. Every function callgrind saw run
-# in the binary is listed, by instructions spent in it.
+# valgrind's callgrind with the benchmark's policy config in front of an nginx
+# backend; it serves proxied requests, probes, scrapes, admin calls and
+# maintenance 503s, then stops. Every function callgrind saw run in the binary
+# is listed, by instructions spent in it.
 #
 # Run it after changes to the hot path or to dependencies: names carry a hash
 # of their crate, so a stale list matches less and less (and costs memory,
@@ -93,7 +93,7 @@ alloc_port; PORT=$ALLOCATED
 alloc_port; ADMIN=$ALLOCATED
 render "$HERE/conf/opsgate-policy.toml" "$RUN/conf/opsgate.toml" PORT="$PORT" \
     BACKEND_PORT="$BACKEND" ADMIN_PORT="$ADMIN" ACCESS_LOG=true
-log "opsgate under callgrind: $REQUESTS proxied requests, probes, scrapes, admin calls"
+log "opsgate under callgrind: $REQUESTS proxied requests, probes, scrapes, admin calls, 503s"
 valgrind --tool=callgrind --demangle=no --callgrind-out-file="$RUN/callgrind.out" \
     "$BIN" run --config "$RUN/conf/opsgate.toml" >"$RUN/stdout.log" 2>"$RUN/stderr.log" &
 PID=$!
@@ -111,8 +111,23 @@ for i in range(n):
 for path in ("/_health/live", "/_health/ready", "/_health/startup", "/metrics"):
     c.request("GET", path); c.getresponse().read()
 a = http.client.HTTPConnection("127.0.0.1", admin, timeout=60)
-for path in ("/metrics", "/_health/ready", "/"):
+for path in ("/metrics", "/_health/ready", "/_ops/", "/_ops/status"):
     a.request("GET", path); a.getresponse().read()
+# Maintenance on (writes, the default mode): writes answered 503 by opsgate itself.
+for enabled in ("true", "false"):
+    a.request("PUT", "/_ops/maintenance", body=f'{{"enabled":{enabled}}}',
+              headers={"Content-Type": "application/json"})
+    r = a.getresponse(); r.read()
+    if r.status != 200:
+        sys.exit(f"PUT /_ops/maintenance: {r.status}")
+    if enabled == "true":
+        for i in range(n // 8):
+            # A refused write may end its connection: one connection each.
+            m = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            m.request("POST", "/tiny", body=b"{}")
+            r = m.getresponse(); r.read(); m.close()
+            if r.status != 503:
+                sys.exit(f"maintenance request {i}: {r.status}")
 PY
 kill -TERM "$PID"
 wait "$PID" 2>/dev/null || true

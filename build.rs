@@ -28,36 +28,34 @@ fn main() {
     println!("cargo:rustc-link-arg-bin=opsgate=-Wl,--no-warn-symbol-ordering");
 }
 
-/// Only where the linker is known to be rust-lld, which reads the list: x86_64 Linux
-/// (glibc) from Rust 1.90 on, when no other linker is configured. GNU ld would refuse
-/// the option; other targets build as before. `OPSGATE_NO_SYMBOL_ORDER=1` opts out.
+/// Only where the linker is lld, which reads the list: rustc is asked how it links a
+/// program for this target with these flags (rust-lld is its default for x86_64 Linux
+/// from Rust 1.90 on; GNU ld would refuse the option). `OPSGATE_NO_SYMBOL_ORDER=1` opts
+/// out; other targets and linkers build as before.
 fn wanted() -> bool {
     let var = |k: &str| env::var(k).unwrap_or_default();
     if var("PROFILE") != "release" || !var("OPSGATE_NO_SYMBOL_ORDER").is_empty() {
         return false;
     }
-    if var("TARGET") != "x86_64-unknown-linux-gnu" {
+    if var("CARGO_CFG_TARGET_OS") != "linux" {
         return false;
     }
-    let flags = var("CARGO_ENCODED_RUSTFLAGS");
-    if flags.contains("linker") || flags.contains("link-self-contained") {
-        return false;
-    }
-    if env::vars().any(|(k, _)| k.starts_with("CARGO_TARGET_") && k.ends_with("_LINKER")) {
-        return false;
-    }
-    rustc_minor().is_some_and(|minor| minor >= 90)
+    links_with_lld(&var("TARGET")).unwrap_or(false)
 }
 
-/// The compiler's minor version (`rustc 1.95.0 (...)` -> 95).
-fn rustc_minor() -> Option<u32> {
-    let out = Command::new(env::var("RUSTC").ok()?)
-        .arg("--version")
+/// Links an empty program as the crate will be linked and reads the linker's command line.
+fn links_with_lld(target: &str) -> Option<bool> {
+    let out = std::path::PathBuf::from(env::var("OUT_DIR").ok()?);
+    let src = out.join("probe.rs");
+    std::fs::write(&src, "fn main() {}\n").ok()?;
+    let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    let output = Command::new(env::var("RUSTC").ok()?)
+        .args(flags.split('\x1f').filter(|f| !f.is_empty()))
+        .args(["--print", "link-args", "--target", target, "-o"])
+        .arg(out.join("probe"))
+        .arg(&src)
         .output()
         .ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
-    let version = text.split_whitespace().nth(1)?;
-    let mut parts = version.split('.');
-    (parts.next()? == "1").then_some(())?;
-    parts.next()?.parse().ok()
+    let args = String::from_utf8_lossy(&output.stdout);
+    Some(output.status.success() && (args.contains("-fuse-ld=lld") || args.contains("rust-lld")))
 }

@@ -49,8 +49,13 @@ fn links_with_lld(target: &str) -> Option<bool> {
     let src = out.join("probe.rs");
     std::fs::write(&src, "fn main() {}\n").ok()?;
     let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-    let output = Command::new(env::var("RUSTC").ok()?)
-        .args(flags.split('\x1f').filter(|f| !f.is_empty()))
+    let mut rustc = Command::new(env::var("RUSTC").ok()?);
+    rustc.args(flags.split('\x1f').filter(|f| !f.is_empty()));
+    // A linker set in Cargo's config reaches rustc as `-C linker`, not through RUSTFLAGS.
+    if let Ok(linker) = env::var("RUSTC_LINKER") {
+        rustc.arg(format!("-Clinker={linker}"));
+    }
+    let output = rustc
         .args(["--print", "link-args", "--target", target, "-o"])
         .arg(out.join("probe"))
         .arg(&src)

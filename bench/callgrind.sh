@@ -115,47 +115,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
-NEXT_PORT=$BASE_PORT
-alloc_port() { # sets $ALLOCATED (no subshell, so the counter moves on)
-    while port_busy "$NEXT_PORT"; do NEXT_PORT=$((NEXT_PORT + 1)); done
-    ALLOCATED=$NEXT_PORT
-    NEXT_PORT=$((NEXT_PORT + 1))
-}
-
-render() { # template out KEY=VALUE...
-    local tpl=$1 out=$2; shift 2
-    local args=() kv
-    for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
-    sed "${args[@]}" "$tpl" >"$out"
-}
-
-wait_http() { # url seconds [status]: until it answers with status (200)
-    local url=$1 deadline=$((SECONDS + $2)) want=${3:-200}
-    until [[ $(curl -sS -o /dev/null -w '%{http_code}' --max-time 2 "$url" 2>/dev/null) == "$want" ]]; do
-        (( SECONDS < deadline )) || return 1
-        sleep 0.2
-    done
-}
-
-# The client: one keep-alive connection, a fixed number of GETs, every
-# response read whole and checked. Its own cost is not measured.
-cat >"$RUN/client.py" <<'PY'
-import http.client, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-# 200 with the backend's body, or the status a rejecting target answers with
-expect = int(sys.argv[3]) if len(sys.argv) > 3 else 200
-c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-for i in range(n):
-    c.request("GET", "/tiny")
-    r = c.getresponse()
-    body = r.read()
-    if r.status != expect or (expect == 200 and body != b"hello, world\n"):
-        sys.exit(f"request {i}: status {r.status}, body {body[:64]!r}")
-    if r.will_close:
-        sys.exit(f"request {i}: the proxy closed the connection")
-c.close()
-PY
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # ---------------------------------------------------------------- backend
 alloc_port; BACKEND_PORT=$ALLOCATED
@@ -163,7 +124,7 @@ mkdir -p "$RUN/backend/tmp" "$RUN/data"
 render "$HERE/conf/backend.nginx.conf" "$RUN/backend/nginx.conf" DIR="$RUN/backend" DATA="$RUN/data" PORT="$BACKEND_PORT"
 nginx -p "$RUN/backend" -c "$RUN/backend/nginx.conf" >"$RUN/backend/stdout.log" 2>&1 &
 PIDS+=("$!")
-wait_http "http://127.0.0.1:$BACKEND_PORT/tiny" 10 || die "backend did not start (see $RUN/backend)"
+wait_http "http://127.0.0.1:$BACKEND_PORT/tiny" 10 200 || die "backend did not start (see $RUN/backend)"
 
 cp "$OPSGATE_BIN" "$RUN/opsgate.bin"   # a rebuild elsewhere must not swap it mid-run
 [[ -n ${BARE_HYPER_BIN:-} ]] && cp "$BARE_HYPER_BIN" "$RUN/bare-hyper.bin"

@@ -192,28 +192,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
-NEXT_PORT=$BASE_PORT
-alloc_port() { # sets $ALLOCATED (no subshell, so the counter moves on)
-    while port_busy "$NEXT_PORT"; do NEXT_PORT=$((NEXT_PORT + 1)); done
-    ALLOCATED=$NEXT_PORT
-    NEXT_PORT=$((NEXT_PORT + 1))
-}
-
-render() { # template out KEY=VALUE...
-    local tpl=$1 out=$2; shift 2
-    local args=() kv
-    for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
-    sed "${args[@]}" "$tpl" >"$out"
-}
-
-wait_http() { # url [seconds]: until it answers at all (a 503 from a gate counts)
-    local url=$1 deadline=$((SECONDS + ${2:-10}))
-    until [[ $(curl -sS -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null) != 000 ]]; do
-        (( SECONDS < deadline )) || return 1
-        sleep 0.1
-    done
-}
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 cpu_ticks() { # utime+stime of the pids, in clock ticks
     local t=0 pid f

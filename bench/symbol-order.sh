@@ -61,33 +61,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
-NEXT_PORT=$BASE_PORT
-alloc_port() {
-    while port_busy "$NEXT_PORT"; do NEXT_PORT=$((NEXT_PORT + 1)); done
-    ALLOCATED=$NEXT_PORT
-    NEXT_PORT=$((NEXT_PORT + 1))
-}
-render() {
-    local tpl=$1 out=$2; shift 2
-    local args=() kv
-    for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
-    sed "${args[@]}" "$tpl" >"$out"
-}
-wait_http() {
-    local url=$1 deadline=$((SECONDS + $2))
-    until [[ $(curl -sS -o /dev/null -w '%{http_code}' --max-time 2 "$url" 2>/dev/null) == 200 ]]; do
-        (( SECONDS < deadline )) || return 1
-        sleep 0.2
-    done
-}
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 alloc_port; BACKEND=$ALLOCATED
 mkdir -p "$RUN/backend/tmp" "$RUN/data" "$RUN/conf"
 render "$HERE/conf/backend.nginx.conf" "$RUN/backend/nginx.conf" DIR="$RUN/backend" DATA="$RUN/data" PORT="$BACKEND"
 nginx -p "$RUN/backend" -c "$RUN/backend/nginx.conf" >"$RUN/backend/stdout.log" 2>&1 &
 PIDS+=("$!")
-wait_http "http://127.0.0.1:$BACKEND/tiny" 10 || die "backend did not start"
+wait_http "http://127.0.0.1:$BACKEND/tiny" 10 200 || die "backend did not start"
 
 alloc_port; PORT=$ALLOCATED
 alloc_port; ADMIN=$ALLOCATED
@@ -98,7 +80,7 @@ valgrind --tool=callgrind --demangle=no --callgrind-out-file="$RUN/callgrind.out
     "$BIN" run --config "$RUN/conf/opsgate.toml" >"$RUN/stdout.log" 2>"$RUN/stderr.log" &
 PID=$!
 PIDS+=("$PID")
-wait_http "http://127.0.0.1:$PORT/tiny" 120 || die "opsgate did not start (see $RUN/stderr.log)"
+wait_http "http://127.0.0.1:$PORT/tiny" 120 200 || die "opsgate did not start (see $RUN/stderr.log)"
 python3 - "$PORT" "$ADMIN" "$REQUESTS" <<'PY' || die "requests failed"
 import http.client, sys
 port, admin, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

@@ -118,6 +118,25 @@ trap 'exit 130' INT TERM
 # shellcheck source=bench/lib.sh
 source "$HERE/lib.sh"
 
+# The client: one keep-alive connection, a fixed number of GETs, every
+# response read whole and checked. Its own cost is not measured.
+cat >"$RUN/client.py" <<'PY'
+import http.client, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+# 200 with the backend's body, or the status a rejecting target answers with
+expect = int(sys.argv[3]) if len(sys.argv) > 3 else 200
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for i in range(n):
+    c.request("GET", "/tiny")
+    r = c.getresponse()
+    body = r.read()
+    if r.status != expect or (expect == 200 and body != b"hello, world\n"):
+        sys.exit(f"request {i}: status {r.status}, body {body[:64]!r}")
+    if r.will_close:
+        sys.exit(f"request {i}: the proxy closed the connection")
+c.close()
+PY
+
 # ---------------------------------------------------------------- backend
 alloc_port; BACKEND_PORT=$ALLOCATED
 mkdir -p "$RUN/backend/tmp" "$RUN/data"

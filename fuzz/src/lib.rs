@@ -436,7 +436,7 @@ pub fn check_headers(data: &[u8]) {
     }
     let (mut head, ()) = http::Request::new(()).into_parts();
     head.headers = h;
-    let again = opsgate::proxy::replay::Replay::new(&head)
+    let again = opsgate::proxy::replay::Replay::lines(&head)
         .head()
         .expect("a copied head comes back");
     let lines = |m: &HeaderMap| -> Vec<(HeaderName, HeaderValue, bool)> {

@@ -122,7 +122,7 @@ impl Retries {
     }
 }
 
-/// The request to send, replayable when it may be retried: its head copied (see
+/// The request to send, replayable when it may be retried: its head kept as sent (see
 /// [`Replay`]), its body buffered first.
 pub struct Outgoing {
     /// Without extensions: they belong to the client's connection, not the upstream's.
@@ -165,6 +165,7 @@ pub async fn call(
                 target,
                 breaker,
                 &mut req,
+                None,
                 start,
                 start + timeout,
                 fault.as_deref(),
@@ -196,9 +197,9 @@ pub async fn call(
             Body::Full(Some(bytes.clone()))
         }
     };
-    // The first attempt sends the head itself; a retry, the copy, unless the attempt
-    // before left the request unsent (a failed connect), as it was.
-    let replay = Replay::new(&head);
+    // The first attempt sends the head itself and keeps it as sent; a retry sends that
+    // copy, unless the attempt before left the request unsent (a failed connect), as it was.
+    let mut replay = Replay::default();
     let mut req = Some(Request::from_parts(head, body()));
     let per_try = retry.policy.per_try_timeout;
     let overall_deadline = start + timeout;
@@ -214,6 +215,7 @@ pub async fn call(
             target,
             breaker,
             &mut req,
+            Some(&mut replay),
             attempt_start,
             attempt_deadline,
             None,
@@ -276,13 +278,15 @@ fn replayable(req: &Outgoing, max_body: usize) -> bool {
 
 /// One attempt, started at `started`, waiting for response headers until `deadline`.
 /// `req` stays with the caller until the connection takes it: a request moves once, into
-/// hyper, not through every future on the way (it is over 300 bytes).
+/// hyper, not through every future on the way (it is over 300 bytes). `keep`, while
+/// empty, keeps the head this attempt sends.
 /// Returns the result and, when it failed in a way retries may care about, what kind of
 /// failure it was (`None`: success, breaker rejection or client fault, final).
 async fn attempt(
     target: &Target,
     breaker: Option<&GuardedBreaker>,
     req: &mut Option<Request<Body>>,
+    keep: Option<&mut Replay>,
     started: Instant,
     deadline: Instant,
     client_fault: Option<&ClientFault>,
@@ -310,7 +314,7 @@ async fn attempt(
             }
         },
     };
-    let mut result = target.send(req, deadline).await;
+    let mut result = target.send(req, deadline, keep).await;
     // The client broke its own body: the upstream did nothing wrong.
     if result.is_err()
         && let Some(f) = client_fault.and_then(ClientFault::get)

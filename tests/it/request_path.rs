@@ -214,12 +214,14 @@ async fn an_http10_upstream_still_gives_http11_clients_keep_alive() {
 }
 
 /// An app speaking HTTP/1.1 and h2c (prior knowledge) answering with what it saw:
-/// `{"authority": ..., "host": [...]}` (`?sleep_ms=N` first waits), and counting the TCP
-/// connections it accepted and the requests that reached it.
+/// `{"authority": ..., "host": [...]}` (`?sleep_ms=N` first waits; `?flaky` answers the
+/// first request of every two 503), and counting the TCP connections it accepted and the
+/// requests that reached it, whose heads it keeps.
 struct H2App {
     addr: std::net::SocketAddr,
     conns: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -235,14 +237,30 @@ impl H2App {
         let counter = conns.clone();
         let requests = Arc::new(AtomicUsize::new(0));
         let seen = requests.clone();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = heads.clone();
         let task = tokio::spawn(async move {
             let mut set = tokio::task::JoinSet::new();
             while let Ok((sock, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
                 let seen = seen.clone();
+                let kept = kept.clone();
                 let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    seen.fetch_add(1, Ordering::SeqCst);
+                    let n = seen.fetch_add(1, Ordering::SeqCst);
+                    let mut head = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+                    for (name, value) in req.headers() {
+                        head.push_str(&format!(
+                            "{name}: {}\n",
+                            String::from_utf8_lossy(value.as_bytes())
+                        ));
+                    }
+                    kept.lock().unwrap().push(head);
                     async move {
+                        if req.uri().query() == Some("flaky") && n.is_multiple_of(2) {
+                            let mut resp = http::Response::new(full("unavailable"));
+                            *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                            return Ok(resp);
+                        }
                         if let Some(ms) =
                             req.uri().query().and_then(|q| q.strip_prefix("sleep_ms="))
                         {
@@ -274,8 +292,13 @@ impl H2App {
             addr,
             conns,
             requests,
+            heads,
             task,
         }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
     }
 
     fn connections(&self) -> usize {
@@ -409,6 +432,47 @@ async fn http2_upstreams_get_the_host_as_authority_and_no_host_header() {
     // Wherever `:authority` points, opsgate connected to the configured address, over one
     // shared connection per opsgate: a client's Host values never multiply connections.
     assert_eq!(app.connections(), 2);
+}
+
+#[tokio::test]
+async fn a_retry_to_an_http2_upstream_sends_the_head_the_first_attempt_sent() {
+    let app = H2App::start().await;
+    let og = Launch::new()
+        .config(&format!(
+            "[upstreams.app]\nurl = \"http://{}\"\nhttp2 = true\n\
+             [upstreams.app.retry]\nattempts = 2\nbase_delay = \"1ms\"\nmax_delay = \"5ms\"\n\
+             [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+            app.addr
+        ))
+        .loopback()
+        .start()
+        .await;
+    let headers = [
+        ("accept", "text/html"),
+        ("accept", "application/json"),
+        ("x-tenant", "caf\u{e9}"),
+        ("x-empty", ""),
+    ];
+    let answer = request("PUT", &og.url("/x?flaky"), &headers, "{\"n\":1}").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let heads = app.heads();
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    assert_eq!(heads[1], heads[0], "the retry's head");
+    let first = &heads[0];
+    // The client's Host as `:authority` (`preserve_host`), the path as it came.
+    assert!(
+        first.starts_with("PUT http://") && first.contains("/x?flaky HTTP/2.0\n"),
+        "{first}"
+    );
+    for line in [
+        "accept: text/html\naccept: application/json\n",
+        "x-tenant: caf\u{e9}\n",
+        "x-empty: \n",
+        "x-request-id: ",
+        "x-forwarded-for: 127.0.0.1\n",
+    ] {
+        assert!(first.contains(line), "{line:?} not in {first}");
+    }
 }
 
 /// Reads until the server closes the connection; panics if it is still open after `LIMIT`.

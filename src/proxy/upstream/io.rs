@@ -1,5 +1,6 @@
 //! Opening upstream connections: TCP (connect timeout, nodelay, keepalive), rustls with
-//! ALPN for https, and the connection wrapper that resets a connection cut mid-request.
+//! ALPN for https, and the connection wrapper that resets a connection cut mid-request
+//! and, on HTTP/1.1, shows what it writes to a [`HeadTap`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::BuildError;
+use super::tap::HeadTap;
 use crate::config::UpstreamSection;
 
 /// How long an idle pooled connection's socket waits before the kernel probes its peer.
@@ -116,6 +118,7 @@ impl Connector {
             inner,
             reset_mid_request: self.reset_mid_request,
             mid_request: false,
+            tap: None,
         })
     }
 
@@ -227,6 +230,8 @@ pub struct UpstreamIo {
     inner: Stream,
     reset_mid_request: bool,
     mid_request: bool,
+    /// HTTP/1.1: where a request head is kept for a retry (see [`HeadTap`]).
+    tap: Option<Arc<HeadTap>>,
 }
 
 impl UpstreamIo {
@@ -236,7 +241,15 @@ impl UpstreamIo {
             inner: Stream::Plain(tcp),
             reset_mid_request: true,
             mid_request: false,
+            tap: None,
         }
+    }
+
+    /// This connection, recording what it writes to a tap the caller keeps.
+    pub fn tapped(mut self) -> (Self, Arc<HeadTap>) {
+        let tap = Arc::new(HeadTap::default());
+        self.tap = Some(tap.clone());
+        (self, tap)
     }
 
     /// A write: bytes written and none read since is a connection mid-request.
@@ -281,8 +294,12 @@ impl AsyncWrite for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .poll_written(cx, |s, cx| s.poll_write(cx, buf))
+        let this = self.get_mut();
+        let r = this.poll_written(cx, |s, cx| s.poll_write(cx, buf));
+        if let (Poll::Ready(Ok(n)), Some(tap)) = (&r, &this.tap) {
+            tap.record([buf], *n);
+        }
+        r
     }
 
     fn poll_write_vectored(
@@ -290,8 +307,12 @@ impl AsyncWrite for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .poll_written(cx, |s, cx| s.poll_write_vectored(cx, bufs))
+        let this = self.get_mut();
+        let r = this.poll_written(cx, |s, cx| s.poll_write_vectored(cx, bufs));
+        if let (Poll::Ready(Ok(n)), Some(tap)) = (&r, &this.tap) {
+            tap.record(bufs.iter().map(|b| &**b), *n);
+        }
+        r
     }
 
     fn is_write_vectored(&self) -> bool {

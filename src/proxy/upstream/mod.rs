@@ -6,6 +6,7 @@ mod h2;
 mod io;
 mod pool;
 mod quiet;
+mod tap;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub use self::io::{TlsFileError, tls_config};
 pub use self::pool::UpstreamBody;
 use self::pool::{Conn, Pool, Slot};
 use super::body::Body;
+use super::replay::Replay;
 use super::respond::ProxyError;
 use crate::config::UpstreamSection;
 
@@ -155,15 +157,21 @@ impl Target {
     }
 
     /// One attempt: send and wait for response headers until `deadline`. `req` is taken
-    /// when a connection takes it.
+    /// when a connection takes it. `keep`, when given and empty, keeps the head sent, for
+    /// a retry.
     pub async fn send(
         &self,
         req: &mut Option<Request<Body>>,
         deadline: tokio::time::Instant,
+        keep: Option<&mut Replay>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let keep = keep.filter(|k| k.is_empty());
         let sent = match &self.transport {
-            Transport::Http1(pool) => self.send_h1(pool, req, deadline).await,
+            Transport::Http1(pool) => self.send_h1(pool, req, deadline, keep).await,
             Transport::Http2(h2) => {
+                if let (Some(keep), Some(r)) = (keep, req.as_ref()) {
+                    keep.keep_lines(r.method(), r.uri(), r.version(), r.headers());
+                }
                 let sending = h2.send(&self.connector, &self.name, req);
                 match tokio::time::timeout_at(deadline, sending).await {
                     Ok(r) => r.map(|resp| resp.map(|b| UpstreamBody::new(b, None))),
@@ -194,12 +202,14 @@ impl Target {
     /// HTTP/1.1: an idle connection if one is open, else a new one. A request the idle
     /// connection never started (the app closed it between requests) goes again: on the
     /// next idle connection, then on a new one, never twice on a new one. The connection
-    /// is driven here until the response headers, then by the response body.
+    /// is driven here until the response headers, then by the response body. `keep` gets
+    /// the head as the connection wrote it.
     async fn send_h1(
         &self,
         pool: &Arc<Pool>,
         req: &mut Option<Request<Body>>,
         deadline: tokio::time::Instant,
+        mut keep: Option<&mut Replay>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         loop {
             let (conn, reused) = match pool.checkout() {
@@ -219,8 +229,21 @@ impl Target {
                 driver,
                 quiet,
                 deadline: mut timer,
+                tap,
             } = conn;
             timer.as_mut().reset(deadline);
+            if keep.is_some() {
+                tap.arm();
+            }
+            // Whatever the outcome, a head written in full is kept: a reset or a timeout
+            // may be retried too.
+            let mut kept = |tap: &tap::HeadTap| {
+                if let Some(keep) = keep.as_deref_mut()
+                    && let Some(head) = tap.take()
+                {
+                    keep.keep_written(head);
+                }
+            };
             let mut driver = Some(driver);
             // Queued under the quiet waker too: the queue wakes the connection, polled next.
             let sending = std::future::poll_fn(|cx| {
@@ -248,6 +271,7 @@ impl Target {
                 sent.map(Some)
             })
             .await;
+            kept(&tap);
             // Timed out: the connection is dropped with the call, as a cancelled call's is.
             let Some(sent) = sent else {
                 return Err(SendError::Timeout);
@@ -262,6 +286,7 @@ impl Target {
                         driver,
                         quiet,
                         deadline: timer,
+                        tap,
                     };
                     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                         conn.detach(self.name.clone());
@@ -283,13 +308,14 @@ impl Target {
 
     async fn connect_h1(&self) -> Result<Conn, SendError> {
         let io = self.connector.connect().await.map_err(SendError::Connect)?;
+        let (io, tap) = io.tapped();
         let (sender, driver) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
             .map_err(SendError::Handshake)?;
         let upstream = &self.name;
         tracing::debug!(%upstream, peer = %self.connector, "upstream connection opened");
-        Ok(Conn::new(sender, driver))
+        Ok(Conn::new(sender, driver, tap))
     }
 }
 

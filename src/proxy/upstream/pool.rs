@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use super::ErrorChain;
 use super::io::UpstreamIo;
 use super::quiet::Quiet;
+use super::tap::HeadTap;
 use crate::proxy::body::Body;
 
 /// An idle connection older than this is closed. Apps close theirs sooner (gunicorn 2 s,
@@ -61,16 +62,23 @@ pub struct Conn {
     /// timer per call is an insertion into its timer wheel and a removal (~600
     /// instructions). Between calls it may fire and wake the last caller's task, harmlessly.
     pub deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Keeps the head the connection writes, for a call that may retry it.
+    pub tap: Arc<HeadTap>,
 }
 
 impl Conn {
-    pub fn new(sender: SendRequest<Body>, driver: Connection<TokioIo<UpstreamIo>, Body>) -> Self {
+    pub fn new(
+        sender: SendRequest<Body>,
+        driver: Connection<TokioIo<UpstreamIo>, Body>,
+        tap: Arc<HeadTap>,
+    ) -> Self {
         Self {
             sender,
             driver: Box::pin(driver.with_upgrades()),
             quiet: Quiet::new(),
             // Set by each call before it is polled.
             deadline: Box::pin(tokio::time::sleep_until(Instant::now())),
+            tap,
         }
     }
 
@@ -316,11 +324,11 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let (sender, driver) =
-            hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(UpstreamIo::plain(tcp)))
-                .await
-                .unwrap();
-        let mut conn = Conn::new(sender, driver);
+        let (io, tap) = UpstreamIo::plain(tcp).tapped();
+        let (sender, driver) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(io))
+            .await
+            .unwrap();
+        let mut conn = Conn::new(sender, driver, tap);
         let Conn { driver, quiet, .. } = &mut conn;
         let polled = std::future::poll_fn(|cx| {
             Poll::Ready(quiet.poll(cx, |cx| poll_driver(driver, cx, "app")))

@@ -449,6 +449,38 @@ pub fn check_headers(data: &[u8]) {
         lines(&head.headers),
         "replay changed the head"
     );
+
+    // The HTTP/1.1 copy: the head as hyper writes it, a body after it, parsed back. On
+    // the wire a value's leading and trailing blanks are not part of it (RFC 9110 §5.5).
+    let mut written = b"GET /p?q HTTP/1.1\r\n".to_vec();
+    for (name, value) in &head.headers {
+        written.extend_from_slice(name.as_str().as_bytes());
+        written.extend_from_slice(b": ");
+        written.extend_from_slice(value.as_bytes());
+        written.extend_from_slice(b"\r\n");
+    }
+    written.extend_from_slice(b"\r\nbody\r\n\r\n");
+    let mut replay = opsgate::proxy::replay::Replay::default();
+    replay.keep_written(written);
+    let again = replay.head().expect("a written head comes back");
+    assert_eq!(again.method, http::Method::GET);
+    assert_eq!(again.uri, "/p?q");
+    let trimmed = |m: &HeaderMap| -> Vec<(HeaderName, Vec<u8>)> {
+        m.iter()
+            .map(|(n, v)| {
+                let v = v.as_bytes();
+                let blank = |b: &u8| *b == b' ' || *b == b'\t';
+                let start = v.iter().position(|b| !blank(b)).unwrap_or(v.len());
+                let end = v.iter().rposition(|b| !blank(b)).map_or(start, |i| i + 1);
+                (n.clone(), v[start..end].to_vec())
+            })
+            .collect()
+    };
+    assert_eq!(
+        trimmed(&again.headers),
+        trimmed(&head.headers),
+        "the written head changed"
+    );
 }
 
 /// The rightmost address not itself a trusted proxy, walking from the trusted peer.

@@ -245,35 +245,44 @@ impl Target {
                 }
             };
             let mut driver = Some(driver);
-            // Queued under the quiet waker too: the queue wakes the connection, polled next.
-            let sending = std::future::poll_fn(|cx| {
-                let req = req.take().expect("a request to send");
-                quiet.poll(cx, |_| Poll::Ready(sender.try_send_request(req)))
-            })
-            .await;
-            let mut sending = std::pin::pin!(sending);
+            let mut sending = std::pin::pin!(None);
+            // The outcome is left here rather than returned through the polls: with the
+            // request an error may hand back, it is a few hundred bytes, copied at every
+            // level it is returned through.
+            let mut sent = None;
             // A call dropped here (timeout, client gone) drops the connection with it:
             // closed, or reset if the request was cut (see `UpstreamIo`).
-            let sent = std::future::poll_fn(|cx| {
-                let sent = quiet.poll(cx, |cx| {
+            let timed_out = std::future::poll_fn(|cx| {
+                // Queued under the quiet waker too: the queue wakes the connection, polled
+                // right after. A poll of its own, which is ready: a wake seen in a pending
+                // poll makes the task poll again, and this one needs no second poll.
+                if sending.is_none() {
+                    let req = req.take().expect("a request to send");
+                    let _ready = quiet.poll(cx, |_| {
+                        sending.set(Some(sender.try_send_request(req)));
+                        Poll::Ready(())
+                    });
+                }
+                let done = quiet.poll(cx, |cx| {
                     if let Some(d) = &mut driver
                         && pool::poll_driver(d, cx, &self.name).is_ready()
                     {
                         // Ended: dropping it answers the pending request with its error.
                         driver = None;
                     }
-                    sending.as_mut().poll(cx)
+                    let waiting = sending.as_mut().as_pin_mut().expect("queued above");
+                    waiting.poll(cx).map(|r| sent = Some(r))
                 });
                 // With the task's own waker: the timer's wake comes from outside this poll.
-                if sent.is_pending() && timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
+                if done.is_pending() && timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(true);
                 }
-                sent.map(Some)
+                done.map(|()| false)
             })
             .await;
             kept(&tap);
             // Timed out: the connection is dropped with the call, as a cancelled call's is.
-            let Some(sent) = sent else {
+            let (false, Some(sent)) = (timed_out, sent) else {
                 return Err(SendError::Timeout);
             };
             match sent {

@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime};
 
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
@@ -122,49 +121,49 @@ impl Retries {
     }
 }
 
-/// The request to send, replayable when it may be retried: its head kept as sent (see
-/// [`Replay`]), its body buffered first.
-pub struct Outgoing {
-    /// Without extensions: they belong to the client's connection, not the upstream's.
-    pub head: http::request::Parts,
-    pub body: Incoming,
-}
-
-/// Sends `req` to `target` under `breaker` and `retries`. `start` is when the request was
-/// first handled; `timeout` is the route's: per attempt (the first counted from `start`),
-/// and with `per_try_timeout` also the whole call's, counted from `start`.
+/// Sends `req` to `target` under `breaker` and `retries`: its body `Body::Incoming`, as the
+/// client sent it; a request that may be retried has its (small) body buffered first and
+/// its head kept as sent (see [`Replay`]). The request is changed where it lies and taken
+/// only by the connection that sends it: at a few hundred bytes, each move costs.
+/// `start` is when the request was first handled; `timeout` is the route's: per attempt
+/// (the first counted from `start`), and with `per_try_timeout` also the whole call's,
+/// counted from `start`.
 pub async fn call(
     target: &Target,
     breaker: Option<&GuardedBreaker>,
     retries: Option<&Retries>,
     metrics: &ResilienceMetrics,
-    req: Outgoing,
+    req: &mut Option<Request<Body>>,
     start: Instant,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
+    let Some(request) = req.as_mut() else {
+        unreachable!("a request to call with");
+    };
     let retry = match retries {
-        Some(r) if r.policy.attempts > 1 && r.policy.allows_method(&req.head.method) => {
+        Some(r) if r.policy.attempts > 1 && r.policy.allows_method(request.method()) => {
             r.budget.record_request(start);
             Some(r)
         }
         _ => None,
     };
+    let body_ends = http_body::Body::is_end_stream(request.body());
     // Only small, complete bodies are buffered for replay; others stream once.
     let retry = match retry {
-        Some(r) if replayable(&req, r.policy.max_body) => r,
+        Some(r) if body_ends || announced_within(request, r.policy.max_body) => r,
         _ => {
             // Only a body the client still sends can break on its side; a GET's cannot.
-            let (body, fault) = if http_body::Body::is_end_stream(&req.body) {
-                (Body::Incoming(req.body), None)
-            } else {
+            let fault = (!body_ends).then(|| {
                 let fault = Arc::new(ClientFault::default());
-                (Body::Watched(req.body, fault.clone()), Some(fault))
-            };
-            let mut req = Some(Request::from_parts(req.head, body));
+                if let Body::Incoming(body) = std::mem::replace(request.body_mut(), Body::Empty) {
+                    *request.body_mut() = Body::Watched(body, fault.clone());
+                }
+                fault
+            });
             return attempt(
                 target,
                 breaker,
-                &mut req,
+                req,
                 None,
                 start,
                 start + timeout,
@@ -174,20 +173,20 @@ pub async fn call(
             .0;
         }
     };
-    let Outgoing { head, body } = req;
     // A client that cannot deliver its (small, announced) body is the client's fault.
     // Each attempt's own timeout starts with it: the first once the body is in (so the
     // upload does not eat it), a retry after its backoff. The whole call's deadline, which
     // applies with `per_try_timeout`, still counts the upload, as it always has.
-    let (bytes, mut attempt_start) = if http_body::Body::is_end_stream(&body) {
-        (bytes::Bytes::new(), start)
-    } else {
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| ProxyError::from(classify(&e)))?
-            .to_bytes();
-        (bytes, Instant::now())
+    let (bytes, mut attempt_start) = match std::mem::replace(request.body_mut(), Body::Empty) {
+        Body::Incoming(body) if !body_ends => {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ProxyError::from(classify(&e)))?
+                .to_bytes();
+            (bytes, Instant::now())
+        }
+        _ => (bytes::Bytes::new(), start),
     };
     // No body stays no body: the non-retry path sends none either.
     let body = || {
@@ -197,10 +196,14 @@ pub async fn call(
             Body::Full(Some(bytes.clone()))
         }
     };
+    if !bytes.is_empty()
+        && let Some(request) = req.as_mut()
+    {
+        *request.body_mut() = body();
+    }
     // The first attempt sends the head itself and keeps it as sent; a retry sends that
     // copy, unless the attempt before left the request unsent (a failed connect), as it was.
     let mut replay = Replay::default();
-    let mut req = Some(Request::from_parts(head, body()));
     let per_try = retry.policy.per_try_timeout;
     let overall_deadline = start + timeout;
     let mut attempts = 0u32;
@@ -214,7 +217,7 @@ pub async fn call(
         let (result, kind) = attempt(
             target,
             breaker,
-            &mut req,
+            req,
             Some(&mut replay),
             attempt_start,
             attempt_deadline,
@@ -240,7 +243,7 @@ pub async fn call(
                     let Some(head) = replay.head() else {
                         return result;
                     };
-                    req = Some(Request::from_parts(head, body()));
+                    *req = Some(Request::from_parts(head, body()));
                 }
                 metrics
                     .retries
@@ -263,13 +266,9 @@ pub async fn call(
     }
 }
 
-fn replayable(req: &Outgoing, max_body: usize) -> bool {
-    use http_body::Body as _;
-    if req.body.is_end_stream() {
-        return true;
-    }
-    req.head
-        .headers
+/// Whether `req` announces a body of at most `max_body` bytes.
+fn announced_within(req: &Request<Body>, max_body: usize) -> bool {
+    req.headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())

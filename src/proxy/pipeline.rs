@@ -15,7 +15,7 @@ use http::{Request, Response, Version};
 use hyper::body::Incoming;
 
 use super::body::Body;
-use super::call::{self, Outgoing};
+use super::call;
 use super::headers::{self, Upgrade, X_REQUEST_ID};
 use super::normalize::{Normalized, normalize};
 use super::observe::{ObservedBody, Record};
@@ -100,7 +100,8 @@ pub struct Forward {
     route: usize,
     rec: Box<Record>,
     permit: super::admission::BulkheadPermit,
-    outgoing: Outgoing,
+    /// Taken by the connection that sends it: see [`call::call`].
+    outgoing: Option<Request<Body>>,
     request_id: HeaderValue,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
@@ -298,7 +299,7 @@ impl Proxy {
             parts.uri = uri;
             parts.version = Version::HTTP_11;
         }
-        let outgoing = Outgoing { head: parts, body };
+        let outgoing = Some(Request::from_parts(parts, Body::Incoming(body)));
         Admitted::Forward(Forward {
             rt,
             start,
@@ -314,21 +315,11 @@ impl Proxy {
 
     /// The upstream call under its protections, and the response to the client: the part
     /// of a request that waits, so the only part whose state is boxed.
-    pub async fn forward(&self, f: Forward) -> Response<ObservedBody> {
-        let Forward {
-            rt,
-            start,
-            side,
-            route,
-            mut rec,
-            permit,
-            outgoing,
-            request_id,
-            client_upgrade,
-        } = f;
-        let route = match side {
-            Side::Ingress => rt.ingress.get(route),
-            Side::Egress => rt.egress.get(route),
+    pub async fn forward(&self, mut f: Forward) -> Response<ObservedBody> {
+        // Not taken apart first: the request stays where it is (see `call::call`).
+        let route = match f.side {
+            Side::Ingress => f.rt.ingress.get(f.route),
+            Side::Egress => f.rt.egress.get(f.route),
         };
         let upstream = &route.upstream;
         let breaker = route.breaker.as_deref().or(upstream.breaker.as_ref());
@@ -337,11 +328,18 @@ impl Proxy {
             breaker,
             upstream.retries.as_ref(),
             &self.resilience,
-            outgoing,
-            start,
+            &mut f.outgoing,
+            f.start,
             route.timeout,
         )
         .await;
+        let Forward {
+            mut rec,
+            permit,
+            request_id,
+            client_upgrade,
+            ..
+        } = f;
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => return respond_err(rec, route, e, Some(request_id)),

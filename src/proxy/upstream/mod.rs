@@ -252,13 +252,13 @@ impl Target {
             let mut sent = None;
             // A call dropped here (timeout, client gone) drops the connection with it:
             // closed, or reset if the request was cut (see `UpstreamIo`).
-            let timed_out = std::future::poll_fn(|cx| {
+            std::future::poll_fn(|cx| {
                 // Queued under the quiet waker too: the queue wakes the connection, polled
                 // right after. A poll of its own, which is ready: a wake seen in a pending
                 // poll makes the task poll again, and this one needs no second poll.
                 if sending.is_none() {
-                    let req = req.take().expect("a request to send");
                     let _ready = quiet.poll(cx, |_| {
+                        let req = req.take().expect("a request to send");
                         sending.set(Some(sender.try_send_request(req)));
                         Poll::Ready(())
                     });
@@ -275,39 +275,38 @@ impl Target {
                 });
                 // With the task's own waker: the timer's wake comes from outside this poll.
                 if done.is_pending() && timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(true);
+                    return Poll::Ready(());
                 }
-                done.map(|()| false)
+                done
             })
             .await;
             kept(&tap);
-            // Timed out: the connection is dropped with the call, as a cancelled call's is.
-            let (false, Some(sent)) = (timed_out, sent) else {
-                return Err(SendError::Timeout);
-            };
             match sent {
-                Ok(resp) => {
-                    let Some(driver) = driver else {
-                        return Ok(resp.map(|b| UpstreamBody::new(b, None)));
-                    };
-                    let conn = Conn {
-                        sender,
-                        driver,
-                        quiet,
-                        deadline: timer,
-                        tap,
-                    };
-                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                        conn.detach(self.name.clone());
-                        return Ok(resp.map(|b| UpstreamBody::new(b, None)));
-                    }
-                    let slot = Slot {
-                        conn,
-                        pool: pool.clone(),
-                    };
-                    return Ok(resp.map(|b| UpstreamBody::new(b, Some(slot))));
+                // Timed out: the connection is dropped with the call, as a cancelled call's is.
+                None => return Err(SendError::Timeout),
+                Some(Ok(resp)) => {
+                    let slot = driver.and_then(|driver| {
+                        let conn = Conn {
+                            sender,
+                            driver,
+                            quiet,
+                            deadline: timer,
+                            tap,
+                        };
+                        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                            conn.detach(self.name.clone());
+                            return None;
+                        }
+                        Some(Slot {
+                            conn,
+                            pool: pool.clone(),
+                        })
+                    });
+                    // Taken apart and put together once: `Response::map` moves it twice.
+                    let (parts, body) = resp.into_parts();
+                    return Ok(Response::from_parts(parts, UpstreamBody::new(body, slot)));
                 }
-                Err(mut e) => match e.take_message() {
+                Some(Err(mut e)) => match e.take_message() {
                     Some(unsent) if reused => *req = Some(unsent),
                     _ => return Err(SendError::Reset(e.into_error())),
                 },

@@ -85,8 +85,10 @@ const STARTING_RETRY_AFTER: Duration = Duration::from_secs(5);
 pub enum Admitted {
     /// Answered without the upstream: a probe, a scrape, a rejection, a bad path.
     Answered(Response<ObservedBody>),
-    /// Cleared for the upstream; [`Proxy::forward`] sends it.
-    Forward(Forward),
+    /// Cleared for the upstream; [`Proxy::forward`] sends it. Boxed where it is built: at
+    /// ~500 bytes it would otherwise be copied out of `admit`, out of the match and into
+    /// the forward future, each time whole.
+    Forward(Box<Forward>),
 }
 
 /// A request cleared for the upstream, with all that answering it needs.
@@ -299,23 +301,23 @@ impl Proxy {
             parts.uri = uri;
             parts.version = Version::HTTP_11;
         }
-        let outgoing = Some(Request::from_parts(parts, Body::Incoming(body)));
-        Admitted::Forward(Forward {
+        let side = conn.side;
+        Admitted::Forward(super::boxed_in_place(|| Forward {
             rt,
             start,
-            side: conn.side,
+            side,
             route: route_index,
             rec,
             permit,
-            outgoing,
+            outgoing: Some(Request::from_parts(parts, Body::Incoming(body))),
             request_id,
             client_upgrade,
-        })
+        }))
     }
 
     /// The upstream call under its protections, and the response to the client: the part
     /// of a request that waits, so the only part whose state is boxed.
-    pub async fn forward(&self, mut f: Forward) -> Response<ObservedBody> {
+    pub async fn forward(&self, mut f: Box<Forward>) -> Response<ObservedBody> {
         // Not taken apart first: the request stays where it is (see `call::call`).
         let route = match f.side {
             Side::Ingress => f.rt.ingress.get(f.route),
@@ -339,7 +341,7 @@ impl Proxy {
             request_id,
             client_upgrade,
             ..
-        } = f;
+        } = *f;
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => return respond_err(rec, route, e, Some(request_id)),

@@ -212,7 +212,7 @@ impl Target {
         mut keep: Option<&mut Replay>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         loop {
-            let (conn, reused) = match pool.checkout() {
+            let (mut conn, reused) = match pool.checkout() {
                 Some(conn) => (conn, true),
                 // Boxed: connecting (TCP, TLS, handshake) is a rare path whose state is
                 // larger than the whole call's; inline, every future that awaits this one
@@ -225,26 +225,17 @@ impl Target {
                 }
             };
             let Conn {
-                mut sender,
+                sender,
                 driver,
                 quiet,
-                deadline: mut timer,
+                deadline: timer,
                 tap,
-            } = conn;
+            } = &mut *conn;
             timer.as_mut().reset(deadline);
             if keep.is_some() {
                 tap.arm();
             }
-            // Whatever the outcome, a head written in full is kept: a reset or a timeout
-            // may be retried too.
-            let mut kept = |tap: &tap::HeadTap| {
-                if let Some(keep) = keep.as_deref_mut()
-                    && let Some(head) = tap.take()
-                {
-                    keep.keep_written(head);
-                }
-            };
-            let mut driver = Some(driver);
+            let mut ended = false;
             let mut sending = std::pin::pin!(None);
             // The outcome is left here rather than returned through the polls: with the
             // request an error may hand back, it is a few hundred bytes, copied at every
@@ -264,11 +255,10 @@ impl Target {
                     });
                 }
                 let done = quiet.poll(cx, |cx| {
-                    if let Some(d) = &mut driver
-                        && pool::poll_driver(d, cx, &self.name).is_ready()
-                    {
-                        // Ended: dropping it answers the pending request with its error.
-                        driver = None;
+                    if !ended && pool::poll_driver(driver, cx, &self.name).is_ready() {
+                        ended = true;
+                        // Dropped now: that answers the request still queued with its error.
+                        *driver = pool::ended();
                     }
                     let waiting = sending.as_mut().as_pin_mut().expect("queued above");
                     waiting.poll(cx).map(|r| sent = Some(r))
@@ -280,28 +270,28 @@ impl Target {
                 done
             })
             .await;
-            kept(&tap);
+            // Whatever the outcome, a head written in full is kept: a reset or a timeout
+            // may be retried too.
+            if let Some(keep) = keep.as_deref_mut()
+                && let Some(head) = tap.take()
+            {
+                keep.keep_written(head);
+            }
             match sent {
                 // Timed out: the connection is dropped with the call, as a cancelled call's is.
                 None => return Err(SendError::Timeout),
                 Some(Ok(resp)) => {
-                    let slot = driver.and_then(|driver| {
-                        let conn = Conn {
-                            sender,
-                            driver,
-                            quiet,
-                            deadline: timer,
-                            tap,
-                        };
-                        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                            conn.detach(self.name.clone());
-                            return None;
-                        }
+                    let slot = if ended {
+                        None
+                    } else if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        conn.detach(self.name.clone());
+                        None
+                    } else {
                         Some(Slot {
                             conn,
                             pool: pool.clone(),
                         })
-                    });
+                    };
                     // Taken apart and put together once: `Response::map` moves it twice.
                     let (parts, body) = resp.into_parts();
                     return Ok(Response::from_parts(parts, UpstreamBody::new(body, slot)));
@@ -314,7 +304,7 @@ impl Target {
         }
     }
 
-    async fn connect_h1(&self) -> Result<Conn, SendError> {
+    async fn connect_h1(&self) -> Result<Box<Conn>, SendError> {
         let io = self.connector.connect().await.map_err(SendError::Connect)?;
         let (io, tap) = io.tapped();
         let (sender, driver) = hyper::client::conn::http1::Builder::new()

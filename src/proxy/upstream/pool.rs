@@ -47,11 +47,18 @@ pub fn poll_driver(driver: &mut Driver, cx: &mut Context<'_>, upstream: &str) ->
     }
 }
 
+/// What stands in for a connection's half that ended, dropped to answer what it held.
+pub fn ended() -> Driver {
+    Box::pin(std::future::ready(Ok(())))
+}
+
 /// One HTTP/1.1 connection, driven by the task of the call using it, as Pingora does:
 /// a request and its response wake no second task and cross no channel between tasks.
 /// An idle connection is next polled by the call that takes it, which reads a close the
 /// app sent meanwhile before it writes the request; hyper then hands the request back
 /// unsent. Dropping a connection closes the socket (a reset if cut mid-request).
+/// Boxed once, when opened: a response body carries its connection, and a pointer keeps
+/// the response small enough to move with a short copy (it moves several times).
 pub struct Conn {
     pub sender: SendRequest<Body>,
     pub driver: Driver,
@@ -71,21 +78,21 @@ impl Conn {
         sender: SendRequest<Body>,
         driver: Connection<TokioIo<UpstreamIo>, Body>,
         tap: Arc<HeadTap>,
-    ) -> Self {
-        Self {
+    ) -> Box<Self> {
+        Box::new(Self {
             sender,
             driver: Box::pin(driver.with_upgrades()),
             quiet: Quiet::new(),
             // Set by each call before it is polled.
             deadline: Box::pin(tokio::time::sleep_until(Instant::now())),
             tap,
-        }
+        })
     }
 
     /// Hands the connection to a task of its own, for a response that switched protocols:
     /// the upgraded stream comes out once the connection has been driven to its end.
-    pub fn detach(self, upstream: std::sync::Arc<str>) {
-        let Self { sender, driver, .. } = self;
+    pub fn detach(self: Box<Self>, upstream: std::sync::Arc<str>) {
+        let Self { sender, driver, .. } = *self;
         tokio::spawn(async move {
             let _sender = sender;
             if let Err(e) = driver.await {
@@ -96,7 +103,7 @@ impl Conn {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -141,7 +148,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection.
-    pub fn checkout(&self) -> Option<Conn> {
+    pub fn checkout(&self) -> Option<Box<Conn>> {
         self.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -152,7 +159,7 @@ impl Pool {
     /// Takes back a connection whose response was read to the end. One still busy (an
     /// early response while the request body is being written) is closed instead: a later
     /// call would wait behind that body.
-    pub fn put(self: &Arc<Self>, conn: Conn) {
+    pub fn put(self: &Arc<Self>, conn: Box<Conn>) {
         if !conn.sender.is_ready() {
             return;
         }
@@ -175,7 +182,7 @@ impl Pool {
         let mut ended = Vec::new();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         for mut i in std::mem::take(&mut *idle) {
-            let Conn { driver, quiet, .. } = &mut i.conn;
+            let Conn { driver, quiet, .. } = &mut *i.conn;
             let open = now.saturating_duration_since(i.since) < self.idle_timeout
                 && quiet
                     .poll(&mut cx, |cx| poll_driver(driver, cx, &self.upstream))
@@ -229,7 +236,7 @@ pub struct UpstreamBody {
 
 /// The connection a response body came on, and where it goes back.
 pub struct Slot {
-    pub conn: Conn,
+    pub conn: Box<Conn>,
     pub pool: Arc<Pool>,
 }
 
@@ -261,7 +268,7 @@ impl http_body::Body for UpstreamBody {
             return Pin::new(&mut this.inner).poll_frame(cx);
         };
         let inner = &mut this.inner;
-        let Conn { driver, quiet, .. } = conn;
+        let Conn { driver, quiet, .. } = &mut **conn;
         let (ended, r) = quiet.poll(cx, |cx| {
             // What the connection has read is taken first: a small response is all in the
             // body's channel by the time its headers are out, and needs no further poll.
@@ -293,7 +300,7 @@ impl http_body::Body for UpstreamBody {
             // The connection goes idle in the poll that reads the response's end; one
             // that has not yet (its end came with this frame) gets that poll now.
             if !conn.sender.is_ready() {
-                let Conn { driver, quiet, .. } = &mut conn;
+                let Conn { driver, quiet, .. } = &mut *conn;
                 if quiet
                     .poll(cx, |cx| poll_driver(driver, cx, &pool.upstream))
                     .is_ready()
@@ -320,7 +327,7 @@ mod tests {
     use super::*;
 
     /// A connection polled once (so ready for a request), and the server's end of it.
-    async fn conn_to(listener: &tokio::net::TcpListener) -> (Conn, tokio::net::TcpStream) {
+    async fn conn_to(listener: &tokio::net::TcpListener) -> (Box<Conn>, tokio::net::TcpStream) {
         let addr = listener.local_addr().unwrap();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
@@ -329,7 +336,7 @@ mod tests {
             .await
             .unwrap();
         let mut conn = Conn::new(sender, driver, tap);
-        let Conn { driver, quiet, .. } = &mut conn;
+        let Conn { driver, quiet, .. } = &mut *conn;
         let polled = std::future::poll_fn(|cx| {
             Poll::Ready(quiet.poll(cx, |cx| poll_driver(driver, cx, "app")))
         });

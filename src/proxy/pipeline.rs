@@ -82,6 +82,8 @@ pub struct Proxy {
 const STARTING_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// What the synchronous stages made of a request.
+// An answer goes to hyper as it is: boxing it would add an allocation to every rejection.
+#[allow(clippy::large_enum_variant)]
 pub enum Admitted {
     /// Answered without the upstream: a probe, a scrape, a rejection, a bad path.
     Answered(Response<ObservedBody>),

@@ -284,7 +284,7 @@ impl Target {
                     let slot = if ended {
                         None
                     } else if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                        conn.detach(self.name.clone());
+                        (*conn).detach(self.name.clone());
                         None
                     } else {
                         Some(Slot {

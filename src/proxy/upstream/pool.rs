@@ -91,8 +91,8 @@ impl Conn {
 
     /// Hands the connection to a task of its own, for a response that switched protocols:
     /// the upgraded stream comes out once the connection has been driven to its end.
-    pub fn detach(self: Box<Self>, upstream: std::sync::Arc<str>) {
-        let Self { sender, driver, .. } = *self;
+    pub fn detach(self, upstream: std::sync::Arc<str>) {
+        let Self { sender, driver, .. } = self;
         tokio::spawn(async move {
             let _sender = sender;
             if let Err(e) = driver.await {

@@ -270,8 +270,8 @@ impl Target {
                 done
             })
             .await;
-            // Whatever the outcome, a head written in full is kept: a reset or a timeout
-            // may be retried too.
+            // Whatever the outcome, what went out of the head is kept: a reset or a timeout
+            // may be retried too (a head cut short is not; see `Replay`).
             if let Some(keep) = keep.as_deref_mut()
                 && let Some(head) = tap.take()
             {

@@ -121,10 +121,11 @@ impl Retries {
     }
 }
 
-/// Sends `req` to `target` under `breaker` and `retries`: its body `Body::Incoming`, as the
-/// client sent it; a request that may be retried has its (small) body buffered first and
-/// its head kept as sent (see [`Replay`]). The request is changed where it lies and taken
-/// only by the connection that sends it: at a few hundred bytes, each move costs.
+/// Sends `req` to `target` under `breaker` and `retries`. `req` carries the client's body
+/// as it arrives (`Body::Incoming`); a request that may be retried has its (small) body
+/// buffered first and its head kept as sent (see [`Replay`]). The request is changed where
+/// it lies and taken only by the connection that sends it: at a few hundred bytes, each
+/// move costs.
 /// `start` is when the request was first handled; `timeout` is the route's: per attempt
 /// (the first counted from `start`), and with `per_try_timeout` also the whole call's,
 /// counted from `start`.

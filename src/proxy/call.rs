@@ -104,12 +104,23 @@ pub struct Retries {
     pub policy: RetryPolicy,
     pub budget: RetryBudget,
     exhausted: Counter,
+    /// `upstream_retries_total` per reason the policy can give. A series is created on
+    /// the first retry with its reason, as before; later retries take no lock and hash
+    /// no labels.
+    retried: Vec<(&'static str, std::sync::OnceLock<Counter>)>,
+    upstream: Arc<str>,
 }
 
 impl Retries {
     pub fn new(policy: RetryPolicy, metrics: &ResilienceMetrics, upstream: &Arc<str>) -> Self {
         Self {
             budget: RetryBudget::new(policy.budget, policy.budget_min_per_second, Instant::now()),
+            retried: policy
+                .on
+                .labels()
+                .into_iter()
+                .map(|reason| (reason, std::sync::OnceLock::new()))
+                .collect(),
             policy,
             exhausted: metrics
                 .retry_budget_exhausted
@@ -117,7 +128,25 @@ impl Retries {
                     upstream: upstream.clone(),
                 })
                 .clone(),
+            upstream: upstream.clone(),
         }
+    }
+
+    /// Counts a retry for `reason` (one of the policy's `on` entries).
+    fn count(&self, reason: &'static str, metrics: &ResilienceMetrics) {
+        let create = || {
+            metrics
+                .retries
+                .get_or_create(&RetryLabels {
+                    upstream: self.upstream.clone(),
+                    reason,
+                })
+                .clone()
+        };
+        match self.retried.iter().find(|(r, _)| *r == reason) {
+            Some((_, counter)) => counter.get_or_init(create).inc(),
+            None => create().inc(),
+        };
     }
 }
 
@@ -197,11 +226,7 @@ pub async fn call(
             Body::Full(Some(bytes.clone()))
         }
     };
-    if !bytes.is_empty()
-        && let Some(request) = req.as_mut()
-    {
-        *request.body_mut() = body();
-    }
+    *request.body_mut() = body();
     // The first attempt sends the head itself and keeps it as sent; a retry sends that
     // copy, unless the attempt before left the request unsent (a failed connect), as it was.
     let mut replay = Replay::default();
@@ -246,13 +271,7 @@ pub async fn call(
                     };
                     *req = Some(Request::from_parts(head, body()));
                 }
-                metrics
-                    .retries
-                    .get_or_create(&RetryLabels {
-                        upstream: target.name.clone(),
-                        reason,
-                    })
-                    .inc();
+                retry.count(reason, metrics);
                 tracing::debug!(upstream = %target.name, reason, attempt = attempts, "retrying");
                 drop(result);
                 tokio::time::sleep(delay).await;

@@ -93,6 +93,26 @@ impl RetryOn {
         on
     }
 
+    /// Every `reason` label [`RetryOn::classify`] can give, each once.
+    pub fn labels(&self) -> Vec<&'static str> {
+        let flags = [
+            (self.connect_failure, "connect-failure"),
+            (self.timeout, "timeout"),
+            (self.reset, "reset"),
+        ];
+        let codes = (100..=599u16).filter(|code| {
+            let bit = usize::from(code - 100);
+            self.codes[bit / 64] & (1 << (bit % 64)) != 0
+        });
+        let classes = (1..=5).filter(|n| self.classes & (1 << n) != 0);
+        flags
+            .into_iter()
+            .filter_map(|(on, label)| on.then_some(label))
+            .chain(codes.map(status_label))
+            .chain(classes.map(|n| CLASS_LABELS[n]))
+            .collect()
+    }
+
     /// The `on` entry that makes `attempt` retryable, as the `reason` label of
     /// `upstream_retries_total`; `None` when no entry matches. An exact code
     /// wins over its class.
@@ -373,6 +393,31 @@ mod tests {
         assert!(on.classify(&Attempt::ConnectFailure).is_some());
         assert!(on.classify(&Attempt::Timeout).is_some());
         assert!(on.classify(&Attempt::Reset).is_none());
+    }
+
+    #[test]
+    fn labels_are_every_reason_classify_gives() {
+        let on = RetryOn::new(&[
+            RetryCondition::Timeout,
+            RetryCondition::Status(503),
+            RetryCondition::Class(5),
+            RetryCondition::Reset,
+        ]);
+        assert_eq!(on.labels(), ["timeout", "reset", "503", "5xx"]);
+        let attempts = [
+            Attempt::ConnectFailure,
+            Attempt::Timeout,
+            Attempt::Reset,
+            Attempt::Status(StatusCode::SERVICE_UNAVAILABLE),
+            Attempt::Status(StatusCode::BAD_GATEWAY),
+            Attempt::Status(StatusCode::NOT_FOUND),
+        ];
+        for a in attempts {
+            if let Some(reason) = on.classify(&a) {
+                assert!(on.labels().contains(&reason), "{reason} not listed");
+            }
+        }
+        assert!(RetryOn::default().labels().is_empty());
     }
 
     #[test]

@@ -252,15 +252,20 @@ impl UpstreamIo {
         (self, tap)
     }
 
-    /// A write: bytes written and none read since is a connection mid-request.
-    fn poll_written(
+    /// A write of `pieces`: bytes written and none read since is a connection
+    /// mid-request, and the tap, when armed, keeps what went out.
+    fn poll_written<'a>(
         &mut self,
         cx: &mut Context<'_>,
+        pieces: impl IntoIterator<Item = &'a [u8]>,
         op: impl FnOnce(Pin<&mut Stream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
         let r = op(Pin::new(&mut self.inner), cx);
         if let Poll::Ready(Ok(n)) = r {
             self.mid_request |= n > 0;
+            if let Some(tap) = &self.tap {
+                tap.record(pieces, n);
+            }
         }
         r
     }
@@ -294,12 +299,8 @@ impl AsyncWrite for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = this.poll_written(cx, |s, cx| s.poll_write(cx, buf));
-        if let (Poll::Ready(Ok(n)), Some(tap)) = (&r, &this.tap) {
-            tap.record([buf], *n);
-        }
-        r
+        self.get_mut()
+            .poll_written(cx, [buf], |s, cx| s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -307,12 +308,10 @@ impl AsyncWrite for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = this.poll_written(cx, |s, cx| s.poll_write_vectored(cx, bufs));
-        if let (Poll::Ready(Ok(n)), Some(tap)) = (&r, &this.tap) {
-            tap.record(bufs.iter().map(|b| &**b), *n);
-        }
-        r
+        self.get_mut()
+            .poll_written(cx, bufs.iter().map(|b| &**b), |s, cx| {
+                s.poll_write_vectored(cx, bufs)
+            })
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -444,6 +444,29 @@ async fn a_retry_sends_the_head_the_first_attempt_sent() {
 }
 
 #[tokio::test]
+async fn a_request_the_upstream_read_and_dropped_is_retried_with_its_head() {
+    let app = Scripted::start(Reply::Ok).await;
+    let rig = Setup::new(&app.url())
+        .tables(&retry_table("attempts = 2\non = [\"reset\"]"))
+        .start()
+        .await;
+    // Read whole, then the connection closed with no answer: the head went out, so
+    // the retry sends the copy the connection kept of it.
+    app.then(&[Reply::Drop]);
+    let answer = request("PUT", &rig.url("/x"), &[("x-tenant", "a")], "{}").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let heads = app.heads();
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    assert_eq!(heads[1], heads[0]);
+    assert!(heads[0].contains("x-tenant: a\n"), "{}", heads[0]);
+    let labels = [("upstream", "app"), ("reason", "reset")];
+    assert_eq!(
+        rig.metric("upstream_retries_total", &labels).await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
 async fn a_post_is_never_retried() {
     let app = Scripted::start(Reply::Status(503)).await;
     let rig = Setup::new(&app.url())

@@ -317,6 +317,8 @@ pub enum Reply {
     RetryAfter(u16, u32),
     /// Reads the request and never answers (until the server is dropped).
     Hang,
+    /// Reads the request and closes the connection without an answer.
+    Drop,
 }
 
 /// The replies still queued and the one used once the queue is empty.
@@ -422,10 +424,11 @@ fn head_text(req: &Request<Incoming>) -> String {
     text
 }
 
+/// An `Err` makes hyper close the connection without writing a response.
 async fn scripted_answer(
     reply: Reply,
     req: Request<Incoming>,
-) -> Result<Response<TestBody>, Infallible> {
+) -> Result<Response<TestBody>, std::io::Error> {
     let mut body = req.into_body();
     while let Some(Ok(_)) = body.frame().await {}
     let (status, retry_after) = match reply {
@@ -438,6 +441,7 @@ async fn scripted_answer(
             return Ok(resp);
         }
         Reply::Hang => match std::future::pending::<Infallible>().await {},
+        Reply::Drop => return Err(std::io::ErrorKind::ConnectionAborted.into()),
         Reply::Status(status) => (status, None),
         Reply::RetryAfter(status, secs) => (status, Some(secs)),
     };

@@ -31,6 +31,9 @@
 #   TOP [25]                functions listed per profile
 #   BASE_PORT [28600]       first port tried; busy ports are skipped
 #   OUT_DIR [bench/out/callgrind-<timestamp>]
+#   CACHE_SIM [0]           1: also simulate caches and branch prediction (valgrind's
+#                           --cache-sim/--branch-sim; runs about twice as long) and report
+#                           misses per request and an estimated cycle count
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -46,6 +49,7 @@ CALLGRIND_TARGET_DIR="${CALLGRIND_TARGET_DIR:-$REPO/target/callgrind}"
 TOP="${TOP:-25}"
 BASE_PORT="${BASE_PORT:-28600}"
 OUT_DIR="${OUT_DIR:-$REPO/bench/out/callgrind-$(date +%Y%m%d-%H%M%S)}"
+CACHE_SIM="${CACHE_SIM:-0}"
 
 log() { printf '[callgrind] %s\n' "$*" >&2; }
 die() { printf '[callgrind] error: %s\n' "$*" >&2; exit 1; }
@@ -168,6 +172,7 @@ measure() {
     mkdir -p "$dir/tmp"
     alloc_port; port=$ALLOCATED
     local vg=(valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" --dump-line=no)
+    [[ $CACHE_SIM == 1 ]] && vg+=(--cache-sim=yes --branch-sim=yes)
     local cmd expect=200 ready=/tiny ready_status=200 bare_runtime=current
     case $t in
         nginx)
@@ -218,6 +223,14 @@ measure() {
     [[ -n $ir ]] || die "$t: no instruction total in $dump"
     printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$rep" "$ir" "$REQUESTS" \
         "$(awk -v i="$ir" -v n="$REQUESTS" 'BEGIN { printf "%.0f", i / n }')" >>"$RESULTS"
+    if [[ $CACHE_SIM == 1 ]]; then
+        # Every event of the dump, per request: "events:" names them, "summary:" counts them.
+        awk -v t="$t" -v run="$rep" -v n="$REQUESTS" '
+            /^events:/ { for (i = 2; i <= NF; i++) name[i] = $i; k = NF }
+            /^(summary|totals):/ && !done { done = 1
+                for (i = 2; i <= k; i++) printf "%s\t%s\t%s\t%.2f\n", t, run, name[i], $i / n }
+        ' "$dump" >>"$OUT_DIR/events.tsv"
+    fi
     mkdir -p "$OUT_DIR/profiles"
     cp "$dump" "$OUT_DIR/profiles/$t-r$rep.callgrind.out"
     tail -n 3 "$dir/stderr.log" >"$OUT_DIR/profiles/$t-r$rep.stderr.tail" 2>/dev/null || true
@@ -256,6 +269,29 @@ for t, v in per.items():
     runs = " / ".join(f"{x:,.0f}" for x in v)
     flag = "" if spread <= 0.5 else " (over 0.5 %)"
     print(f"| {t} | {mean:,.0f} | {runs} | {spread:.2f} %{flag} | {ratio} |")
+
+events_path = os.path.join(out, "events.tsv")
+if os.path.exists(events_path):
+    # Simulated caches (valgrind's model of this host's L1 and last level) and branch
+    # predictor, per request, mean over runs. The cycle estimate is a rough model, for
+    # comparing targets on one machine only: an L1 miss 10 cycles, a last-level miss
+    # 100, a mispredicted branch 15, every instruction 1.
+    ev = collections.defaultdict(lambda: collections.defaultdict(list))
+    for l in open(events_path):
+        t, run, name, v = l.rstrip("\n").split("\t")
+        ev[t][name].append(float(v))
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+    print()
+    print("| target | instructions | L1i misses | L1d misses | last-level misses | mispredicted branches | estimated cycles |")
+    print("|---|---|---|---|---|---|---|")
+    for t, e in ev.items():
+        m = {k: mean(v) for k, v in e.items()}
+        l1i = m.get("I1mr", 0)
+        l1d = m.get("D1mr", 0) + m.get("D1mw", 0)
+        ll = m.get("ILmr", 0) + m.get("DLmr", 0) + m.get("DLmw", 0)
+        bm = m.get("Bcm", 0) + m.get("Bim", 0)
+        cycles = m.get("Ir", 0) + 10 * (l1i + l1d) + 100 * ll + 15 * bm
+        print(f"| {t} | {m.get('Ir', 0):,.0f} | {l1i:,.0f} | {l1d:,.0f} | {ll:,.1f} | {bm:,.0f} | {cycles:,.0f} |")
 
 line = re.compile(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*)$")
 

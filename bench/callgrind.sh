@@ -34,6 +34,8 @@
 #   CACHE_SIM [0]           1: also simulate caches and branch prediction (valgrind's
 #                           --cache-sim/--branch-sim; runs about twice as long) and report
 #                           misses per request and an estimated cycle count
+#   VALGRIND_ARGS []        more valgrind options, split on blanks (e.g. "--D1=65536,16,64"
+#                           to ask how misses fall with a larger simulated L1d)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -50,6 +52,7 @@ TOP="${TOP:-25}"
 BASE_PORT="${BASE_PORT:-28600}"
 OUT_DIR="${OUT_DIR:-$REPO/bench/out/callgrind-$(date +%Y%m%d-%H%M%S)}"
 CACHE_SIM="${CACHE_SIM:-0}"
+VALGRIND_ARGS="${VALGRIND_ARGS:-}"
 
 log() { printf '[callgrind] %s\n' "$*" >&2; }
 die() { printf '[callgrind] error: %s\n' "$*" >&2; exit 1; }
@@ -173,6 +176,8 @@ measure() {
     alloc_port; port=$ALLOCATED
     local vg=(valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" --dump-line=no)
     [[ $CACHE_SIM == 1 ]] && vg+=(--cache-sim=yes --branch-sim=yes)
+    # shellcheck disable=SC2206 # split on blanks on purpose: one option per word
+    [[ -n $VALGRIND_ARGS ]] && vg+=($VALGRIND_ARGS)
     local cmd expect=200 ready=/tiny ready_status=200 bare_runtime=current
     case $t in
         nginx)

@@ -130,8 +130,8 @@ fn lock(shard: &Shard) -> MutexGuard<'_, Vec<u8>> {
 fn flush_loop<W: Write>(shared: &Shared, mut out: W) {
     let mut spare = Vec::new();
     // While a timer runs, lines need no wake-up: it stays armed for one interval after
-    // each flush. A flush that finds nothing buffered ends that, and the flusher sleeps
-    // until a line wakes it: an idle daemon's flusher does not wake at all.
+    // each flush. An interval that ends with no line pending disarms it, and the flusher
+    // sleeps until a line wakes it: an idle daemon's flusher does not wake at all.
     let mut timer: Option<Instant> = None;
     loop {
         let due = match timer {

@@ -106,11 +106,33 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: Upgrade) {
 
 /// Where `name` is in [`FIXED_HOP_BY_HOP`]. Most names are ruled out by their length
 /// alone (the fixed names are 7, 10 or 16 to 19 bytes long), without reading their bytes.
+/// The rest are compared with constants, not with the table: a standard name is then one
+/// compare of its tag, and no request reads the table's cache lines.
 fn fixed_index(name: &HeaderName) -> Option<usize> {
     if !matches!(name.as_str().len(), 7 | 10 | 16..=19) {
         return None;
     }
-    FIXED_HOP_BY_HOP.iter().position(|n| n == name)
+    let standard = |h: HeaderName| *name == h;
+    Some(if standard(header::CONNECTION) {
+        0
+    } else if standard(header::PROXY_AUTHENTICATE) {
+        3
+    } else if standard(header::PROXY_AUTHORIZATION) {
+        4
+    } else if standard(header::TRAILER) {
+        5
+    } else if standard(header::TRANSFER_ENCODING) {
+        6
+    } else if standard(header::UPGRADE) {
+        7
+    } else {
+        // Custom names, lowercase in a `HeaderName`.
+        match name.as_str() {
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            _ => return None,
+        }
+    })
 }
 
 /// `Connection: close` / `keep-alive` name no extra headers; skip the scan for them.
@@ -164,17 +186,16 @@ pub fn set_forwarded(
     }
 }
 
-/// Every byte as two lowercase hex digits.
-static HEX_PAIRS: [[u8; 2]; 256] = {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut t = [[0u8; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
-        i += 1;
-    }
-    t
-};
+/// Eight lowercase hex digits, one per byte of `nibbles`, each byte 0..=15. Arithmetic on
+/// the whole word instead of a lookup table: a table of digit pairs is 512 bytes, and
+/// random ids touch most of its cache lines on every request.
+fn hex8(nibbles: u64) -> [u8; 8] {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // 1 in each byte above 9: adding 6 carries into bit 4 exactly then, never past the byte.
+    let above_9 = ((nibbles + 6 * ONES) >> 4) & ONES;
+    // '0' for every digit; 'a' - '0' - 10 = 39 more for the letters.
+    (nibbles + u64::from(b'0') * ONES + 39 * above_9).to_le_bytes()
+}
 
 /// Returns the request's id, generating a 32-hex-digit one when the client sent none.
 pub fn ensure_request_id(h: &mut HeaderMap) -> HeaderValue {
@@ -192,16 +213,13 @@ pub fn ensure_request_id(h: &mut HeaderMap) -> HeaderValue {
 }
 
 pub fn new_request_id() -> HeaderValue {
+    const LOW_NIBBLES: u64 = 0x0f0f_0f0f_0f0f_0f0f;
     let mut buf = [0u8; 32];
-    // A byte at a time through a table of digit pairs: half the steps of a nibble loop,
-    // on 64-bit halves rather than a u128.
-    for (half, n) in buf
-        .chunks_exact_mut(16)
-        .zip([fastrand::u64(..), fastrand::u64(..)])
-    {
-        for (pair, byte) in half.chunks_exact_mut(2).zip(n.to_be_bytes()) {
-            pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
-        }
+    // 128 random bits, each nibble one digit; their order in the id does not matter.
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    let words = [a, a >> 4, b, b >> 4].map(|w| hex8(w & LOW_NIBBLES));
+    for (digits, word) in buf.chunks_exact_mut(8).zip(words) {
+        digits.copy_from_slice(&word);
     }
     // Owned by the `Bytes` itself: one allocation, and the clones that go into the
     // response and the access line are reference counts.
@@ -299,10 +317,9 @@ mod tests {
             "{id:?}"
         );
         assert_ne!(new_request_id(), new_request_id());
-        // Every pair of digits is the byte it stands for.
-        for (i, pair) in HEX_PAIRS.iter().enumerate() {
-            assert_eq!(format!("{i:02x}").as_bytes(), pair);
-        }
+        // Every nibble is the digit it stands for.
+        assert_eq!(&hex8(0x0706_0504_0302_0100), b"01234567");
+        assert_eq!(&hex8(0x0f0e_0d0c_0b0a_0908), b"89abcdef");
         let mut h = map(&[("x-request-id", "abc")]);
         assert_eq!(ensure_request_id(&mut h), "abc");
     }

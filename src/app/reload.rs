@@ -312,15 +312,16 @@ pub fn breaker_observer(
 
 /// `recover_on_check`: while a breaker is OPEN, a passing run of its check moves it to
 /// HALF_OPEN, so a health check, not a sacrificed user request, probes recovery.
+/// Woken by each check run, not by a timer: an idle sidecar stays asleep, and a breaker
+/// moves as soon as its check passes.
 pub fn spawn_recover_on_check(shared: &Arc<Shared>) {
     let s = shared.clone();
+    let mut runs = shared.health.subscribe_runs();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_seen: std::collections::HashMap<String, std::time::SystemTime> =
             Default::default();
-        loop {
-            tick.tick().await;
+        // A reload swaps breakers, not results: a breaker only ever moves on a new run.
+        while runs.changed().await.is_ok() {
             let rt = s.live.load_full();
             let snap = s.health.snapshot();
             for b in rt.breakers() {

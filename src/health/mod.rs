@@ -253,6 +253,9 @@ pub(crate) struct Shared {
     /// Each check flip with its message; `broadcast` because every event subscriber must see
     /// every flip, in order.
     flips: broadcast::Sender<CheckChange>,
+    /// Bumped on every new snapshot, a passing run that changed nothing included: for
+    /// whoever acts on each run rather than on changes.
+    published: watch::Sender<u64>,
     metrics: metrics::Metrics,
 }
 
@@ -273,6 +276,7 @@ impl Health {
     pub fn new() -> Self {
         let (changed, _) = watch::channel(0);
         let (flips, _) = broadcast::channel(64);
+        let (published, _) = watch::channel(0);
         let metrics = metrics::Metrics::new();
         metrics.set_overall(Status::Healthy);
         Health {
@@ -281,6 +285,7 @@ impl Health {
                 registry: Mutex::new(Registry::default()),
                 changed,
                 flips,
+                published,
                 metrics,
             }),
         }
@@ -306,6 +311,11 @@ impl Health {
     /// Every check flip, with its message.
     pub fn subscribe_flips(&self) -> broadcast::Receiver<CheckChange> {
         self.shared.flips.subscribe()
+    }
+
+    /// Fires on every new snapshot: each check run's result, changed or not.
+    pub fn subscribe_runs(&self) -> watch::Receiver<u64> {
+        self.shared.published.subscribe()
     }
 
     /// Registers `health_check_status`, `health_check_duration_seconds` and `health_status`.
@@ -485,6 +495,7 @@ impl Shared {
         if changed || overall_moved {
             self.changed.send_modify(|v| *v = v.wrapping_add(1));
         }
+        self.published.send_modify(|v| *v = v.wrapping_add(1));
     }
 }
 

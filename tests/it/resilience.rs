@@ -320,6 +320,31 @@ async fn breaker_opens_on_consecutive_5xx_stops_calling_and_recovers_through_hal
 }
 
 #[tokio::test]
+async fn a_passing_recover_on_check_moves_an_open_breaker_to_half_open_before_its_timeout() {
+    let app = Scripted::start(Reply::Status(503)).await;
+    // An hour of recovery timeout: only the check can move the breaker within the test.
+    let tables = format!(
+        "[upstreams.app.breaker]\nfailure_threshold = 1\nrecovery_timeout = \"1h\"\n\
+         recover_on_check = \"app-port\"\n\n\
+         [[health.checks]]\nname = \"app-port\"\ntype = \"tcp\"\naddress = \"{}\"\n\
+         interval = \"50ms\"\ncritical = false\n",
+        app.addr
+    );
+    let rig = Setup::new(&app.url()).tables(&tables).start().await;
+
+    assert_upstream_status(&rig.get("/x").await, 503);
+    eventually(LIMIT, "the breaker moved by its passing check", || async {
+        let b = rig.breaker("app").await;
+        b["state"] == "half_open" && b["reason"] == "check_passed"
+    })
+    .await;
+    // The trial the check allowed reaches the upstream.
+    app.set(Reply::Ok);
+    assert_eq!(rig.get("/x").await.status, StatusCode::OK);
+    assert_eq!(app.hits(), 2);
+}
+
+#[tokio::test]
 async fn an_unlisted_404_never_opens_the_breaker_but_a_listed_429_does() {
     let app = Scripted::start(Reply::Status(404)).await;
     let rig = Setup::new(&app.url())

@@ -56,6 +56,8 @@ VALGRIND_ARGS="${VALGRIND_ARGS:-}"
 
 log() { printf '[callgrind] %s\n' "$*" >&2; }
 die() { printf '[callgrind] error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # ---------------------------------------------------------------- tools
 export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
@@ -81,13 +83,10 @@ ensure_packages
 [[ -f $OPSGATE_CONFIG ]] || die "no such opsgate config template: $OPSGATE_CONFIG"
 
 if [[ -z "${OPSGATE_BIN:-}" ]]; then
-    # Symbols and line tables for the profile; the optimisation (thin LTO,
-    # codegen units) stays that of the shipped release build.
+    # Symbols and line tables for the profile; the optimisation (fat LTO, one
+    # codegen unit) stays that of the shipped release build.
     log "cargo build --release with symbols into $CALLGRIND_TARGET_DIR"
-    (cd "$REPO" && CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=1 \
-        CARGO_TARGET_DIR="$CALLGRIND_TARGET_DIR" cargo build --release --quiet) \
-        || die "cargo build --release failed"
-    OPSGATE_BIN="$CALLGRIND_TARGET_DIR/release/opsgate"
+    OPSGATE_BIN=$(build_with_symbols "$CALLGRIND_TARGET_DIR") || die "cargo build --release failed"
 fi
 [[ -x "$OPSGATE_BIN" ]] || die "no opsgate binary at $OPSGATE_BIN"
 for t in $TARGETS; do
@@ -106,51 +105,17 @@ declare -a PIDS=()
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for _ in $(seq 1 50); do
-        local alive=0
-        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        (( alive )) || break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    stop_pids 5
     rm -rf "$RUN"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# shellcheck source=bench/lib.sh
-source "$HERE/lib.sh"
-
-# The client: one keep-alive connection, a fixed number of GETs, every
-# response read whole and checked. Its own cost is not measured.
-cat >"$RUN/client.py" <<'PY'
-import http.client, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-# 200 with the backend's body, or the status a rejecting target answers with
-expect = int(sys.argv[3]) if len(sys.argv) > 3 else 200
-c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-for i in range(n):
-    c.request("GET", "/tiny")
-    r = c.getresponse()
-    body = r.read()
-    if r.status != expect or (expect == 200 and body != b"hello, world\n"):
-        sys.exit(f"request {i}: status {r.status}, body {body[:64]!r}")
-    if r.will_close:
-        sys.exit(f"request {i}: the proxy closed the connection")
-c.close()
-PY
+write_tiny_client "$RUN/client.py"
 
 # ---------------------------------------------------------------- backend
-alloc_port; BACKEND_PORT=$ALLOCATED
-mkdir -p "$RUN/backend/tmp" "$RUN/data"
-render "$HERE/conf/backend.nginx.conf" "$RUN/backend/nginx.conf" DIR="$RUN/backend" DATA="$RUN/data" PORT="$BACKEND_PORT"
-nginx -p "$RUN/backend" -c "$RUN/backend/nginx.conf" >"$RUN/backend/stdout.log" 2>&1 &
-PIDS+=("$!")
-wait_http "http://127.0.0.1:$BACKEND_PORT/tiny" 10 200 || die "backend did not start (see $RUN/backend)"
+start_tiny_backend "$RUN" || die "backend did not start (see $RUN/backend)"
 
 cp "$OPSGATE_BIN" "$RUN/opsgate.bin"   # a rebuild elsewhere must not swap it mid-run
 [[ -n ${BARE_HYPER_BIN:-} ]] && cp "$BARE_HYPER_BIN" "$RUN/bare-hyper.bin"

@@ -37,6 +37,8 @@ OUT_DIR="${OUT_DIR:-$REPO/bench/out/footprint-$(date +%Y%m%d-%H%M%S)}"
 
 log() { printf '[footprint] %s\n' "$*" >&2; }
 die() { printf '[footprint] error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
 for tool in valgrind nginx curl python3 nm; do
@@ -45,10 +47,7 @@ done
 
 if [[ -z "${OPSGATE_BIN:-}" ]]; then
     log "cargo build --release with symbols into $CALLGRIND_TARGET_DIR"
-    (cd "$REPO" && CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=1 \
-        CARGO_TARGET_DIR="$CALLGRIND_TARGET_DIR" cargo build --release --quiet) \
-        || die "cargo build --release failed"
-    OPSGATE_BIN="$CALLGRIND_TARGET_DIR/release/opsgate"
+    OPSGATE_BIN=$(build_with_symbols "$CALLGRIND_TARGET_DIR") || die "cargo build --release failed"
 fi
 [[ " $TARGETS " == *" hyper "* ]] && { BARE_HYPER_BIN=$(bash "$HERE/bare-hyper/build.sh") || die "bench/bare-hyper did not build"; }
 
@@ -59,35 +58,15 @@ declare -a PIDS=()
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    local pid
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    stop_pids 3
     rm -rf "$RUN"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# shellcheck source=bench/lib.sh
-source "$HERE/lib.sh"
-
-cat >"$RUN/client.py" <<'PY'
-import http.client, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-for i in range(n):
-    c.request("GET", "/tiny")
-    r = c.getresponse()
-    if r.status != 200 or r.read() != b"hello, world\n":
-        sys.exit(f"request {i}: status {r.status}")
-PY
-
-alloc_port; BACKEND_PORT=$ALLOCATED
-mkdir -p "$RUN/backend/tmp" "$RUN/data"
-render "$HERE/conf/backend.nginx.conf" "$RUN/backend/nginx.conf" DIR="$RUN/backend" DATA="$RUN/data" PORT="$BACKEND_PORT"
-nginx -p "$RUN/backend" -c "$RUN/backend/nginx.conf" >"$RUN/backend/stdout.log" 2>&1 &
-PIDS+=("$!")
-wait_http "http://127.0.0.1:$BACKEND_PORT/tiny" 10 200 || die "backend did not start"
+write_tiny_client "$RUN/client.py"
+start_tiny_backend "$RUN" || die "backend did not start (see $RUN/backend)"
 
 # Until the collector has seen the flag: it looks while the proxy is idle.
 await_flag() {

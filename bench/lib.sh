@@ -1,6 +1,8 @@
 # Helpers the benchmark scripts share: free ports, config templates, waiting for a
 # server. Sourced, after the script has set BASE_PORT.
 
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
 port_busy() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
 NEXT_PORT=${BASE_PORT:?BASE_PORT must be set before sourcing bench/lib.sh}
 alloc_port() { # sets $ALLOCATED (no subshell, so the counter moves on)
@@ -28,4 +30,62 @@ wait_http() {
         ((SECONDS < deadline)) || return 1
         sleep 0.1
     done
+}
+
+# Stops every process in the caller's PIDS array: TERM, up to `seconds` (default 3) for
+# them to go, then KILL. For the scripts' exit traps.
+stop_pids() {
+    local seconds=${1:-3} pid alive
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 $((seconds * 10))); do
+        alive=0
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+
+# The release build with symbols and line tables the valgrind tools profile (same
+# optimisation as the shipped build), into target_dir; prints the binary's path.
+build_with_symbols() {
+    local target_dir=$1
+    (cd "$BENCH_DIR/.." && CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=1 \
+        CARGO_TARGET_DIR="$target_dir" cargo build --release --quiet) >&2 || return 1
+    echo "$target_dir/release/opsgate"
+}
+
+# The valgrind tools' backend: nginx from conf/backend.nginx.conf under dir/backend, `/tiny`
+# answered from memory. Sets BACKEND_PORT and adds its pid to PIDS.
+start_tiny_backend() {
+    local dir=$1
+    alloc_port; BACKEND_PORT=$ALLOCATED
+    mkdir -p "$dir/backend/tmp" "$dir/data"
+    render "$BENCH_DIR/conf/backend.nginx.conf" "$dir/backend/nginx.conf" DIR="$dir/backend" DATA="$dir/data" PORT="$BACKEND_PORT"
+    nginx -p "$dir/backend" -c "$dir/backend/nginx.conf" >"$dir/backend/stdout.log" 2>&1 &
+    PIDS+=("$!")
+    wait_http "http://127.0.0.1:$BACKEND_PORT/tiny" 10 200
+}
+
+# The valgrind tools' client, written to `file`: one keep-alive connection, a fixed
+# number of GETs of /tiny, every response read whole and checked. Its own cost is not
+# measured. Usage: python3 file PORT N [EXPECTED_STATUS, 200].
+write_tiny_client() {
+    cat >"$1" <<'PY'
+import http.client, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+# 200 with the backend's body, or the status a rejecting target answers with
+expect = int(sys.argv[3]) if len(sys.argv) > 3 else 200
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for i in range(n):
+    c.request("GET", "/tiny")
+    r = c.getresponse()
+    body = r.read()
+    if r.status != expect or (expect == 200 and body != b"hello, world\n"):
+        sys.exit(f"request {i}: status {r.status}, body {body[:64]!r}")
+    if r.will_close:
+        sys.exit(f"request {i}: the proxy closed the connection")
+c.close()
+PY
 }

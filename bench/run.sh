@@ -165,16 +165,7 @@ declare -A PORT=() MAIN_PID=()
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for _ in $(seq 1 30); do
-        local alive=0
-        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        (( alive )) || break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    stop_pids 3
     # Keep the tail of every process's output (opsgate's access log can be
     # large: keep its line count and the last lines), drop the bodies.
     local d f
@@ -189,11 +180,11 @@ cleanup() {
     rm -rf "$RUN"
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 # shellcheck source=bench/lib.sh
 source "$HERE/lib.sh"
+
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 cpu_ticks() { # utime+stime of the pids, in clock ticks
     local t=0 pid f

@@ -20,7 +20,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
 # The registry cache only speeds up rebuilds; the build itself is exactly
-# `cargo build --release --locked` in a clean checkout.
+# `cargo build --release --locked` in a clean checkout, with the link order of
+# build.rs and the optimization profile of .cargo/config.toml.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked \
     && install -D -m 0755 target/release/opsgate /out/opsgate

@@ -89,3 +89,41 @@ for i in range(n):
 c.close()
 PY
 }
+
+# The mixed client of the profiles the build is tuned by (bench/symbol-order.sh,
+# bench/pgo.sh), written to `file`: N GETs of /tiny on one keep-alive connection, the
+# probes and scrapes on both ports, the admin API's reads, then maintenance switched on
+# and N/8 POSTs refused with 503, one connection each, and switched off again. Every
+# status is checked. Usage: python3 file PORT ADMIN_PORT N.
+write_mix_client() {
+    cat >"$1" <<'PY'
+import http.client, sys
+port, admin, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for i in range(n):
+    c.request("GET", "/tiny")
+    r = c.getresponse(); r.read()
+    if r.status != 200:
+        sys.exit(f"request {i}: {r.status}")
+for path in ("/_health/live", "/_health/ready", "/_health/startup", "/metrics"):
+    c.request("GET", path); c.getresponse().read()
+a = http.client.HTTPConnection("127.0.0.1", admin, timeout=60)
+for path in ("/metrics", "/_health/ready", "/_ops/", "/_ops/status"):
+    a.request("GET", path); a.getresponse().read()
+# Maintenance on (writes, the default mode): writes answered 503 by opsgate itself.
+for enabled in ("true", "false"):
+    a.request("PUT", "/_ops/maintenance", body=f'{{"enabled":{enabled}}}',
+              headers={"Content-Type": "application/json"})
+    r = a.getresponse(); r.read()
+    if r.status != 200:
+        sys.exit(f"PUT /_ops/maintenance: {r.status}")
+    if enabled == "true":
+        for i in range(n // 8):
+            # A refused write may end its connection: one connection each.
+            m = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            m.request("POST", "/tiny", body=b"{}")
+            r = m.getresponse(); r.read(); m.close()
+            if r.status != 503:
+                sys.exit(f"maintenance request {i}: {r.status}")
+PY
+}

@@ -10,9 +10,10 @@
 # maintenance 503s, then stops. Every function callgrind saw run in the binary
 # is listed, by instructions spent in it.
 #
-# Run it after changes to the hot path or to dependencies: names carry a hash
-# of their crate, so a stale list matches less and less (and costs memory,
-# never correctness). `bench/symbol-order.sh --check` reports how many listed
+# Run it after changes to the hot path or to dependencies, and after
+# bench/pgo.sh (the profile decides what is inlined, so which functions
+# exist): names carry a hash of their crate, so a stale list matches less and
+# less (and costs memory, never correctness). `bench/symbol-order.sh --check` reports how many listed
 # names the current build still has.
 #
 # Environment: REQUESTS [2000], BASE_PORT [28700],
@@ -81,36 +82,8 @@ valgrind --tool=callgrind --demangle=no --callgrind-out-file="$RUN/callgrind.out
 PID=$!
 PIDS+=("$PID")
 wait_http "http://127.0.0.1:$PORT/tiny" 120 200 || die "opsgate did not start (see $RUN/stderr.log)"
-python3 - "$PORT" "$ADMIN" "$REQUESTS" <<'PY' || die "requests failed"
-import http.client, sys
-port, admin, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-for i in range(n):
-    c.request("GET", "/tiny")
-    r = c.getresponse(); r.read()
-    if r.status != 200:
-        sys.exit(f"request {i}: {r.status}")
-for path in ("/_health/live", "/_health/ready", "/_health/startup", "/metrics"):
-    c.request("GET", path); c.getresponse().read()
-a = http.client.HTTPConnection("127.0.0.1", admin, timeout=60)
-for path in ("/metrics", "/_health/ready", "/_ops/", "/_ops/status"):
-    a.request("GET", path); a.getresponse().read()
-# Maintenance on (writes, the default mode): writes answered 503 by opsgate itself.
-for enabled in ("true", "false"):
-    a.request("PUT", "/_ops/maintenance", body=f'{{"enabled":{enabled}}}',
-              headers={"Content-Type": "application/json"})
-    r = a.getresponse(); r.read()
-    if r.status != 200:
-        sys.exit(f"PUT /_ops/maintenance: {r.status}")
-    if enabled == "true":
-        for i in range(n // 8):
-            # A refused write may end its connection: one connection each.
-            m = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            m.request("POST", "/tiny", body=b"{}")
-            r = m.getresponse(); r.read(); m.close()
-            if r.status != 503:
-                sys.exit(f"maintenance request {i}: {r.status}")
-PY
+write_mix_client "$RUN/mix.py"
+python3 "$RUN/mix.py" "$PORT" "$ADMIN" "$REQUESTS" || die "requests failed"
 kill -TERM "$PID"
 wait "$PID" 2>/dev/null || true
 [[ -s $RUN/callgrind.out ]] || die "no callgrind output (see $RUN/stderr.log)"

@@ -19,5 +19,6 @@ fi
 cargo build --locked --bin opsgate
 OPSGATE_BIN="$target/debug/opsgate" bash ci/interop.sh
 OPSGATE_BIN="$target/debug/opsgate" bash ci/check-deploy.sh
+bash ci/check-pgo-wrapper.sh
 bash ci/check-docker-steps.sh
 OPSGATE_BIN="$target/debug/opsgate" SCREENSHOT="$target/status-page.png" bash ci/check-status-page.sh

@@ -97,20 +97,8 @@ for t in $TARGETS; do
 done
 
 # ---------------------------------------------------------------- state
-RUN="$(mktemp -d /tmp/opsgate-callgrind.XXXXXX)"
-chmod 755 "$RUN"
+start_run callgrind 5
 mkdir -p "$OUT_DIR"
-declare -a PIDS=()
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    stop_pids 5
-    rm -rf "$RUN"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 write_tiny_client "$RUN/client.py"
 

@@ -51,19 +51,8 @@ if [[ -z "${OPSGATE_BIN:-}" ]]; then
 fi
 [[ " $TARGETS " == *" hyper "* ]] && { BARE_HYPER_BIN=$(bash "$HERE/bare-hyper/build.sh") || die "bench/bare-hyper did not build"; }
 
-RUN="$(mktemp -d /tmp/opsgate-footprint.XXXXXX)"
-chmod 755 "$RUN"
+start_run footprint
 mkdir -p "$OUT_DIR"
-declare -a PIDS=()
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    stop_pids 3
-    rm -rf "$RUN"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 write_tiny_client "$RUN/client.py"
 start_tiny_backend "$RUN" || die "backend did not start (see $RUN/backend)"

@@ -32,6 +32,26 @@ wait_http() {
     done
 }
 
+# A run's scratch dir as $RUN (readable by all: nginx's workers run as nobody), an empty
+# PIDS, and traps that stop those processes (`stop_pids seconds`, default 3) and remove
+# the dir on exit, Ctrl-C exiting 130. Usage: start_run NAME [seconds].
+start_run() {
+    RUN_STOP_SECONDS=${2:-3}
+    RUN="$(mktemp -d "/tmp/opsgate-$1.XXXXXX")"
+    chmod 755 "$RUN"
+    PIDS=()
+    trap end_run EXIT
+    trap 'exit 130' INT TERM
+}
+
+end_run() {
+    local rc=$?
+    trap - EXIT INT TERM
+    stop_pids "$RUN_STOP_SECONDS"
+    rm -rf "$RUN"
+    exit "$rc"
+}
+
 # Stops every process in the caller's PIDS array: TERM, up to `seconds` (default 3) for
 # them to go, then KILL. For the scripts' exit traps.
 stop_pids() {

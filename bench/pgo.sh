@@ -55,10 +55,8 @@ log "instrumented release build into $PGO_TARGET_DIR"
     CARGO_TARGET_DIR="$PGO_TARGET_DIR" cargo build --release --locked --quiet) || die "build failed"
 BIN="$PGO_TARGET_DIR/release/opsgate"
 
-RUN="$(mktemp -d /tmp/opsgate-pgo.XXXXXX)"
-chmod 755 "$RUN"
-declare -a PIDS=()
-trap 'stop_pids 10; rm -rf "$RUN"' EXIT
+# Up to 10 s to stop: an instrumented process writes its counts as it exits.
+start_run pgo 10
 
 start_tiny_backend "$RUN" || die "backend did not start"
 head -c 16384 /dev/urandom >"$RUN/data/16k.bin"

@@ -51,31 +51,18 @@ if [[ ${1:-} == --check ]]; then
     exit 0
 fi
 
-RUN="$(mktemp -d /tmp/opsgate-symbol-order.XXXXXX)"
-chmod 755 "$RUN"
-declare -a PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$RUN"
-}
-trap cleanup EXIT
-
 # shellcheck source=bench/lib.sh
 source "$HERE/lib.sh"
 
-alloc_port; BACKEND=$ALLOCATED
-mkdir -p "$RUN/backend/tmp" "$RUN/data" "$RUN/conf"
-render "$HERE/conf/backend.nginx.conf" "$RUN/backend/nginx.conf" DIR="$RUN/backend" DATA="$RUN/data" PORT="$BACKEND"
-nginx -p "$RUN/backend" -c "$RUN/backend/nginx.conf" >"$RUN/backend/stdout.log" 2>&1 &
-PIDS+=("$!")
-wait_http "http://127.0.0.1:$BACKEND/tiny" 10 200 || die "backend did not start"
+# Up to 30 s to stop: valgrind writes its profile as opsgate exits.
+start_run symbol-order 30
+start_tiny_backend "$RUN" || die "backend did not start"
+mkdir -p "$RUN/conf"
 
 alloc_port; PORT=$ALLOCATED
 alloc_port; ADMIN=$ALLOCATED
 render "$HERE/conf/opsgate-policy.toml" "$RUN/conf/opsgate.toml" PORT="$PORT" \
-    BACKEND_PORT="$BACKEND" ADMIN_PORT="$ADMIN" ACCESS_LOG=true
+    BACKEND_PORT="$BACKEND_PORT" ADMIN_PORT="$ADMIN" ACCESS_LOG=true
 log "opsgate under callgrind: $REQUESTS proxied requests, probes, scrapes, admin calls, 503s"
 valgrind --tool=callgrind --demangle=no --callgrind-out-file="$RUN/callgrind.out" \
     "$BIN" run --config "$RUN/conf/opsgate.toml" >"$RUN/stdout.log" 2>"$RUN/stderr.log" &

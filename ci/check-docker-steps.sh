@@ -14,7 +14,12 @@ cleanup() {
 trap cleanup EXIT
 
 # Build stage: the same commands as the Dockerfile's RUN.
-cargo build --release --locked
+# The opsgate crates are compiled afresh (Cargo notices neither OPSGATE_PGO_WARN nor an
+# unchanged tree) with the profile's mismatch warnings on, for the profile check below.
+touch src/lib.rs src/main.rs
+OPSGATE_PGO_WARN=1 cargo build --release --locked 2>"$out/build.log" ||
+    { cat "$out/build.log" >&2; exit 1; }
+grep -v 'hash mismatch' "$out/build.log" | grep -v '^$' >&2 || true
 install -D -m 0755 "$target/release/opsgate" "$out/usr/local/bin/opsgate"
 install -D -m 0644 config/minimal.toml "$out/etc/opsgate/opsgate.toml"
 bin="$out/usr/local/bin/opsgate"
@@ -41,6 +46,24 @@ if [ -f build/symbol-order.txt ] && [ "$(uname -m)" = x86_64 ]; then
 fi
 
 # distroless/cc ships glibc, libgcc_s and libm; nothing else may be linked.
+# A function changed since bench/pgo.sh ran is compiled as if there were no profile, and
+# nothing else says so: the build stays correct, only slower. With OPSGATE_PGO_WARN, LLVM
+# names each such function with the largest count the profile held for one of its blocks.
+# HOT_COUNT or more means code the recorded requests ran (a recording serves a few hundred
+# thousand), and fails the check; a change to code that ran a few times does not.
+if [ -f build/opsgate.profdata ] && [ "$(uname -sm)" = "Linux x86_64" ]; then
+    hot_count=${HOT_COUNT:-10000}
+    changed=$(grep -c 'hash mismatch' "$out/build.log" || true)
+    hot=$(sed -n 's/.*(hash mismatch) \([^ ]*\) Hash = [0-9]* up to \([0-9]*\) count discarded.*/\2 \1/p' "$out/build.log" |
+        awk -v t="$hot_count" '$1 >= t' | sort -rn)
+    if [ -n "$hot" ]; then
+        echo "docker-steps: code the optimization profile saw run $hot_count+ times changed since build/opsgate.profdata was recorded, and is compiled without it; run bench/pgo.sh, then bench/symbol-order.sh. Largest count, function:" >&2
+        head -20 <<<"$hot" | { c++filt 2>/dev/null || cat; } | awk '{print "  " $0}' >&2
+        exit 1
+    fi
+    echo "docker-steps: the optimization profile matches the code ($changed functions changed since it was recorded, none that it saw run $hot_count+ times)"
+fi
+
 extra=$(ldd "$bin" | awk '{print $1}' | grep -Ev '^(linux-vdso\.so|libc\.so|libm\.so|libgcc_s\.so|/lib64/ld-linux|libpthread\.so|libdl\.so|librt\.so)' || true)
 if [ -n "$extra" ]; then
     echo "docker-steps: the binary links libraries the runtime image lacks: $extra" >&2

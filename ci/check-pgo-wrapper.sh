@@ -49,6 +49,18 @@ expect no "$now" OPSGATE_NO_PGO=1 "$wrapper" "$dir/rustc" "${lib[@]}" -C opt-lev
 expect no "FAKE_LLVM=$((profile_llvm - 1))" "$wrapper" "$dir/rustc" "${lib[@]}" -C opt-level=3 --target x86_64-unknown-linux-gnu
 expect no "$now" "$wrapper" "$dir/rustc" "${lib[@]}" -C opt-level=3 --target x86_64-unknown-linux-gnu -Cprofile-generate=/tmp/p
 expect no "$now" "$wrapper" "$dir/rustc" "${lib[@]}" -C opt-level=3 --target x86_64-unknown-linux-gnu -Zsanitizer=address
+# Changed functions are compiled without the profile silently, unless OPSGATE_PGO_WARN
+# asks LLVM to name them (ci/check-docker-steps.sh).
+x86=("${lib[@]}" -C opt-level=3 --target x86_64-unknown-linux-gnu)
+case $(env "$now" "$wrapper" "$dir/rustc" "${x86[@]}") in
+*no-pgo-warn-mismatch*) ;;
+*) echo "pgo-wrapper: a release build warns about functions changed since the profile" >&2 && failed=1 ;;
+esac
+case $(env "$now" OPSGATE_PGO_WARN=1 "$wrapper" "$dir/rustc" "${x86[@]}") in
+*no-pgo-warn-mismatch*) echo "pgo-wrapper: OPSGATE_PGO_WARN=1 did not turn the mismatch warnings on" >&2 && failed=1 ;;
+*profile-use=*) ;;
+*) echo "pgo-wrapper: OPSGATE_PGO_WARN=1 dropped the profile" >&2 && failed=1 ;;
+esac
 # Cargo's version query passes through unchanged: Cargo hashes it into every symbol's
 # name, which the profile finds its functions by.
 if [ "$(FAKE_LLVM=$profile_llvm "$wrapper" "$dir/rustc" -vV)" != "$(FAKE_LLVM=$profile_llvm "$dir/rustc" -vV)" ]; then

@@ -20,6 +20,7 @@
 # Run it after changes to the hot path or to dependencies, then bench/symbol-order.sh
 # (its list names the functions of the optimized build). A stale profile costs speed,
 # never correctness: the compiler skips functions whose code changed since.
+# ci/check-docker-steps.sh fails when one of them is code the recorded requests ran.
 #
 # Environment: SECONDS_EACH [4] (length of each wrk run), BASE_PORT [28750],
 #   PGO_TARGET_DIR [target/pgo-gen] (so target/release is not touched).

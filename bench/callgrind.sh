@@ -18,7 +18,9 @@
 #                           bench/bare-hyper (built here when named), hyper-mt the same on
 #                           tokio's multi-threaded runtime with one worker (what
 #                           #[tokio::main] gives), hyper-503 the same answering every
-#                           request 503 itself (a hyper server's floor for a rejection);
+#                           request 503 itself (a hyper server's floor for a rejection),
+#                           hyper-pgo the same built with a profile of its own
+#                           (bench/bare-hyper/pgo.sh);
 #                           also opsgate-plain (bench/conf/opsgate.toml:
 #                           no breaker, no retry), opsgate-nolog (access log off) and
 #                           opsgate-maint (maintenance on: every request a 503)
@@ -95,6 +97,10 @@ for t in $TARGETS; do
     BARE_HYPER_BIN=$(bash "$HERE/bare-hyper/build.sh") || die "bench/bare-hyper did not build"
     break
 done
+if [[ " $TARGETS " == *" hyper-pgo "* ]]; then
+    log "bench/bare-hyper with a profile of its own"
+    BARE_HYPER_PGO_BIN=$(bash "$HERE/bare-hyper/pgo.sh") || die "bench/bare-hyper/pgo.sh failed"
+fi
 
 # ---------------------------------------------------------------- state
 start_run callgrind 5
@@ -107,6 +113,7 @@ start_tiny_backend "$RUN" || die "backend did not start (see $RUN/backend)"
 
 cp "$OPSGATE_BIN" "$RUN/opsgate.bin"   # a rebuild elsewhere must not swap it mid-run
 [[ -n ${BARE_HYPER_BIN:-} ]] && cp "$BARE_HYPER_BIN" "$RUN/bare-hyper.bin"
+[[ -n ${BARE_HYPER_PGO_BIN:-} ]] && cp "$BARE_HYPER_PGO_BIN" "$RUN/bare-hyper-pgo.bin"
 {
     echo "date: $(date -Is)"
     echo "host: $(uname -srm), $(nproc) cpus, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
@@ -143,6 +150,8 @@ measure() {
         hyper|hyper-mt)
             [[ $t == hyper-mt ]] && bare_runtime=multi
             cmd=("$RUN/bare-hyper.bin" "127.0.0.1:$port" "127.0.0.1:$BACKEND_PORT") ;;
+        hyper-pgo)
+            cmd=("$RUN/bare-hyper-pgo.bin" "127.0.0.1:$port" "127.0.0.1:$BACKEND_PORT") ;;
         hyper-503)
             expect=503; ready_status=503
             cmd=("$RUN/bare-hyper.bin" "127.0.0.1:$port" -) ;;

@@ -20,7 +20,9 @@
 #   TARGETS ["direct nginx haproxy hyper opsgate opsgate-nolog"]; `hyper` is the
 #                       bare hyper proxy of bench/bare-hyper (built here when named),
 #                       `hyper-mt` the same on tokio's multi-threaded runtime, one worker,
-#                       `hyper-503` the same answering every request 503 itself
+#                       `hyper-503` the same answering every request 503 itself,
+#                       `hyper-pgo` the same built with a profile of its own
+#                       (bench/bare-hyper/pgo.sh, about a minute)
 #   RATE [2000]         fixed-rate run: requests per second (0 = skip)
 #   FIXED_DURATION [5s] fixed-rate run duration
 #   FIXED_SIZES ["tiny 16k"]
@@ -142,6 +144,10 @@ for t in $TARGETS; do
     BARE_HYPER_BIN=$(bash "$HERE/bare-hyper/build.sh") || die "bench/bare-hyper did not build"
     break
 done
+if [[ " $TARGETS " == *" hyper-pgo "* ]]; then
+    log "bench/bare-hyper with a profile of its own"
+    BARE_HYPER_PGO_BIN=$(bash "$HERE/bare-hyper/pgo.sh") || die "bench/bare-hyper/pgo.sh failed"
+fi
 
 NCPU=$(nproc)
 PINNED=1
@@ -262,10 +268,11 @@ for t in $TARGETS; do
         haproxy)
             render "$HERE/conf/haproxy.cfg" "$dir/haproxy.cfg" DIR="$dir" PORT="${PORT[$t]}" BACKEND_PORT="${PORT[backend]}"
             launch "$t" "$PROXY_CPU" haproxy -db -f "$dir/haproxy.cfg" ;;
-        hyper|hyper-mt|hyper-503)
+        hyper|hyper-mt|hyper-503|hyper-pgo)
             bare_runtime=current; [[ $t == hyper-mt ]] && bare_runtime=multi
             bare_upstream="127.0.0.1:${PORT[backend]}"; [[ $t == hyper-503 ]] && bare_upstream=-
-            cp "$BARE_HYPER_BIN" "$dir/bare-hyper"
+            bare_bin=$BARE_HYPER_BIN; [[ $t == hyper-pgo ]] && bare_bin=$BARE_HYPER_PGO_BIN
+            cp "$bare_bin" "$dir/bare-hyper"
             launch "$t" "$PROXY_CPU" env BARE_RUNTIME=$bare_runtime TOKIO_WORKER_THREADS=1 \
                 "$dir/bare-hyper" "127.0.0.1:${PORT[$t]}" "$bare_upstream" ;;
         opsgate|opsgate-*)

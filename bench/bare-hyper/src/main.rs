@@ -7,6 +7,8 @@
 //! floor for a rejection answered by a hyper server.
 //! The runtime is tokio's current-thread one, as opsgate's with one worker;
 //! BARE_RUNTIME=multi picks the multi-threaded one (TOKIO_WORKER_THREADS sizes it).
+//! SIGTERM ends it through `main`'s return, so a build instrumented for a profile
+//! (bench/bare-hyper/pgo.sh) writes its counts.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,7 +40,14 @@ fn main() {
         tokio::runtime::Builder::new_current_thread()
     };
     let runtime = builder.enable_all().build().expect("runtime");
-    runtime.block_on(serve(listen, upstream));
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            () = serve(listen, upstream) => {}
+            _ = term.recv() => {}
+        }
+    });
 }
 
 async fn serve(listen: SocketAddr, upstream: String) {

@@ -4,6 +4,8 @@
 //! code in runs around each page touched, so scattered code costs resident memory:
 //! gathered, an idle daemon's RSS is about 3.5 MiB smaller. Names the file lists that
 //! the build no longer has are skipped; a stale list costs memory, never correctness.
+//! It also has Cargo recompile the crate when a variable the rustc wrapper
+//! (`build/rustc-pgo.sh`) reads changes, which Cargo would not notice otherwise.
 
 use std::env;
 use std::path::Path;
@@ -14,6 +16,8 @@ const ORDER: &str = "build/symbol-order.txt";
 fn main() {
     println!("cargo:rerun-if-changed={ORDER}");
     println!("cargo:rerun-if-env-changed=OPSGATE_NO_SYMBOL_ORDER");
+    println!("cargo:rerun-if-env-changed=OPSGATE_NO_PGO");
+    println!("cargo:rerun-if-env-changed=OPSGATE_PGO_WARN");
     if !wanted() {
         return;
     }

@@ -91,16 +91,8 @@ if [[ -z "${OPSGATE_BIN:-}" ]]; then
     OPSGATE_BIN=$(build_with_symbols "$CALLGRIND_TARGET_DIR") || die "cargo build --release failed"
 fi
 [[ -x "$OPSGATE_BIN" ]] || die "no opsgate binary at $OPSGATE_BIN"
-for t in $TARGETS; do
-    [[ $t == hyper || $t == hyper-* ]] || continue
-    log "cargo build --release of bench/bare-hyper"
-    BARE_HYPER_BIN=$(bash "$HERE/bare-hyper/build.sh") || die "bench/bare-hyper did not build"
-    break
-done
-if [[ " $TARGETS " == *" hyper-pgo "* ]]; then
-    log "bench/bare-hyper with a profile of its own"
-    BARE_HYPER_PGO_BIN=$(bash "$HERE/bare-hyper/pgo.sh") || die "bench/bare-hyper/pgo.sh failed"
-fi
+# shellcheck disable=SC2086 # one target per word
+build_bare_hyper $TARGETS || die "bench/bare-hyper did not build"
 
 # ---------------------------------------------------------------- state
 start_run callgrind 5

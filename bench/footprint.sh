@@ -49,7 +49,8 @@ if [[ -z "${OPSGATE_BIN:-}" ]]; then
     log "cargo build --release with symbols into $CALLGRIND_TARGET_DIR"
     OPSGATE_BIN=$(build_with_symbols "$CALLGRIND_TARGET_DIR") || die "cargo build --release failed"
 fi
-[[ " $TARGETS " == *" hyper "* ]] && { BARE_HYPER_BIN=$(bash "$HERE/bare-hyper/build.sh") || die "bench/bare-hyper did not build"; }
+# shellcheck disable=SC2086 # one target per word
+build_bare_hyper $TARGETS || die "bench/bare-hyper did not build"
 
 start_run footprint
 mkdir -p "$OUT_DIR"

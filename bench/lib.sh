@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers the benchmark scripts share: free ports, config templates, waiting for a
 # server. Sourced, after the script has set BASE_PORT.
 
@@ -74,6 +75,61 @@ build_with_symbols() {
     (cd "$BENCH_DIR/.." && CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=1 \
         CARGO_TARGET_DIR="$target_dir" cargo build --release --quiet) >&2 || return 1
     echo "$target_dir/release/opsgate"
+}
+
+# The bare hyper proxies the targets name: sets BARE_HYPER_BIN when one is `hyper` or
+# `hyper-*`, and BARE_HYPER_PGO_BIN when one is `hyper-pgo` (built with a profile of its
+# own). Usage: build_bare_hyper TARGET...
+build_bare_hyper() {
+    local t
+    for t in "$@"; do
+        [[ $t == hyper || $t == hyper-* ]] || continue
+        # shellcheck disable=SC2034 # for the caller
+        BARE_HYPER_BIN=$(bash "$BENCH_DIR/bare-hyper/build.sh") || return 1
+        break
+    done
+    for t in "$@"; do
+        [[ $t == hyper-pgo ]] || continue
+        # shellcheck disable=SC2034 # for the caller
+        BARE_HYPER_PGO_BIN=$(bash "$BENCH_DIR/bare-hyper/pgo.sh") || return 1
+    done
+}
+
+# Rustup's llvm-profdata, which merges the counts of profile-instrumented builds; adds the
+# llvm-tools component when it is missing. Sets LLVM_PROFDATA.
+find_llvm_profdata() {
+    local bin
+    bin="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin"
+    if [[ ! -x $bin/llvm-profdata ]]; then
+        echo "rustup component add llvm-tools" >&2
+        rustup component add llvm-tools >&2 || return 1
+    fi
+    # shellcheck disable=SC2034 # for the caller
+    LLVM_PROFDATA=$bin/llvm-profdata
+}
+
+# The bodies the backend serves as /16k and /1m: random bytes, written into its data dir.
+write_bodies() {
+    head -c 16384 /dev/urandom >"$1/16k.bin"
+    head -c 1048576 /dev/urandom >"$1/1m.bin"
+    chmod 644 "$1/16k.bin" "$1/1m.bin"
+}
+
+# url connections seconds [lua script]: one wrk run, its req/s and non-2xx count printed;
+# fails on a failed run or socket errors.
+wrk_load() {
+    local url=$1 conns=$2 secs=$3 script=${4:-} out
+    out=$(wrk -t1 -c"$conns" -d"${secs}s" ${script:+-s "$script"} "$url") || {
+        echo "wrk $url failed" >&2
+        return 1
+    }
+    if grep -q "Socket errors" <<<"$out"; then
+        echo "wrk $url: $(grep 'Socket errors' <<<"$out")" >&2
+        return 1
+    fi
+    echo "$url ($conns connections${script:+, $(basename "$script" .lua)}):" \
+        "$(awk '/Requests\/sec/ {print $2}' <<<"$out") req/s," \
+        "$(awk '/Non-2xx/ {n = $NF} END {print n + 0}' <<<"$out") non-2xx"
 }
 
 # The valgrind tools' backend: nginx from conf/backend.nginx.conf under dir/backend, `/tiny`

@@ -42,11 +42,7 @@ source "$HERE/lib.sh"
 for tool in nginx wrk python3 curl; do
     command -v "$tool" >/dev/null || die "$tool not found"
 done
-sysroot_bin="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin"
-if [[ ! -x $sysroot_bin/llvm-profdata ]]; then
-    log "rustup component add llvm-tools"
-    rustup component add llvm-tools >&2 || die "llvm-tools could not be added"
-fi
+find_llvm_profdata || die "llvm-tools could not be added"
 LLVM_MAJOR=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 
 log "instrumented release build into $PGO_TARGET_DIR"
@@ -60,9 +56,7 @@ BIN="$PGO_TARGET_DIR/release/opsgate"
 start_run pgo 10
 
 start_tiny_backend "$RUN" || die "backend did not start"
-head -c 16384 /dev/urandom >"$RUN/data/16k.bin"
-head -c 1048576 /dev/urandom >"$RUN/data/1m.bin"
-chmod 644 "$RUN"/data/*.bin
+write_bodies "$RUN/data"
 
 # template workers: starts opsgate from it; sets PORT, ADMIN, PID.
 start_opsgate() {
@@ -85,12 +79,11 @@ stop_opsgate() {
     wait "$PID" 2>/dev/null || true
 }
 
-# url [connections] [lua script]: one wrk run; fails on socket errors.
+# url [connections] [lua script]: one wrk run of SECONDS_EACH.
 load() {
-    local url=$1 conns=${2:-32} script=${3:-} out
-    out=$(wrk -t1 -c"$conns" -d"${SECONDS_EACH}s" ${script:+-s "$script"} "$url") || die "wrk $url failed"
-    grep -q "Socket errors" <<<"$out" && die "wrk $url: $(grep 'Socket errors' <<<"$out")"
-    log "$url ($conns connections${script:+, $(basename "$script" .lua)}): $(awk '/Requests\/sec/ {print $2}' <<<"$out") req/s"
+    local summary
+    summary=$(wrk_load "$1" "${2:-32}" "$SECONDS_EACH" "${3:-}") || die "load failed"
+    log "$summary"
 }
 
 cat >"$RUN/post.lua" <<'LUA'
@@ -123,7 +116,7 @@ stop_opsgate
 shopt -s nullglob
 raw=("$RUN"/profraw/*.profraw)
 ((${#raw[@]} == 3)) || die "expected 3 profiles, found ${#raw[@]} (see $RUN/*.err)"
-"$sysroot_bin/llvm-profdata" merge -o "$PROFILE" "${raw[@]}" || die "merge failed"
+"$LLVM_PROFDATA" merge -o "$PROFILE" "${raw[@]}" || die "merge failed"
 echo "$LLVM_MAJOR" >"$PROFILE.llvm"
 # Cargo cannot tell that a crate's profile changed: the release build is cleaned, so the
 # next one compiles every crate with the new profile.

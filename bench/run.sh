@@ -94,6 +94,8 @@ done
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # ---------------------------------------------------------------- tools
 export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
@@ -138,16 +140,8 @@ if [[ -z "${OPSGATE_BIN:-}" ]]; then
     OPSGATE_BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/opsgate"
 fi
 [[ -x "$OPSGATE_BIN" ]] || die "no opsgate binary at $OPSGATE_BIN"
-for t in $TARGETS; do
-    [[ $t == hyper || $t == hyper-* ]] || continue
-    log "cargo build --release of bench/bare-hyper"
-    BARE_HYPER_BIN=$(bash "$HERE/bare-hyper/build.sh") || die "bench/bare-hyper did not build"
-    break
-done
-if [[ " $TARGETS " == *" hyper-pgo "* ]]; then
-    log "bench/bare-hyper with a profile of its own"
-    BARE_HYPER_PGO_BIN=$(bash "$HERE/bare-hyper/pgo.sh") || die "bench/bare-hyper/pgo.sh failed"
-fi
+# shellcheck disable=SC2086 # one target per word
+build_bare_hyper $TARGETS || die "bench/bare-hyper did not build"
 
 NCPU=$(nproc)
 PINNED=1
@@ -186,8 +180,6 @@ cleanup() {
     rm -rf "$RUN"
     exit "$rc"
 }
-# shellcheck source=bench/lib.sh
-source "$HERE/lib.sh"
 
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -218,8 +210,7 @@ core_ticks() { # "busy total softirq steal" ticks of one core from /proc/stat
 # ---------------------------------------------------------------- backend
 DATA="$RUN/data"
 mkdir -p "$DATA"
-head -c 16384 /dev/urandom >"$DATA/16k.bin"
-head -c 1048576 /dev/urandom >"$DATA/1m.bin"
+write_bodies "$DATA"
 chmod 755 "$DATA"; chmod 644 "$DATA"/*
 
 launch() { # name cpu command... -> sets MAIN_PID[name]

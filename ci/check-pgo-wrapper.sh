@@ -38,20 +38,20 @@ expect() {
     fi
 }
 lib=(--crate-name hyper --edition=2021 src/lib.rs --crate-type lib)
+x86=("${lib[@]}" -C opt-level=3 --target x86_64-unknown-linux-gnu)
 now="FAKE_LLVM=$profile_llvm"
 if [ "$host" = "Linux x86_64" ]; then
     expect yes "$now" "$wrapper" "$dir/rustc" "${lib[@]}" -C opt-level=3
 fi
-expect yes "$now" "$wrapper" "$dir/rustc" "${lib[@]}" -C opt-level=3 --target x86_64-unknown-linux-gnu
+expect yes "$now" "$wrapper" "$dir/rustc" "${x86[@]}"
 expect no "$now" "$wrapper" "$dir/rustc" "${lib[@]}" -C debuginfo=2
 expect no "$now" "$wrapper" "$dir/rustc" "${lib[@]}" -C opt-level=3 --target aarch64-unknown-linux-gnu
-expect no "$now" OPSGATE_NO_PGO=1 "$wrapper" "$dir/rustc" "${lib[@]}" -C opt-level=3 --target x86_64-unknown-linux-gnu
-expect no "FAKE_LLVM=$((profile_llvm - 1))" "$wrapper" "$dir/rustc" "${lib[@]}" -C opt-level=3 --target x86_64-unknown-linux-gnu
-expect no "$now" "$wrapper" "$dir/rustc" "${lib[@]}" -C opt-level=3 --target x86_64-unknown-linux-gnu -Cprofile-generate=/tmp/p
-expect no "$now" "$wrapper" "$dir/rustc" "${lib[@]}" -C opt-level=3 --target x86_64-unknown-linux-gnu -Zsanitizer=address
+expect no "$now" OPSGATE_NO_PGO=1 "$wrapper" "$dir/rustc" "${x86[@]}"
+expect no "FAKE_LLVM=$((profile_llvm - 1))" "$wrapper" "$dir/rustc" "${x86[@]}"
+expect no "$now" "$wrapper" "$dir/rustc" "${x86[@]}" -Cprofile-generate=/tmp/p
+expect no "$now" "$wrapper" "$dir/rustc" "${x86[@]}" -Zsanitizer=address
 # Changed functions are compiled without the profile silently, unless OPSGATE_PGO_WARN
 # asks LLVM to name them (ci/check-docker-steps.sh).
-x86=("${lib[@]}" -C opt-level=3 --target x86_64-unknown-linux-gnu)
 case $(env "$now" "$wrapper" "$dir/rustc" "${x86[@]}") in
 *no-pgo-warn-mismatch*) ;;
 *) echo "pgo-wrapper: a release build warns about functions changed since the profile" >&2 && failed=1 ;;

@@ -23,11 +23,7 @@ source "$HERE/../lib.sh"
 for tool in nginx wrk curl; do
     command -v "$tool" >/dev/null || die "$tool not found"
 done
-sysroot_bin="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin"
-if [[ ! -x $sysroot_bin/llvm-profdata ]]; then
-    log "rustup component add llvm-tools"
-    rustup component add llvm-tools >&2 || die "llvm-tools could not be added"
-fi
+find_llvm_profdata || die "llvm-tools could not be added"
 
 # OPSGATE_NO_PGO: opsgate's rustc wrapper (this crate lives under its .cargo/) stays out.
 build() { # target dir, RUSTFLAGS
@@ -41,9 +37,7 @@ build "$OUT/gen" "-Cprofile-generate=$OUT/profraw"
 
 start_run bare-hyper-pgo 10
 start_tiny_backend "$RUN" || die "backend did not start"
-head -c 16384 /dev/urandom >"$RUN/data/16k.bin"
-head -c 1048576 /dev/urandom >"$RUN/data/1m.bin"
-chmod 644 "$RUN"/data/*.bin
+write_bodies "$RUN/data"
 alloc_port; port=$ALLOCATED
 LLVM_PROFILE_FILE="$OUT/profraw/bare-%p.profraw" TOKIO_WORKER_THREADS=1 \
     "$OUT/gen/release/bare-hyper" "127.0.0.1:$port" "127.0.0.1:$BACKEND_PORT" 2>"$RUN/proxy.log" &
@@ -51,16 +45,15 @@ pid=$!
 PIDS+=("$pid")
 wait_http "http://127.0.0.1:$port/tiny" 10 200 || die "the instrumented proxy did not start"
 for path in tiny 16k 1m; do
-    log "wrk /$path, ${SECONDS_EACH}s"
-    out=$(wrk -t1 -c32 -d"${SECONDS_EACH}s" "http://127.0.0.1:$port/$path") || die "wrk /$path failed"
-    grep -q "Socket errors\|Non-2xx" <<<"$out" && die "wrk /$path: $(grep 'Socket errors\|Non-2xx' <<<"$out")"
+    summary=$(wrk_load "http://127.0.0.1:$port/$path" 32 "$SECONDS_EACH") || die "load failed"
+    log "$summary"
 done
+# It writes its counts as it exits.
 kill -TERM "$pid"
-for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$pid" 2>/dev/null && die "the instrumented proxy did not exit on SIGTERM"
+wait "$pid" || die "the instrumented proxy did not end cleanly on SIGTERM (see $RUN/proxy.log)"
 compgen -G "$OUT/profraw/*.profraw" >/dev/null || die "no counts written"
 
-"$sysroot_bin/llvm-profdata" merge -o "$OUT/bare.profdata" "$OUT"/profraw/*.profraw >&2
+"$LLVM_PROFDATA" merge -o "$OUT/bare.profdata" "$OUT"/profraw/*.profraw >&2
 log "profile $OUT/bare.profdata; optimized build into $OUT"
 # Cargo cannot tell that the profile changed (the flags read the same): build afresh.
 rm -rf "$OUT/release"
